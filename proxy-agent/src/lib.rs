@@ -1,0 +1,14 @@
+//! proxy-agent: the userspace half of the eBPF kube-proxy replacement.
+//!
+//! Layers, each testable alone:
+//! sources ([`manifests`] → [`store`]) → [`translate`] (pure) →
+//! [`reconcile`] (pure diff) → [`datapath`] (the only module touching aya).
+
+pub mod agent;
+pub mod datapath;
+pub mod ifaces;
+pub mod manifests;
+pub mod model;
+pub mod reconcile;
+pub mod store;
+pub mod translate;

@@ -1,0 +1,88 @@
+//! Global datapath counters: indices of the per-CPU `STATS` array.
+//!
+//! Every packet the datapath handles specially ends in exactly one counter:
+//! a path it took (new flow, established flow, reply, reject) or the reason it
+//! was left alone or dropped. Drops are never silent.
+
+/// What happens to a packet that ends with a given [`Counter`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The packet was translated or answered by the datapath.
+    Handled,
+    /// The packet went on untouched (not ours, or nothing safe to do with it).
+    Passed,
+    /// The packet was dropped.
+    Dropped,
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $value:literal, $name:literal, $verdict:ident; )*) => {
+        /// Index into the `STATS` per-CPU array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant = $value, )*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+            /// Number of counters: the size of the `STATS` array.
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// Stable snake_case name, used in metrics and CLI output.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)* }
+            }
+
+            /// What happens to a packet counted here.
+            pub const fn verdict(self) -> Verdict {
+                match self { $(Counter::$variant => Verdict::$verdict,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// A packet to a frontend picked a backend and was DNATed.
+    NewFlow = 0, "new_flow", Handled;
+    /// A packet of a tracked flow was DNATed to its backend.
+    Established = 1, "established", Handled;
+    /// A reply from a backend got its source rewritten back to the frontend.
+    ReplyNat = 2, "reply_nat", Handled;
+    /// A packet to a service without ready endpoints was answered with ICMP port unreachable.
+    RejectNoEndpoints = 3, "reject_no_endpoints", Handled;
+    /// IPv4 header shorter than 20 bytes, bad version, or longer than the packet.
+    MalformedIp = 4, "malformed_ip", Passed;
+    /// TCP/UDP header truncated or inconsistent (TCP data offset < 5).
+    MalformedL4 = 5, "malformed_l4", Passed;
+    /// IP fragment: ports are not available, the datapath does not reassemble.
+    Fragment = 6, "fragment", Passed;
+    /// Pulling packet headers into linear data failed.
+    PullFailed = 7, "pull_failed", Dropped;
+    /// A service matched but its selection table is missing.
+    NoSelectionTable = 8, "no_selection_table", Dropped;
+    /// A selection table slot pointed at a backend id that is not set.
+    BackendMissing = 9, "backend_missing", Dropped;
+    /// Creating the connection-tracking entries failed.
+    CtInsertFailed = 10, "ct_insert_failed", Dropped;
+    /// A checksum helper failed while rewriting; the packet cannot be left half-rewritten.
+    CsumFailed = 11, "csum_failed", Dropped;
+    /// Building or sending the ICMP reject failed.
+    RejectFailed = 12, "reject_failed", Dropped;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_names_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} out of order");
+            for other in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+}

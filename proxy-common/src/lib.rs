@@ -1,0 +1,262 @@
+//! Types shared by the eBPF datapath (`proxy-ebpf`) and the agent (`proxy-agent`).
+//!
+//! Everything that crosses the kernel/user boundary lives here and nowhere else:
+//! map names, keys, values, counter numbers. Every type is `#[repr(C)]` with its
+//! padding spelled out as named fields, so there are no implicit holes the
+//! verifier (or a reader of `bpftool map dump`) can trip over. Fields that hold
+//! network-byte-order values end in `_be`.
+//!
+//! A change to any type in this crate changes the layout of pinned maps: bump
+//! [`PIN_LAYOUT_VERSION`] so a new agent pins into a fresh directory instead of
+//! silently reusing maps of the old shape (the layout test in this crate fails
+//! until you do).
+#![no_std]
+
+pub mod counters;
+pub mod maps;
+
+pub use counters::{Counter, Verdict};
+
+/// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+/// IANA protocol numbers used by the datapath.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// Which traffic a [`ServiceKey`] matches.
+pub mod scope {
+    /// Traffic from inside the cluster (pods): ClusterIP frontends.
+    pub const INTERNAL: u8 = 0;
+    /// Traffic arriving from outside the node: NodePort, LoadBalancer, externalIPs.
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Key of the `SERVICES` map: one frontend (address, port, protocol) in one scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub addr_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number ([`proto`]).
+    pub proto: u8,
+    /// [`scope`] of the frontend.
+    pub scope: u8,
+}
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Identifier of the service port: key of its selection table in `SELECTION`
+    /// and index of its counters in `SVC_STATS`. Never 0.
+    pub svc_id: u32,
+    /// `SVC_F_*` flags.
+    pub flags: u32,
+}
+
+/// A backend: one endpoint address:port. Value of the `BACKENDS` array,
+/// indexed by backend id (id 0 is never used, so an all-zero slot means "free").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order. 0 = free slot.
+    pub addr_be: u32,
+    /// Endpoint port, network byte order.
+    pub port_be: u16,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
+impl Backend {
+    /// Whether this slot holds a backend.
+    #[inline(always)]
+    pub const fn is_set(&self) -> bool {
+        self.addr_be != 0
+    }
+}
+
+/// Number of `u32` words in one [`SelBlock`].
+pub const SEL_WORDS: usize = 16;
+
+/// One 64-byte element of a per-service selection table (an inner map of
+/// `SELECTION`). Array map values are stored in 8-byte multiples, so packing
+/// words into blocks keeps the table as small as its content.
+///
+/// Layout of a selection table with `n` backends:
+/// - block 0: the header, see the `SEL_HDR_*` word indices;
+/// - blocks `1 ..= ceil(n / 16)`: backend ids, backend `i` in block `1 + i / 16`,
+///   word `i % 16`.
+///
+/// The whole table is one map, replaced in `SELECTION` with a single update, so
+/// a packet sees either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SelBlock {
+    /// The words of this block.
+    pub w: [u32; SEL_WORDS],
+}
+
+impl Default for SelBlock {
+    fn default() -> Self {
+        Self { w: [0; SEL_WORDS] }
+    }
+}
+
+/// Header word: number of backends eligible for new flows.
+pub const SEL_HDR_COUNT: usize = 0;
+/// Header word: the selection algorithm ([`algorithm`]).
+pub const SEL_HDR_ALGORITHM: usize = 1;
+
+/// Backend selection algorithms, stored in a selection table's header.
+pub mod algorithm {
+    /// Uniformly random over the backends.
+    pub const RANDOM: u32 = 0;
+}
+
+/// Block of a selection table that holds backend `index`, and the word in it.
+#[inline(always)]
+pub const fn sel_backend_pos(index: u32) -> (u32, usize) {
+    (
+        1 + index / SEL_WORDS as u32,
+        (index % SEL_WORDS as u32) as usize,
+    )
+}
+
+/// Number of blocks a selection table with `backends` backends needs.
+pub const fn sel_blocks(backends: u32) -> u32 {
+    1 + backends.div_ceil(SEL_WORDS as u32)
+}
+
+/// Direction of a connection-tracking entry.
+pub mod ct_dir {
+    /// Client → frontend, as the client sent it (before DNAT).
+    pub const FORWARD: u8 = 0;
+    /// Backend → client, as the backend sent it (before reverse NAT).
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of the `CONNTRACK` map: a 5-tuple as seen on the wire in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// Source address, network byte order.
+    pub saddr_be: u32,
+    /// Destination address, network byte order.
+    pub daddr_be: u32,
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub dir: u8,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+
+/// Value of the `CONNTRACK` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// FORWARD: the backend address the flow is DNATed to.
+    /// REPLY: the frontend address replies get as their source.
+    pub nat_addr_be: u32,
+    /// Port counterpart of `nat_addr_be`, network byte order.
+    pub nat_port_be: u16,
+    /// `CT_F_*` flags.
+    pub flags: u8,
+    /// Reserved for TCP state tracking.
+    pub state: u8,
+    /// FORWARD: id of the chosen backend in `BACKENDS`.
+    pub backend_id: u32,
+    /// Service port the flow belongs to.
+    pub svc_id: u32,
+    /// `bpf_ktime_get_coarse_ns` when the entry was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most once per second.
+    pub last_seen_ns: u64,
+}
+
+/// Per-service counters: value of the per-CPU `SVC_STATS` array, indexed by svc id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcCounters {
+    /// Packets sent to the service (both directions of its flows).
+    pub packets: u64,
+    /// Bytes of those packets (L3 length).
+    pub bytes: u64,
+    /// Flows that selected a backend.
+    pub new_flows: u64,
+    /// Packets refused because the service had no ready endpoint.
+    pub rejected: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain-old-data with explicit padding,
+    // valid for any bit pattern.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SelBlock {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// Layout fingerprint of every shared type. If this test fails you changed a
+    /// pinned layout: bump `PIN_LAYOUT_VERSION` and update the expectation.
+    #[test]
+    fn layout_is_pinned_to_version() {
+        let fingerprint = [
+            size_of::<ServiceKey>(),
+            offset_of!(ServiceKey, scope),
+            size_of::<ServiceValue>(),
+            size_of::<Backend>(),
+            size_of::<SelBlock>(),
+            size_of::<CtKey>(),
+            offset_of!(CtKey, dir),
+            size_of::<CtValue>(),
+            offset_of!(CtValue, last_seen_ns),
+            size_of::<SvcCounters>(),
+            Counter::COUNT,
+        ];
+        assert_eq!(PIN_LAYOUT_VERSION, 1);
+        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 32, 24, 32, 13]);
+    }
+
+    #[test]
+    fn selection_positions() {
+        assert_eq!(sel_backend_pos(0), (1, 0));
+        assert_eq!(sel_backend_pos(15), (1, 15));
+        assert_eq!(sel_backend_pos(16), (2, 0));
+        assert_eq!(sel_blocks(0), 1);
+        assert_eq!(sel_blocks(1), 2);
+        assert_eq!(sel_blocks(16), 2);
+        assert_eq!(sel_blocks(17), 3);
+    }
+}

@@ -1,0 +1,39 @@
+//! Names and default sizes of the datapath's maps.
+//!
+//! The maps themselves are declared (as BTF maps, so `bpftool map dump` prints
+//! typed fields) in `proxy-ebpf/src/maps.rs`; the agent loads, sizes and pins
+//! them by these names under `<bpffs root>/v<PIN_LAYOUT_VERSION>/maps/<NAME>`.
+
+/// Hash: [`crate::ServiceKey`] → [`crate::ServiceValue`]. Written by the agent.
+pub const SERVICES: &str = "SERVICES";
+/// Hash of maps: svc id (`u32`) → selection table (array of [`crate::SelBlock`]).
+/// Written by the agent, one atomic update per table change.
+pub const SELECTION: &str = "SELECTION";
+/// Array: backend id → [`crate::Backend`]. Written by the agent.
+pub const BACKENDS: &str = "BACKENDS";
+/// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]. Written by the datapath.
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Per-CPU array: [`crate::Counter`] → `u64`. Written by the datapath.
+pub const STATS: &str = "STATS";
+/// Per-CPU array: svc id → [`crate::SvcCounters`]. Written by the datapath.
+pub const SVC_STATS: &str = "SVC_STATS";
+
+/// Every map the agent pins.
+pub const PINNED: &[&str] = &[SERVICES, SELECTION, BACKENDS, CONNTRACK, STATS, SVC_STATS];
+
+/// Default capacity of `SERVICES` (frontends).
+pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
+/// Default capacity of `SELECTION` and `SVC_STATS` (service ports; id 0 unused).
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Default capacity of `BACKENDS` (distinct endpoint address:port pairs; id 0 unused).
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// Default capacity of `CONNTRACK` (two entries per flow).
+pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
+
+/// Program names in the object file.
+pub mod programs {
+    /// TC ingress on pod-facing interfaces: frontend → backend DNAT, rejects.
+    pub const TC_POD_INGRESS: &str = "tc_pod_ingress";
+    /// TC egress on pod-facing interfaces: reverse NAT of replies to clients.
+    pub const TC_POD_EGRESS: &str = "tc_pod_egress";
+}

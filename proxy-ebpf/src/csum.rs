@@ -1,0 +1,57 @@
+//! Internet checksum arithmetic (RFC 1071) for headers the datapath builds itself.
+//!
+//! Rewrites of existing packets use the kernel's incremental helpers instead
+//! (`bpf_l3_csum_replace`/`bpf_l4_csum_replace`, see `nat.rs`): those also keep
+//! `CHECKSUM_PARTIAL` and `CHECKSUM_COMPLETE` skbs consistent.
+//!
+//! Words are summed in the byte order they have in memory; the folded result,
+//! stored back the same way, is correct on either endianness.
+
+/// Folds a 32-bit one's-complement sum to 16 bits and complements it.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Adds the 16-bit words of `bytes` (even length) to `sum`.
+#[inline(always)]
+pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// Sums up to `max_words` 16-bit words of packet data in `[start, end)` from `start`,
+/// stopping at `len` bytes; an odd last byte is padded with zero as RFC 1071 says.
+#[inline(always)]
+pub fn add_packet_words(mut sum: u32, start: usize, end: usize, len: usize) -> u32 {
+    // Bounded loop: the verifier sees at most MAX_SAMPLE_WORDS iterations.
+    let mut i = 0usize;
+    while i < MAX_SAMPLE_WORDS {
+        let off = i * 2;
+        if off >= len {
+            break;
+        }
+        if start + off + 2 > end || off + 2 > len {
+            if start + off < end {
+                // SAFETY: one byte at start+off is inside the packet.
+                let b = unsafe { *((start + off) as *const u8) };
+                sum += u32::from(u16::from_ne_bytes([b, 0]));
+            }
+            break;
+        }
+        // SAFETY: two bytes at start+off are inside the packet.
+        let w = unsafe { *((start + off) as *const [u8; 2]) };
+        sum += u32::from(u16::from_ne_bytes(w));
+        i += 1;
+    }
+    sum
+}
+
+/// Largest quote of the offending packet an ICMP error carries, in 16-bit words.
+pub const MAX_SAMPLE_WORDS: usize = 34;

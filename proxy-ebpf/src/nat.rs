@@ -1,0 +1,76 @@
+//! Address/port rewrites with incremental checksum updates.
+//!
+//! Fields are written first (through bounds-checked pointers), then the kernel
+//! helpers patch the IPv4 and L4 checksums. `bpf_l4_csum_replace` with
+//! `BPF_F_PSEUDO_HDR` does the right thing for every skb checksum state: a full
+//! checksum is updated, a `CHECKSUM_PARTIAL` pseudo-header seed is updated, and
+//! `CHECKSUM_COMPLETE`'s `skb->csum` is kept in step. UDP's "no checksum" (0) is
+//! left as is (`BPF_F_MARK_MANGLED_0`).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use proxy_common::{Counter, proto};
+
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, ptr_at};
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Destination address and port (DNAT: frontend → backend).
+    Dst,
+    /// Source address and port (reverse NAT: backend → frontend).
+    Src,
+}
+
+/// Rewrites one side of `pkt` to `addr_be:port_be` and fixes the checksums.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &TcContext,
+    pkt: &Packet,
+    side: Side,
+    addr_be: u32,
+    port_be: u16,
+) -> Result<(), Counter> {
+    let (addr_off, port_off, old_addr, old_port) = match side {
+        Side::Dst => (IP_DADDR_OFF, pkt.dport_off(), pkt.daddr_be, pkt.dport_be),
+        Side::Src => (IP_SADDR_OFF, pkt.sport_off(), pkt.saddr_be, pkt.sport_be),
+    };
+    let addr = ptr_at::<[u8; 4]>(ctx, addr_off).ok_or(Counter::CsumFailed)?;
+    let port = ptr_at::<[u8; 2]>(ctx, port_off).ok_or(Counter::CsumFailed)?;
+    // SAFETY: both pointers are bounds-checked against data_end; the verifier
+    // made the skb writable for direct packet access.
+    unsafe {
+        *addr = addr_be.to_ne_bytes();
+        *port = port_be.to_ne_bytes();
+    }
+
+    let mangled0 = if pkt.proto == proto::UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let l4_csum = pkt.l4_csum_off();
+    if old_port != port_be {
+        ctx.l4_csum_replace(
+            l4_csum,
+            u64::from(old_port),
+            u64::from(port_be),
+            mangled0 | 2,
+        )
+        .map_err(|_| Counter::CsumFailed)?;
+    }
+    if old_addr != addr_be {
+        ctx.l4_csum_replace(
+            l4_csum,
+            u64::from(old_addr),
+            u64::from(addr_be),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
+        )
+        .map_err(|_| Counter::CsumFailed)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(addr_be), 4)
+            .map_err(|_| Counter::CsumFailed)?;
+    }
+    Ok(())
+}

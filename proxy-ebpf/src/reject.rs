@@ -1,0 +1,116 @@
+//! Refusing a connection to a service without endpoints, as kube-proxy's
+//! `REJECT` rule does: the packet is turned into an ICMP port-unreachable
+//! quoting it, and sent back out of the interface it came in on. TCP clients
+//! see ECONNREFUSED at once, UDP clients get the error on their socket.
+//!
+//!   in:  [eth][IPv4 + L4 + payload ...]
+//!   out: [eth swapped][IPv4 frontend → client][ICMP 3/3][quote: first ≤ 68 bytes of the IPv4 packet]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::generated::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use proxy_common::{Counter, proto};
+
+use crate::{
+    csum::{MAX_SAMPLE_WORDS, add_packet_words, add_words, fold},
+    parse::{ETH_LEN, Packet, ptr_at},
+};
+
+const IP_LEN: usize = 20;
+const ICMP_LEN: usize = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const TTL: u8 = 64;
+/// Where the quoted packet starts in the reply.
+const QUOTE_OFF: usize = ETH_LEN + IP_LEN + ICMP_LEN;
+
+/// Rewrites the packet into an ICMP port unreachable and redirects it back.
+/// Returns the TC action.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    let macs = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::RejectFailed)?;
+    let tos = ptr_at::<u8>(ctx, ETH_LEN + 1).ok_or(Counter::RejectFailed)?;
+    // SAFETY: bounds-checked; copied before the resize invalidates the pointers.
+    let (macs, tos) = unsafe { (*macs, *tos) };
+
+    let l3_len = (ctx.len() as usize).saturating_sub(ETH_LEN);
+    let quote = if l3_len < MAX_SAMPLE_WORDS * 2 {
+        l3_len
+    } else {
+        MAX_SAMPLE_WORDS * 2
+    };
+    let skb = ctx.as_ptr().cast();
+    // SAFETY: `skb` is this program's context.
+    unsafe {
+        if bpf_skb_change_tail(skb, (ETH_LEN + quote) as u32, 0) != 0 {
+            return Err(Counter::RejectFailed);
+        }
+        if bpf_skb_adjust_room(skb, (IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
+            return Err(Counter::RejectFailed);
+        }
+    }
+
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let icmp_sum = add_packet_words(0, start + QUOTE_OFF, end, quote)
+        + u32::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]));
+    let icmp_csum = fold(icmp_sum).to_ne_bytes();
+
+    let total = ((IP_LEN + ICMP_LEN + quote) as u16).to_be_bytes();
+    let src = pkt.daddr_be.to_ne_bytes();
+    let dst = pkt.saddr_be.to_ne_bytes();
+    let mut ip: [u8; IP_LEN] = [
+        0x45,
+        tos,
+        total[0],
+        total[1],
+        0,
+        0,
+        0,
+        0,
+        TTL,
+        proto::ICMP,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+    ];
+    let ip_csum = fold(add_words(0, &ip)).to_ne_bytes();
+    ip[10] = ip_csum[0];
+    ip[11] = ip_csum[1];
+
+    let eth = ptr_at::<[u8; 14]>(ctx, 0).ok_or(Counter::RejectFailed)?;
+    let iph = ptr_at::<[u8; IP_LEN]>(ctx, ETH_LEN).ok_or(Counter::RejectFailed)?;
+    let icmp = ptr_at::<[u8; ICMP_LEN]>(ctx, ETH_LEN + IP_LEN).ok_or(Counter::RejectFailed)?;
+    // SAFETY: all three are bounds-checked against data_end after the resize.
+    unsafe {
+        *eth = [
+            macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2],
+            macs[3], macs[4], macs[5], 0x08, 0x00,
+        ];
+        *iph = ip;
+        *icmp = [
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            icmp_csum[0],
+            icmp_csum[1],
+            0,
+            0,
+            0,
+            0,
+        ];
+    }
+    // SAFETY: reading the ingress ifindex from our own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}

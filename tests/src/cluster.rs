@@ -1,0 +1,391 @@
+//! A one-node "cluster" in network namespaces: a node namespace, pod
+//! namespaces joined to it by veth pairs (Calico-style /32 routes and a
+//! link-local gateway with static neighbours, so no ARP and no default route),
+//! real TCP/UDP servers in the pods, clients, and the agent as a process.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{BpffsMount, KillOnDrop, Netns, sweep_stale, unique_prefix};
+
+/// Gateway address every pod routes through (answered by the node's veth end).
+pub const GATEWAY: &str = "169.254.1.1";
+
+/// A pod: a namespace with `eth0` whose peer lives in the node namespace.
+#[derive(Debug)]
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Name of the node-side veth end.
+    pub host_if: String,
+}
+
+/// The node namespace and its pods.
+pub struct Cluster {
+    pub prefix: String,
+    pub pods: BTreeMap<String, Pod>,
+    // Declared after the pods so it is dropped after them.
+    pub node: Netns,
+    pub bpffs: BpffsMount,
+}
+
+impl Cluster {
+    /// Creates the node namespace (forwarding on) and a bpffs for pins.
+    pub fn new() -> Result<Self> {
+        crate::netns::require_root()?;
+        sweep_stale();
+        let prefix = unique_prefix();
+        let node = Netns::new(&format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        let bpffs = BpffsMount::new(&prefix)?;
+        Ok(Self {
+            prefix,
+            pods: BTreeMap::new(),
+            node,
+            bpffs,
+        })
+    }
+
+    /// Adds a pod with address `ip`, connected to the node by `veth<N>`.
+    pub fn add_pod(&mut self, role: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        let index = self.pods.len() + 1;
+        let ns = Netns::new(&format!("{}-{role}", self.prefix))?;
+        let host_if = format!("veth{index}");
+        let host_mac = format!("02:00:00:00:{index:02x}:fe");
+        let pod_mac = format!("02:00:00:00:{index:02x}:01");
+        self.node.ip(&[
+            "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer", "name", "eth0",
+            "address", &pod_mac, "netns", &ns.name,
+        ])?;
+        self.node.ip(&["link", "set", &host_if, "up"])?;
+        let ip_s = ip.to_string();
+        let cidr = format!("{ip}/32");
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "10.0.0.0/8", "via", GATEWAY, "dev", "eth0"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            GATEWAY,
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        self.node.ip(&["route", "add", &cidr, "dev", &host_if])?;
+        self.node.ip(&[
+            "neigh",
+            "replace",
+            &ip_s,
+            "lladdr",
+            &pod_mac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ])?;
+        self.pods.insert(role.to_owned(), Pod { ns, ip, host_if });
+        self.pods.get(role).context("pod just inserted")
+    }
+
+    /// The pod called `role`.
+    pub fn pod(&self, role: &str) -> Result<&Pod> {
+        self.pods
+            .get(role)
+            .with_context(|| format!("no pod {role}"))
+    }
+
+    /// Pin root for an agent of this cluster.
+    pub fn pin_root(&self) -> PathBuf {
+        self.bpffs.path.join("proxy-agent")
+    }
+}
+
+/// TCP and UDP servers in a pod that answer every request with
+/// `<name> <peer address:port>`.
+pub struct NameServer {
+    stop: Vec<i32>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl NameServer {
+    /// Starts servers on `port` (TCP) and `port` (UDP) in `pod`.
+    pub fn start(pod: &Pod, name: &str, port: u16) -> Result<Self> {
+        let (tcp, udp) = pod.ns.run(move || {
+            let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+            Ok((TcpListener::bind(addr)?, UdpSocket::bind(addr)?))
+        })?;
+        let stop = vec![tcp.as_raw_fd(), udp.as_raw_fd()];
+        let tcp_name = name.to_owned();
+        let tcp_thread = std::thread::spawn(move || {
+            for conn in tcp.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                let _ = conn.write_all(format!("{tcp_name} {peer}\n").as_bytes());
+            }
+        });
+        let udp_name = name.to_owned();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                if peer.port() == 0 {
+                    break; // woken by shutdown
+                }
+                let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer);
+            }
+        });
+        Ok(Self {
+            stop,
+            threads: vec![tcp_thread, udp_thread],
+        })
+    }
+}
+
+impl Drop for NameServer {
+    fn drop(&mut self) {
+        for fd in &self.stop {
+            // SAFETY: shutdown(2) on sockets the server threads own; it wakes
+            // their blocking accept/recv so they exit and close them.
+            unsafe {
+                libc::shutdown(*fd, libc::SHUT_RDWR);
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One answered request: who answered and whom it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Name of the answering backend.
+    pub backend: String,
+    /// The client address the backend saw.
+    pub client_seen: String,
+    /// The address the answer came from, as the client saw it.
+    pub peer: SocketAddr,
+}
+
+fn parse_answer(text: &str, peer: SocketAddr) -> Result<Answer> {
+    let mut parts = text.split_whitespace();
+    let (Some(backend), Some(client_seen)) = (parts.next(), parts.next()) else {
+        bail!("malformed answer {text:?}");
+    };
+    Ok(Answer {
+        backend: backend.to_owned(),
+        client_seen: client_seen.to_owned(),
+        peer,
+    })
+}
+
+/// `n` TCP connections from inside `ns` to `target`, one request each.
+pub fn tcp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Result<Answer>>> {
+    ns.run(move || {
+        Ok((0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let peer = s.peer_addr()?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                parse_answer(&text, peer)
+            })
+            .collect())
+    })
+}
+
+/// `n` UDP request/responses from inside `ns` to `target`, each from a new socket
+/// (a new flow). The answer's source is what the client really received from.
+pub fn udp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Result<Answer>>> {
+    ns.run(move || {
+        Ok((0..n)
+            .map(|_| {
+                let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.send_to(b"hello", target)?;
+                let mut buf = [0u8; 1500];
+                let (len, from) = s.recv_from(&mut buf)?;
+                parse_answer(&String::from_utf8_lossy(&buf[..len]), from)
+            })
+            .collect())
+    })
+}
+
+/// Connects over TCP from `ns` and returns the error kind and how long it took.
+pub fn tcp_connect_error(
+    ns: &Netns,
+    target: SocketAddrV4,
+) -> Result<(Option<std::io::ErrorKind>, Duration)> {
+    ns.run(move || {
+        let start = Instant::now();
+        let r = TcpStream::connect_timeout(&target.into(), Duration::from_secs(5));
+        Ok((r.err().map(|e| e.kind()), start.elapsed()))
+    })
+}
+
+/// Sends one UDP datagram on a connected socket from `ns` and returns the error
+/// kind of the following receive.
+pub fn udp_connected_error(ns: &Netns, target: SocketAddrV4) -> Result<Option<std::io::ErrorKind>> {
+    ns.run(move || {
+        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send(b"hello")?;
+        let mut buf = [0u8; 64];
+        Ok(s.recv(&mut buf).err().map(|e| e.kind()))
+    })
+}
+
+/// Where the `proxy-agent` binary is: `$PROXY_AGENT_BIN`, or next to the
+/// running test/demo binary in the cargo target directory.
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PROXY_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("binary without directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without parent")?;
+    }
+    let bin = dir.join("proxy-agent");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (`cargo xtask test` does), or set PROXY_AGENT_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The agent running in a node namespace, its log captured.
+pub struct Agent {
+    pub process: KillOnDrop,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `proxy-agent run` in `node` and waits until it reports running.
+    pub fn start(node: &Netns, manifests: &Path, pin_root: &Path, extra: &[&str]) -> Result<Self> {
+        let bin = agent_binary()?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.name])
+            .arg(&bin)
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .args(["--pod-iface", "veth*", "--bpffs"])
+            .arg(pin_root)
+            .args([
+                "--max-backends",
+                "4096",
+                "--max-services",
+                "1024",
+                "--max-frontends",
+                "4096",
+            ])
+            .args(["--ct-entries", "65536"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting proxy-agent")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let process = KillOnDrop::new(child);
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        let echo = std::env::var_os("PXT_VERBOSE").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    println!("agent| {line}");
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let mut agent = Self { process, log };
+        agent.wait_for_log("running", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`, failing with the log if the agent
+    /// exits or the time runs out.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                bail!(
+                    "proxy-agent exited ({status}) before {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "proxy-agent did not log {needle:?} in {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Number of times `needle` appears in the log.
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.terminate(Duration::from_secs(5))
+    }
+}
+
+/// Writes manifests into a fresh directory under the cluster's /run dir.
+pub fn manifest_dir(cluster: &Cluster, files: &[(&str, &str)]) -> Result<PathBuf> {
+    let dir = PathBuf::from("/run")
+        .join(&cluster.prefix)
+        .join("manifests");
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(dir)
+}
+
+/// Counts answers per backend name.
+pub fn tally(answers: &[Result<Answer>]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for a in answers.iter().flatten() {
+        *out.entry(a.backend.clone()).or_insert(0) += 1;
+    }
+    out
+}

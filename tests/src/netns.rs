@@ -1,0 +1,328 @@
+//! Network namespaces for tests and the demo, and cleaning up after them.
+//!
+//! Every namespace this harness creates is named `pxt<pid>-<n>-<role>`, is
+//! registered for cleanup the moment it exists, and is removed on drop, on
+//! panic, and (for the demo) on Ctrl-C. Namespaces left behind by a harness
+//! process that died (its pid is gone) are swept on the next start.
+//!
+//! Safety rule: nothing here touches the root namespace's interfaces. Links are
+//! created with `ip -n <ns>`, so both ends are born inside test namespaces.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Prefix of every namespace and mount this harness creates.
+pub const PREFIX: &str = "pxt";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Cleanup actions registered by live resources (run at most once each).
+static CLEANUP: Mutex<Vec<(u64, Cleanup)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+#[derive(Clone, Debug)]
+enum Cleanup {
+    Netns(String),
+    Kill(u32),
+    Unmount(PathBuf),
+}
+
+fn register(action: Cleanup) -> u64 {
+    let id = u64::from(NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    if let Ok(mut list) = CLEANUP.lock() {
+        list.push((id, action));
+    }
+    id
+}
+
+fn run_cleanup(action: &Cleanup) {
+    match action {
+        Cleanup::Netns(name) => {
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
+        }
+        Cleanup::Kill(pid) => {
+            let Ok(pid) = i32::try_from(*pid) else { return };
+            // SAFETY: plain kill(2).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        Cleanup::Unmount(path) => {
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Runs and forgets one registered cleanup.
+fn cleanup_one(id: u64) {
+    let action = CLEANUP.lock().ok().and_then(|mut list| {
+        let pos = list.iter().position(|(i, _)| *i == id)?;
+        Some(list.remove(pos).1)
+    });
+    if let Some(action) = action {
+        run_cleanup(&action);
+    }
+}
+
+/// Runs every registered cleanup, newest first. For signal handlers and exits.
+pub fn cleanup_all() {
+    let actions: Vec<Cleanup> = match CLEANUP.lock() {
+        Ok(mut list) => list.drain(..).rev().map(|(_, a)| a).collect(),
+        Err(_) => return,
+    };
+    for a in &actions {
+        run_cleanup(a);
+    }
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Fails with a clear message unless running as root with `ip` available.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this test needs root (BPF programs, network namespaces); run `cargo xtask test` as root"
+        );
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        bail!("`ip` (iproute2) is missing; run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+/// Removes namespaces and mounts of harness processes that no longer exist.
+pub fn sweep_stale() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    let owner = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix(PREFIX)?;
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (!pid.is_empty()).then_some(pid)
+    };
+    if let Ok(list) = sh("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if let Some(pid) = owner(name)
+                && !alive(&pid)
+            {
+                run_cleanup(&Cleanup::Netns(name.to_owned()));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = owner(&name)
+                && !alive(&pid)
+            {
+                run_cleanup(&Cleanup::Unmount(e.path().join("bpffs")));
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A unique prefix for one test's resources: `pxt<pid>-<n>`.
+pub fn unique_prefix() -> String {
+    format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    cleanup: u64,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn new(name: &str) -> Result<Self> {
+        sh("ip", &["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_owned(),
+            cleanup: register(Cleanup::Netns(name.to_owned())),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> ...`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets created
+    /// there stay in this namespace wherever they are used later.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter(&path)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    /// Spawns a long-running thread inside this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let entered = enter(&path);
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            if !ok {
+                // The caller gets the error; this thread's result is never used.
+                loop {
+                    std::thread::park();
+                }
+            }
+            f()
+        });
+        rx.recv().context("namespace thread vanished")??;
+        Ok(handle)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        cleanup_one(self.cleanup);
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &str) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A process that is killed (SIGKILL) on drop unless stopped earlier.
+#[derive(Debug)]
+pub struct KillOnDrop {
+    pub child: std::process::Child,
+    cleanup: u64,
+}
+
+impl KillOnDrop {
+    pub fn new(child: std::process::Child) -> Self {
+        let cleanup = register(Cleanup::Kill(child.id()));
+        Self { child, cleanup }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; then SIGKILL.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Forget the registered pid without killing: it may be reused by now.
+        if let Ok(mut list) = CLEANUP.lock() {
+            list.retain(|(id, _)| *id != self.cleanup);
+        }
+    }
+}
+
+/// A bpffs mounted for one harness run, unmounted on drop.
+#[derive(Debug)]
+pub struct BpffsMount {
+    pub path: PathBuf,
+    cleanup: u64,
+}
+
+impl BpffsMount {
+    /// Mounts a fresh bpffs at `/run/<prefix>/bpffs` in the root mount namespace,
+    /// so agent processes (even restarted ones) share it.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let path = PathBuf::from("/run").join(prefix).join("bpffs");
+        std::fs::create_dir_all(&path)?;
+        let target = path.to_string_lossy().into_owned();
+        sh("mount", &["-t", "bpf", "bpf", &target])?;
+        let cleanup = register(Cleanup::Unmount(path.clone()));
+        Ok(Self { path, cleanup })
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        cleanup_one(self.cleanup);
+        if let Some(parent) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Building test frames and checking them, with etherparse: a packet library
+//! independent of the datapath's own parsing and checksum code.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options,
+    SlicedPacket, TcpHeader, TransportSlice, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+
+/// MAC of the client pod in fixtures.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+/// MAC of the node side of the client's veth in fixtures.
+pub const NODE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xfe];
+
+/// L4 protocol of a fixture frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP with the given flags.
+    Tcp { syn: bool, ack: bool },
+    /// UDP; `zero_csum` sends it without a checksum (0), as RFC 768 allows.
+    Udp { zero_csum: bool },
+}
+
+/// A frame description: everything a fixture varies.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    /// IPv4 options (a multiple of 4 bytes, at most 40).
+    pub ip_options: Vec<u8>,
+    pub ttl: u8,
+    pub ip_id: u16,
+}
+
+impl Frame {
+    /// A TCP SYN from the client.
+    pub fn tcp_syn(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            src,
+            dst,
+            l4: L4::Tcp {
+                syn: true,
+                ack: false,
+            },
+            payload: vec![],
+            ip_options: vec![],
+            ttl: 64,
+            ip_id: 0x1234,
+        }
+    }
+
+    /// A UDP datagram from the client.
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
+        Self {
+            l4: L4::Udp { zero_csum: false },
+            payload: payload.to_vec(),
+            ..Self::tcp_syn(src, dst)
+        }
+    }
+
+    /// The same frame with other endpoints (checksums are recomputed by `build`).
+    pub fn with_endpoints(&self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self {
+            src,
+            dst,
+            ..self.clone()
+        }
+    }
+
+    fn ip_header(&self, proto: IpNumber, l4_len: usize) -> Ipv4Header {
+        let mut ip = Ipv4Header::new(
+            0,
+            self.ttl,
+            proto,
+            self.src.ip().octets(),
+            self.dst.ip().octets(),
+        )
+        .expect("valid IPv4 header");
+        ip.identification = self.ip_id;
+        ip.dont_fragment = true;
+        ip.options = Ipv4Options::try_from(self.ip_options.as_slice()).expect("valid IPv4 options");
+        ip.set_payload_len(l4_len).expect("payload fits");
+        ip.header_checksum = ip.calc_header_checksum();
+        ip
+    }
+
+    /// The wire bytes, every checksum correct.
+    pub fn build(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let eth = Ethernet2Header {
+            source: self.src_mac,
+            destination: self.dst_mac,
+            ether_type: EtherType::IPV4,
+        };
+        out.extend_from_slice(&eth.to_bytes());
+        match self.l4 {
+            L4::Tcp { syn, ack } => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64240);
+                tcp.syn = syn;
+                tcp.ack = ack;
+                if ack {
+                    tcp.acknowledgment_number = 5000;
+                }
+                let ip = self.ip_header(IpNumber::TCP, tcp.header_len() + self.payload.len());
+                tcp.checksum = tcp
+                    .calc_checksum_ipv4(&ip, &self.payload)
+                    .expect("checksum");
+                out.extend_from_slice(&ip.to_bytes());
+                out.extend_from_slice(&tcp.to_bytes());
+            }
+            L4::Udp { zero_csum } => {
+                let ip = self.ip_header(IpNumber::UDP, 8 + self.payload.len());
+                let udp = if zero_csum {
+                    UdpHeader::without_ipv4_checksum(
+                        self.src.port(),
+                        self.dst.port(),
+                        self.payload.len(),
+                    )
+                    .expect("udp header")
+                } else {
+                    UdpHeader::with_ipv4_checksum(
+                        self.src.port(),
+                        self.dst.port(),
+                        &ip,
+                        &self.payload,
+                    )
+                    .expect("udp header")
+                };
+                out.extend_from_slice(&ip.to_bytes());
+                out.extend_from_slice(&udp.to_bytes());
+            }
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// The ICMP port unreachable the datapath must answer `original` with, sent
+/// from `from` (the frontend) back to the client: at most 68 bytes of the
+/// original IPv4 packet quoted.
+pub fn icmp_port_unreachable(original: &[u8], from: Ipv4Addr) -> Vec<u8> {
+    let ip_in = &original[14..];
+    let quote = &ip_in[..ip_in.len().min(68)];
+    let client: [u8; 4] = ip_in[12..16].try_into().expect("4 bytes");
+    let tos = ip_in[1];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        quote,
+    );
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, from.octets(), client).expect("header");
+    // Like the kernel's own ICMP errors: no DF, id 0.
+    ip.dont_fragment = false;
+    ip.set_payload_len(icmp.header_len() + quote.len())
+        .expect("fits");
+    ip.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
+    ip.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
+    ip.header_checksum = ip.calc_header_checksum();
+    let eth = Ethernet2Header {
+        source: original[0..6].try_into().expect("mac"),
+        destination: original[6..12].try_into().expect("mac"),
+        ether_type: EtherType::IPV4,
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&eth.to_bytes());
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp.to_bytes());
+    out.extend_from_slice(quote);
+    out
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame
+/// by recomputing them from scratch.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| format!("unparseable: {e}"))?;
+    let Some(etherparse::NetSlice::Ipv4(ipv4)) = &sliced.net else {
+        return Err("not IPv4".into());
+    };
+    let ip = ipv4.header().to_header();
+    let got = ipv4.header().header_checksum();
+    let want = ip.calc_header_checksum();
+    if got != want {
+        return Err(format!("IPv4 checksum {got:#06x}, expected {want:#06x}"));
+    }
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let want = tcp
+                .to_header()
+                .calc_checksum_ipv4(&ip, tcp.payload())
+                .map_err(|e| e.to_string())?;
+            if tcp.checksum() != want {
+                return Err(format!(
+                    "TCP checksum {:#06x}, expected {want:#06x}",
+                    tcp.checksum()
+                ));
+            }
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            if udp.checksum() != 0 {
+                let want = udp
+                    .to_header()
+                    .calc_checksum_ipv4(&ip, udp.payload())
+                    .map_err(|e| e.to_string())?;
+                if udp.checksum() != want {
+                    return Err(format!(
+                        "UDP checksum {:#06x}, expected {want:#06x}",
+                        udp.checksum()
+                    ));
+                }
+            }
+        }
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            let header = icmp.header();
+            let want =
+                Icmpv4Header::with_checksum(header.icmp_type.clone(), icmp.payload()).checksum;
+            if header.checksum != want {
+                return Err(format!(
+                    "ICMP checksum {:#06x}, expected {want:#06x}",
+                    header.checksum
+                ));
+            }
+        }
+        other => return Err(format!("unexpected transport {other:?}")),
+    }
+    Ok(())
+}
+
+/// Destination address:port of an IPv4 TCP/UDP frame (panics on anything else).
+pub fn dst_of(frame: &[u8]) -> SocketAddrV4 {
+    let ip = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    SocketAddrV4::new(ip, u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]))
+}

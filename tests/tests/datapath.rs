@@ -1,0 +1,557 @@
+//! Datapath fixtures through BPF_PROG_TEST_RUN, table-driven as Katran's:
+//! name, packet in, expected packet out (byte for byte), expected verdict and
+//! the counter that must move. Every translated packet's checksums are also
+//! recomputed from scratch with etherparse.
+//!
+//! Needs root (BPF). Runs in CI, which is root.
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration test: a failed unwrap is a test failure"
+)]
+
+use std::collections::BTreeMap;
+
+use proxy_agent::{datapath::Datapath, model::Protocol};
+use proxy_common::{Counter, maps::programs};
+use proxy_tests::{
+    fixture::{self, TC_ACT_REDIRECT, TCX_NEXT, sa},
+    packet::{self, Frame, L4},
+};
+
+const INGRESS: &str = programs::TC_POD_INGRESS;
+const EGRESS: &str = programs::TC_POD_EGRESS;
+
+fn counters(dp: &Datapath) -> BTreeMap<Counter, u64> {
+    dp.counters().unwrap().into_iter().collect()
+}
+
+/// Counters that changed between two snapshots.
+fn moved(before: &BTreeMap<Counter, u64>, after: &BTreeMap<Counter, u64>) -> Vec<(Counter, u64)> {
+    after
+        .iter()
+        .filter_map(|(c, v)| {
+            let d = v - before.get(c).copied().unwrap_or(0);
+            (d > 0).then_some((*c, d))
+        })
+        .collect()
+}
+
+/// What a fixture expects to come out.
+enum Out {
+    /// Exactly this frame.
+    Frame(Vec<u8>),
+    /// The input, unchanged.
+    Untouched,
+}
+
+struct Case {
+    name: &'static str,
+    program: &'static str,
+    input: Vec<u8>,
+    out: Out,
+    verdict: i32,
+    /// The counter that must move by exactly one (and nothing else); `None`: nothing moves.
+    counter: Option<Counter>,
+}
+
+fn run_cases(dp: &mut Datapath, cases: Vec<Case>) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let before = counters(dp);
+        let result = match dp.test_run(case.program, &case.input, 1) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{}: test run failed: {e}", case.name));
+                continue;
+            }
+        };
+        let after = counters(dp);
+        let mut problems = Vec::new();
+        if result.verdict != case.verdict {
+            problems.push(format!("verdict {} != {}", result.verdict, case.verdict));
+        }
+        let expected = match &case.out {
+            Out::Frame(f) => f.clone(),
+            Out::Untouched => case.input.clone(),
+        };
+        if result.frame != expected {
+            problems.push(format!(
+                "frame differs\n  got:  {:02x?}\n  want: {:02x?}",
+                result.frame, expected
+            ));
+        }
+        if matches!(case.out, Out::Frame(_))
+            && let Err(e) = packet::verify_checksums(&result.frame)
+        {
+            problems.push(format!("checksum: {e}"));
+        }
+        let want: Vec<(Counter, u64)> = case.counter.map(|c| (c, 1)).into_iter().collect();
+        let got = moved(&before, &after);
+        if got != want {
+            problems.push(format!("counters moved {got:?}, expected {want:?}"));
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}:\n  {}", case.name, problems.join("\n  ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "fixtures failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+const CLIENT: [u8; 4] = [10, 244, 1, 2];
+
+/// Truncates a frame and patches the IPv4 total length (and its checksum) to match.
+fn truncated_consistently(frame: &[u8], len: usize) -> Vec<u8> {
+    let mut f = frame[..len].to_vec();
+    let total = u16::try_from(len - 14).unwrap();
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    fix_ip_checksum(&mut f);
+    f
+}
+
+/// Recomputes the IPv4 checksum over the first 20 bytes only (for headers
+/// whose IHL deliberately lies).
+fn fix_ip_checksum_prefix(f: &mut [u8]) {
+    checksum_ip_bytes(f, 20);
+}
+
+fn fix_ip_checksum(f: &mut [u8]) {
+    checksum_ip_bytes(f, usize::from(f[14] & 0x0f) * 4);
+}
+
+fn checksum_ip_bytes(f: &mut [u8], ihl: usize) {
+    f[24] = 0;
+    f[25] = 0;
+    let mut sum: u32 = 0;
+    for i in (14..14 + ihl).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([f[i], f[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+#[test]
+fn fixtures_ingress_table() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 10], 80);
+    let vip_dns = sa([10, 96, 0, 10], 53);
+    let empty = sa([10, 96, 0, 20], 80);
+    let empty_dns = sa([10, 96, 0, 20], 53);
+    let backend = sa([10, 244, 1, 11], 8080);
+    let backend_dns = sa([10, 244, 1, 12], 5353);
+    fixture::program(
+        &mut dp,
+        vec![
+            fixture::service("web", vip, Protocol::Tcp, &[backend]),
+            fixture::service("dns", vip_dns, Protocol::Udp, &[backend_dns]),
+            fixture::service("empty", empty, Protocol::Tcp, &[]),
+            fixture::service("empty-dns", empty_dns, Protocol::Udp, &[]),
+        ],
+    )
+    .unwrap();
+
+    // Each case uses its own client port: a new flow.
+    let mut port = 40000;
+    let mut client = || {
+        port += 1;
+        sa(CLIENT, port)
+    };
+    let dnat = |f: &Frame| Out::Frame(f.with_endpoints(f.src, backend).build());
+
+    let syn = Frame::tcp_syn(client(), vip);
+    let udp = Frame::udp(client(), vip_dns, b"query");
+    let udp_nocsum = Frame {
+        l4: L4::Udp { zero_csum: true },
+        ..Frame::udp(client(), vip_dns, b"query")
+    };
+    let with_options = Frame {
+        // Router Alert (RFC 2113), 4 bytes.
+        ip_options: vec![0x94, 0x04, 0x00, 0x00],
+        ..Frame::tcp_syn(client(), vip)
+    };
+    let max_options = Frame {
+        ip_options: [vec![0x01; 39], vec![0x00]].concat(),
+        payload: b"data after forty bytes of options".to_vec(),
+        ..Frame::tcp_syn(client(), vip)
+    };
+    let ack_with_data = Frame {
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+        },
+        payload: vec![0xab; 333],
+        ..Frame::tcp_syn(client(), vip)
+    };
+    let reject_tcp = Frame::tcp_syn(client(), empty).build();
+    let reject_udp = Frame::udp(client(), empty_dns, &[0x55; 100]).build();
+    let reject_small_udp = Frame::udp(client(), empty_dns, b"x").build();
+
+    let valid = Frame::tcp_syn(client(), vip).build();
+    let valid_udp = Frame::udp(client(), vip_dns, b"abc").build();
+    let mut tcp_doff_small = valid.clone();
+    tcp_doff_small[14 + 20 + 12] = 0x40; // data offset 4 (< 5)
+    let mut udp_len_big = valid_udp.clone();
+    udp_len_big[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+    let mut ihl_beyond = truncated_consistently(&valid, 14 + 20);
+    ihl_beyond[14] = 0x4f; // 60-byte header in a 20-byte packet
+    fix_ip_checksum_prefix(&mut ihl_beyond);
+    let mut ihl_small = valid.clone();
+    ihl_small[14] = 0x44;
+    let mut fragment = valid.clone();
+    fragment[14 + 6] = 0x20; // more fragments, DF cleared
+    fix_ip_checksum(&mut fragment);
+    let mut later_fragment = valid.clone();
+    later_fragment[14 + 6..14 + 8].copy_from_slice(&0x0010u16.to_be_bytes());
+    fix_ip_checksum(&mut later_fragment);
+    let mut arp = valid.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let mut ipv6 = valid.clone();
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+
+    let cases = vec![
+        Case {
+            name: "tcp syn to a clusterip is DNATed to its backend",
+            program: INGRESS,
+            input: syn.build(),
+            out: dnat(&syn),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "udp datagram to a clusterip is DNATed",
+            program: INGRESS,
+            input: udp.build(),
+            out: Out::Frame(udp.with_endpoints(udp.src, backend_dns).build()),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "udp without checksum keeps checksum 0",
+            program: INGRESS,
+            input: udp_nocsum.build(),
+            out: Out::Frame(
+                udp_nocsum
+                    .with_endpoints(udp_nocsum.src, backend_dns)
+                    .build(),
+            ),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "tcp with an IP option is DNATed at the right L4 offset",
+            program: INGRESS,
+            input: with_options.build(),
+            out: dnat(&with_options),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "tcp with 40 bytes of IP options and payload",
+            program: INGRESS,
+            input: max_options.build(),
+            out: dnat(&max_options),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "mid-flow tcp segment with payload (no SYN) still translated",
+            program: INGRESS,
+            input: ack_with_data.build(),
+            out: dnat(&ack_with_data),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "no endpoints: tcp syn answered with ICMP port unreachable",
+            program: INGRESS,
+            out: Out::Frame(packet::icmp_port_unreachable(&reject_tcp, *empty.ip())),
+            input: reject_tcp,
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::RejectNoEndpoints),
+        },
+        Case {
+            name: "no endpoints: udp answered with ICMP quoting 68 bytes",
+            program: INGRESS,
+            out: Out::Frame(packet::icmp_port_unreachable(&reject_udp, *empty_dns.ip())),
+            input: reject_udp,
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::RejectNoEndpoints),
+        },
+        Case {
+            name: "no endpoints: short udp (odd length) quoted whole",
+            program: INGRESS,
+            out: Out::Frame(packet::icmp_port_unreachable(
+                &reject_small_udp,
+                *empty_dns.ip(),
+            )),
+            input: reject_small_udp,
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::RejectNoEndpoints),
+        },
+        Case {
+            name: "not a service address: untouched",
+            program: INGRESS,
+            input: Frame::tcp_syn(client(), sa([10, 96, 0, 99], 80)).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "service address, other port: untouched",
+            program: INGRESS,
+            input: Frame::tcp_syn(client(), sa([10, 96, 0, 10], 81)).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "service address and port, other protocol: untouched",
+            program: INGRESS,
+            input: Frame::udp(client(), vip, b"x").build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "ARP: untouched",
+            program: INGRESS,
+            input: arp,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "IPv6 ethertype: untouched",
+            program: INGRESS,
+            input: ipv6,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than Ethernet +
+        // 20 bytes, so runts are covered from there on.
+        Case {
+            name: "truncated: IPv4 header with no L4 header at all",
+            program: INGRESS,
+            input: truncated_consistently(&valid, 14 + 20),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedL4),
+        },
+        Case {
+            name: "malformed: IHL claims options beyond the packet",
+            program: INGRESS,
+            input: ihl_beyond,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedIp),
+        },
+        Case {
+            name: "truncated: IPv4 total length beyond the frame",
+            program: INGRESS,
+            input: valid[..valid.len() - 4].to_vec(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedIp),
+        },
+        Case {
+            name: "truncated: tcp header shorter than 20 bytes",
+            program: INGRESS,
+            input: truncated_consistently(&valid, 14 + 20 + 12),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedL4),
+        },
+        Case {
+            name: "truncated: udp header shorter than 8 bytes",
+            program: INGRESS,
+            input: truncated_consistently(&valid_udp, 14 + 20 + 6),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedL4),
+        },
+        Case {
+            name: "malformed: tcp data offset below 5",
+            program: INGRESS,
+            input: tcp_doff_small,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedL4),
+        },
+        Case {
+            name: "malformed: udp length beyond the packet",
+            program: INGRESS,
+            input: udp_len_big,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedL4),
+        },
+        Case {
+            name: "malformed: IHL below 5",
+            program: INGRESS,
+            input: ihl_small,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::MalformedIp),
+        },
+        Case {
+            name: "first fragment to a service: untouched (no reassembly)",
+            program: INGRESS,
+            input: fragment,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::Fragment),
+        },
+        Case {
+            name: "later fragment: untouched",
+            program: INGRESS,
+            input: later_fragment,
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: Some(Counter::Fragment),
+        },
+    ];
+    run_cases(&mut dp, cases);
+}
+
+#[test]
+fn same_flow_keeps_its_backend_and_flows_spread() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 30], 80);
+    let backends = [
+        sa([10, 244, 1, 21], 8080),
+        sa([10, 244, 1, 22], 8080),
+        sa([10, 244, 1, 23], 8080),
+    ];
+    fixture::program(
+        &mut dp,
+        vec![fixture::service("multi", vip, Protocol::Tcp, &backends)],
+    )
+    .unwrap();
+
+    let syn = Frame::tcp_syn(sa(CLIENT, 50000), vip);
+    let first = dp.test_run(INGRESS, &syn.build(), 1).unwrap();
+    let chosen = packet::dst_of(&first.frame);
+    assert!(backends.contains(&chosen), "{chosen}");
+    let ack = Frame {
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+        },
+        payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        ..syn.clone()
+    };
+    let before = counters(&dp);
+    for i in 0..50 {
+        let f = if i % 2 == 0 { &syn } else { &ack };
+        let out = dp.test_run(INGRESS, &f.build(), 1).unwrap();
+        assert_eq!(
+            packet::dst_of(&out.frame),
+            chosen,
+            "packet {i} of the flow moved"
+        );
+        assert_eq!(out.frame, f.with_endpoints(f.src, chosen).build());
+    }
+    assert_eq!(
+        moved(&before, &counters(&dp)),
+        vec![(Counter::Established, 50)]
+    );
+
+    let mut seen = BTreeMap::new();
+    for port in 1..=300u16 {
+        let out = dp
+            .test_run(INGRESS, &Frame::tcp_syn(sa(CLIENT, port), vip).build(), 1)
+            .unwrap();
+        *seen.entry(packet::dst_of(&out.frame)).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "all backends used: {seen:?}");
+    assert!(seen.values().all(|n| *n >= 50), "roughly even: {seen:?}");
+}
+
+#[test]
+fn replies_are_reverse_natted() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 40], 80);
+    let vip_dns = sa([10, 96, 0, 40], 53);
+    let backend = sa([10, 244, 1, 31], 8080);
+    let backend_dns = sa([10, 244, 1, 31], 5353);
+    fixture::program(
+        &mut dp,
+        vec![
+            fixture::service("web", vip, Protocol::Tcp, &[backend]),
+            fixture::service("dns", vip_dns, Protocol::Udp, &[backend_dns]),
+        ],
+    )
+    .unwrap();
+    let client = sa(CLIENT, 41000);
+    dp.test_run(INGRESS, &Frame::tcp_syn(client, vip).build(), 1)
+        .unwrap();
+    dp.test_run(INGRESS, &Frame::udp(client, vip_dns, b"q").build(), 1)
+        .unwrap();
+
+    let syn_ack = Frame {
+        src_mac: packet::NODE_MAC,
+        dst_mac: packet::CLIENT_MAC,
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+        },
+        ..Frame::tcp_syn(backend, client)
+    };
+    let answer = Frame {
+        src_mac: packet::NODE_MAC,
+        dst_mac: packet::CLIENT_MAC,
+        ..Frame::udp(backend_dns, client, b"answer")
+    };
+    let cases = vec![
+        Case {
+            name: "tcp reply from the backend gets the clusterip as source",
+            program: EGRESS,
+            input: syn_ack.build(),
+            out: Out::Frame(syn_ack.with_endpoints(vip, client).build()),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::ReplyNat),
+        },
+        Case {
+            name: "udp reply from the backend gets the clusterip as source",
+            program: EGRESS,
+            input: answer.build(),
+            out: Out::Frame(answer.with_endpoints(vip_dns, client).build()),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::ReplyNat),
+        },
+        Case {
+            name: "a packet from the backend to another client port: untouched",
+            program: EGRESS,
+            input: syn_ack.with_endpoints(backend, sa(CLIENT, 41001)).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "client's own packet seen on egress: untouched",
+            program: EGRESS,
+            input: Frame::tcp_syn(client, vip).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+    ];
+    run_cases(&mut dp, cases);
+
+    // Per-service counters saw both directions of the TCP flow.
+    let programmed = dp.read_programmed().unwrap();
+    let key = programmed
+        .services
+        .iter()
+        .find(|(k, _)| k.port_be == 80u16.to_be())
+        .map(|(_, v)| v.svc_id)
+        .unwrap();
+    let c = dp.service_counters(key).unwrap();
+    assert_eq!((c.packets, c.new_flows, c.rejected), (2, 1, 0), "{c:?}");
+}

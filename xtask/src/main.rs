@@ -1,0 +1,69 @@
+//! `cargo xtask <command>`: everything needed to go from a fresh clone to a
+//! running demo or a full test run.
+#![expect(
+    clippy::print_stderr,
+    reason = "xtask reports its own failures on stderr"
+)]
+
+mod build;
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "proxy project automation", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and tests need (apt packages, bpf-linker), idempotently.
+    Setup,
+    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/proxy-ebpf).
+    BuildEbpf,
+    /// Build the eBPF object, then the userspace crates.
+    Build {
+        /// Build userspace in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, lint and run every test (unit, BPF_PROG_TEST_RUN, network namespaces).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Set up, build, and show a ClusterIP Service balancing traffic in network namespaces.
+    Demo,
+    /// `cargo fmt --check` and `cargo clippy -D warnings` on every crate.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build::ebpf(),
+        Command::Build { release } => build::all(release),
+        Command::Test {
+            no_lint,
+            cargo_args,
+        } => build::test(!no_lint, &cargo_args),
+        Command::Demo => build::demo(),
+        Command::Lint => build::lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
