@@ -53,5 +53,6 @@ pub fn add_packet_words(mut sum: u32, start: usize, end: usize, len: usize) -> u
     sum
 }
 
-/// Largest quote of the offending packet an ICMP error carries, in 16-bit words.
-pub const MAX_SAMPLE_WORDS: usize = 34;
+/// Largest quote of the offending packet an ICMP error carries, in 16-bit
+/// words: a 60-byte IPv4 header plus a whole 20-byte TCP header.
+pub const MAX_SAMPLE_WORDS: usize = 40;

@@ -4,7 +4,17 @@
 //! see ECONNREFUSED at once, UDP clients get the error on their socket.
 //!
 //!   in:  [eth][IPv4 + L4 + payload ...]
-//!   out: [eth swapped][IPv4 frontend → client][ICMP 3/3][quote: first ≤ 68 bytes of the IPv4 packet]
+//!   out: [eth swapped][IPv4 frontend → client][ICMP 3/3][quote: first ≤ 80 bytes of the IPv4 packet]
+//!
+//! Checksum state: a packet from a local pod is usually `CHECKSUM_PARTIAL`,
+//! with `csum_start` at its L4 header. That state survives the rewrite, so
+//! whoever transmits the reply may still "finish" the L4 checksum inside our
+//! quote (a device without checksum offload does, in `skb_checksum_help`),
+//! which would invalidate the ICMP checksum. The quoted L4 checksum field is
+//! therefore set to the fixed point F = ~(S + F) of that completion (S: the
+//! quoted L4 bytes without the field): finishing it rewrites F with F, and the
+//! ICMP checksum holds whether the skb is partial or not. Receivers match the
+//! quote by addresses and ports; its checksum field carries no meaning.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -35,6 +45,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     let tos = ptr_at::<u8>(ctx, ETH_LEN + 1).ok_or(Counter::RejectFailed)?;
     // SAFETY: bounds-checked; copied before the resize invalidates the pointers.
     let (macs, tos) = unsafe { (*macs, *tos) };
+    let ihl = pkt.l4_off - ETH_LEN;
 
     let l3_len = (ctx.len() as usize).saturating_sub(ETH_LEN);
     let quote = if l3_len < MAX_SAMPLE_WORDS * 2 {
@@ -55,6 +66,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
 
     let start = ctx.data();
     let end = ctx.data_end();
+    balance_quoted_l4_csum(ctx, pkt, ihl, quote)?;
     let icmp_sum = add_packet_words(0, start + QUOTE_OFF, end, quote)
         + u32::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]));
     let icmp_csum = fold(icmp_sum).to_ne_bytes();
@@ -113,4 +125,33 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// Sets the quoted L4 checksum field to the fixed point of a pending checksum
+/// completion (see the module docs).
+#[inline(always)]
+fn balance_quoted_l4_csum(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ihl: usize,
+    quote: usize,
+) -> Result<(), Counter> {
+    let field_in_l4 = pkt.l4_csum_off() - pkt.l4_off;
+    if ihl + field_in_l4 + 2 > quote {
+        return Ok(());
+    }
+    let l4 = QUOTE_OFF + ihl;
+    let field = ptr_at::<[u8; 2]>(ctx, l4 + field_in_l4).ok_or(Counter::RejectFailed)?;
+    // SAFETY: bounds-checked against data_end.
+    let current = u16::from_ne_bytes(unsafe { *field });
+    let with_field = add_packet_words(0, ctx.data() + l4, ctx.data_end(), quote - ihl);
+    // Ones' complement subtraction of the field: S = sum - field.
+    let without_field = with_field + u32::from(!current);
+    // T = ~S; F + F = T in ones' complement, i.e. F = T rotated right by one
+    // (with ~S = 0 represented as 0xffff, which the kernel writes for 0).
+    let t = fold(without_field);
+    let f = if t == 0 { 0xffff } else { t.rotate_right(1) };
+    // SAFETY: as above.
+    unsafe { *field = f.to_ne_bytes() };
+    Ok(())
 }

@@ -193,19 +193,36 @@ fn parse_answer(text: &str, peer: SocketAddr) -> Result<Answer> {
     })
 }
 
+/// After this many failed requests a client gives up: the test fails anyway,
+/// and a broken datapath should not cost minutes of timeouts.
+const GIVE_UP_AFTER: usize = 3;
+
+/// Runs `request` up to `n` times, stopping after `GIVE_UP_AFTER` failures.
+fn repeat(n: usize, mut request: impl FnMut() -> Result<Answer>) -> Vec<Result<Answer>> {
+    let mut out = Vec::with_capacity(n);
+    let mut failures = 0;
+    for _ in 0..n {
+        let r = request();
+        failures += usize::from(r.is_err());
+        out.push(r);
+        if failures >= GIVE_UP_AFTER {
+            break;
+        }
+    }
+    out
+}
+
 /// `n` TCP connections from inside `ns` to `target`, one request each.
 pub fn tcp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Result<Answer>>> {
     ns.run(move || {
-        Ok((0..n)
-            .map(|_| {
-                let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                let peer = s.peer_addr()?;
-                let mut text = String::new();
-                s.read_to_string(&mut text)?;
-                parse_answer(&text, peer)
-            })
-            .collect())
+        Ok(repeat(n, || {
+            let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let peer = s.peer_addr()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            parse_answer(&text, peer)
+        }))
     })
 }
 
@@ -213,16 +230,14 @@ pub fn tcp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Re
 /// (a new flow). The answer's source is what the client really received from.
 pub fn udp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Result<Answer>>> {
     ns.run(move || {
-        Ok((0..n)
-            .map(|_| {
-                let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                s.send_to(b"hello", target)?;
-                let mut buf = [0u8; 1500];
-                let (len, from) = s.recv_from(&mut buf)?;
-                parse_answer(&String::from_utf8_lossy(&buf[..len]), from)
-            })
-            .collect())
+        Ok(repeat(n, || {
+            let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"hello", target)?;
+            let mut buf = [0u8; 1500];
+            let (len, from) = s.recv_from(&mut buf)?;
+            parse_answer(&String::from_utf8_lossy(&buf[..len]), from)
+        }))
     })
 }
 

@@ -142,12 +142,49 @@ impl Frame {
     }
 }
 
+/// RFC 1071 sum of big-endian 16-bit words, folded (not complemented).
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// What the kernel writes when it completes a checksum over `region` whose
+/// checksum field (at `field`) holds `value`.
+fn completed_checksum(region: &[u8], field: usize, value: u16) -> u16 {
+    let mut r = region.to_vec();
+    r[field..field + 2].copy_from_slice(&value.to_be_bytes());
+    match !ones_sum(&r) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// The ICMP port unreachable the datapath must answer `original` with, sent
-/// from `from` (the frontend) back to the client: at most 68 bytes of the
-/// original IPv4 packet quoted.
+/// from `from` (the frontend) back to the client: at most 80 bytes of the
+/// original IPv4 packet quoted, the quoted L4 checksum field set to the value
+/// a pending checksum completion leaves unchanged (found here by search).
 pub fn icmp_port_unreachable(original: &[u8], from: Ipv4Addr) -> Vec<u8> {
     let ip_in = &original[14..];
-    let quote = &ip_in[..ip_in.len().min(68)];
+    let mut quote = ip_in[..ip_in.len().min(80)].to_vec();
+    let ihl = usize::from(quote[0] & 0x0f) * 4;
+    let field = match quote[9] {
+        6 => 16,
+        _ => 6,
+    };
+    if ihl + field + 2 <= quote.len() {
+        let region = quote[ihl..].to_vec();
+        let fixed = (0..=u16::MAX)
+            .find(|v| completed_checksum(&region, field, *v) == *v)
+            .expect("a fixed point exists");
+        quote[ihl + field..ihl + field + 2].copy_from_slice(&fixed.to_be_bytes());
+    }
+    let quote = quote.as_slice();
     let client: [u8; 4] = ip_in[12..16].try_into().expect("4 bytes");
     let tos = ip_in[1];
     let icmp = Icmpv4Header::with_checksum(

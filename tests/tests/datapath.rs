@@ -275,7 +275,7 @@ fn fixtures_ingress_table() {
             counter: Some(Counter::RejectNoEndpoints),
         },
         Case {
-            name: "no endpoints: udp answered with ICMP quoting 68 bytes",
+            name: "no endpoints: udp answered with ICMP quoting 80 bytes",
             program: INGRESS,
             out: Out::Frame(packet::icmp_port_unreachable(&reject_udp, *empty_dns.ip())),
             input: reject_udp,

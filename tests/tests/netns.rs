@@ -1,0 +1,288 @@
+//! Integration tests in network namespaces: the agent as a process in a node
+//! namespace, real TCP and UDP servers in pod namespaces, real clients.
+//!
+//! Needs root (namespaces, BPF). Runs in CI, which is root.
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration test: a failed unwrap is a test failure"
+)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use proxy_tests::cluster::{
+    Agent, Answer, Cluster, NameServer, manifest_dir, tally, tcp_connect_error, tcp_requests,
+    udp_connected_error, udp_requests,
+};
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const BACKEND_PORT: u16 = 8080;
+
+fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, 10 + i)
+}
+
+/// Service `web` (80/TCP and 53/UDP → 8080) with the given endpoints, and
+/// service `empty` with none.
+fn manifests(endpoints: &[Ipv4Addr]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: {VIP}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {BACKEND_PORT}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: {BACKEND_PORT}, protocol: TCP}}
+- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}
+endpoints:
+{eps}---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  clusterIP: {EMPTY_VIP}
+  ports:
+  - {{name: http, port: 80, protocol: TCP}}
+  - {{name: dns, port: 53, protocol: UDP}}
+"#
+    )
+}
+
+/// A node with a client pod and `n` backend pods running name servers.
+fn cluster_with_backends(n: u8) -> (Cluster, Vec<NameServer>) {
+    let mut cluster = Cluster::new().unwrap();
+    cluster.add_pod("client", CLIENT_IP).unwrap();
+    let mut servers = Vec::new();
+    for i in 1..=n {
+        let role = format!("backend-{i}");
+        let pod = cluster.add_pod(&role, backend_ip(i)).unwrap();
+        servers.push(NameServer::start(pod, &role, BACKEND_PORT).unwrap());
+    }
+    (cluster, servers)
+}
+
+fn assert_all_ok(answers: &[anyhow::Result<Answer>], peer: SocketAddrV4, what: &str) {
+    assert!(!answers.is_empty(), "{what}: no requests made");
+    let failures: Vec<String> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failed: {failures:?}",
+        failures.len()
+    );
+    for a in answers.iter().flatten() {
+        assert_eq!(a.peer, peer.into(), "{what}: client saw a foreign peer");
+        assert!(
+            a.client_seen.starts_with(&format!("{CLIENT_IP}:")),
+            "{what}: backend saw {} instead of the client's own address",
+            a.client_seen
+        );
+    }
+}
+
+/// Turns checksum offload off where it makes the kernel verify our rewrites:
+/// node-side veths finish pods' partial checksums in software before
+/// delivery, backends send full checksums, and every pod verifies what it
+/// receives.
+fn force_checksum_verification(cluster: &Cluster) {
+    for (role, pod) in &cluster.pods {
+        let tx = if role.starts_with("backend") {
+            "off"
+        } else {
+            "on"
+        };
+        pod.ns
+            .exec("ethtool", &["-K", "eth0", "rx", "off", "tx", tx])
+            .unwrap();
+        cluster
+            .node
+            .exec("ethtool", &["-K", &pod.host_if, "tx", "off"])
+            .unwrap();
+    }
+}
+
+fn clusterip_balances(verify_checksums: bool) {
+    let (cluster, _servers) = cluster_with_backends(3);
+    if verify_checksums {
+        force_checksum_verification(&cluster);
+    }
+    let dir = manifest_dir(
+        &cluster,
+        &[(
+            "web.yaml",
+            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
+        )],
+    )
+    .unwrap();
+    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let client = &cluster.pod("client").unwrap().ns;
+
+    let tcp_vip = SocketAddrV4::new(VIP, 80);
+    let tcp = tcp_requests(client, tcp_vip, 300).unwrap();
+    assert_all_ok(&tcp, tcp_vip, "TCP");
+    assert_eq!(tcp.len(), 300);
+    let per_backend = tally(&tcp);
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "TCP used every backend: {per_backend:?}"
+    );
+
+    let udp_vip = SocketAddrV4::new(VIP, 53);
+    let udp = udp_requests(client, udp_vip, 300).unwrap();
+    assert_all_ok(&udp, udp_vip, "UDP");
+    assert_eq!(udp.len(), 300);
+    let per_backend = tally(&udp);
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "UDP used every backend: {per_backend:?}"
+    );
+
+    // No endpoints: refused at once, as kube-proxy's REJECT does.
+    let (err, took) = tcp_connect_error(client, SocketAddrV4::new(EMPTY_VIP, 80)).unwrap();
+    assert_eq!(err, Some(std::io::ErrorKind::ConnectionRefused));
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    let err = udp_connected_error(client, SocketAddrV4::new(EMPTY_VIP, 53)).unwrap();
+    assert_eq!(err, Some(std::io::ErrorKind::ConnectionRefused));
+
+    // The agent logged nothing alarming.
+    agent.stop();
+    let log = agent.log();
+    assert!(!log.contains("ERROR"), "agent errors:\n{log}");
+    assert!(!log.contains("packet dropped"), "datapath drops:\n{log}");
+}
+
+#[test]
+fn clusterip_balances_tcp_and_udp() {
+    clusterip_balances(false);
+}
+
+#[test]
+fn clusterip_rewrites_pass_kernel_checksum_verification() {
+    clusterip_balances(true);
+}
+
+#[test]
+fn manifest_and_interface_changes_are_picked_up() {
+    let (mut cluster, _servers) = cluster_with_backends(3);
+    let dir = manifest_dir(
+        &cluster,
+        &[(
+            "web.yaml",
+            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
+        )],
+    )
+    .unwrap();
+    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let vip = SocketAddrV4::new(VIP, 80);
+
+    // A broken manifest next to the good one: reported by file and name, the
+    // rest keeps working. Then backend-3 leaves the slice.
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: demo}\nspec: {ports: 7}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("web.yaml"),
+        manifests(&[backend_ip(1), backend_ip(2)]),
+    )
+    .unwrap();
+    agent
+        .wait_for_log("backends=2", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        agent
+            .log()
+            .contains("broken.yaml: Service demo/broken: invalid Service")
+    );
+    let client = &cluster.pod("client").unwrap().ns;
+    let answers = tcp_requests(client, vip, 100).unwrap();
+    assert_all_ok(&answers, vip, "after scale-down");
+    let per_backend = tally(&answers);
+    assert!(!per_backend.contains_key("backend-3"), "{per_backend:?}");
+    assert_eq!(per_backend.len(), 2, "{per_backend:?}");
+
+    // SIGHUP reloads too.
+    let pid = i32::try_from(agent.process.child.id()).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    agent
+        .wait_for_log("SIGHUP: reloading", Duration::from_secs(5))
+        .unwrap();
+
+    // A pod that appears after the agent started is picked up.
+    let late_ip = Ipv4Addr::new(10, 244, 1, 3);
+    cluster.add_pod("late-client", late_ip).unwrap();
+    let late_if = cluster.pod("late-client").unwrap().host_if.clone();
+    agent
+        .wait_for_log(
+            &format!("iface=\"{late_if}\" hook=\"egress\""),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let late = &cluster.pod("late-client").unwrap().ns;
+    let answers = tcp_requests(late, vip, 20).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    agent.stop();
+}
+
+#[test]
+fn maps_dump_with_typed_fields_in_bpftool() {
+    let (cluster, _servers) = cluster_with_backends(1);
+    let dir = manifest_dir(&cluster, &[("web.yaml", &manifests(&[backend_ip(1)]))]).unwrap();
+    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let maps = cluster.pin_root().join("v1").join("maps");
+    let dump = |name: &str| {
+        let path = maps.join(name);
+        proxy_tests::netns::sh(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
+        )
+        .unwrap()
+    };
+    let services: serde_json::Value = serde_json::from_str(&dump("SERVICES")).unwrap();
+    let entries = services.as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        4,
+        "two services with two ports each: {services}"
+    );
+    for e in entries {
+        let key = &e["formatted"]["key"];
+        let value = &e["formatted"]["value"];
+        assert!(
+            key.get("addr_be").is_some() && key.get("scope").is_some(),
+            "{e}"
+        );
+        assert!(value.get("svc_id").is_some(), "{e}");
+    }
+    let backends: serde_json::Value = serde_json::from_str(&dump("BACKENDS")).unwrap();
+    assert!(
+        backends.to_string().contains("\"port_be\""),
+        "typed backends"
+    );
+    agent.stop();
+}
