@@ -34,7 +34,8 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 enum Cleanup {
     Netns(String),
     Kill(u32),
-    Unmount(PathBuf),
+    /// `/run/<prefix>`: unmount its bpffs, then remove it.
+    RunDir(PathBuf),
 }
 
 fn register(action: Cleanup) -> u64 {
@@ -60,9 +61,16 @@ fn run_cleanup(action: &Cleanup) {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
-        Cleanup::Unmount(path) => {
-            let _ = Command::new("umount").arg("-l").arg(path).status();
-            let _ = std::fs::remove_dir_all(path);
+        Cleanup::RunDir(dir) => {
+            let bpffs = dir.join("bpffs");
+            if bpffs.exists() {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&bpffs)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -142,8 +150,7 @@ pub fn sweep_stale() {
             if let Some(pid) = owner(&name)
                 && !alive(&pid)
             {
-                run_cleanup(&Cleanup::Unmount(e.path().join("bpffs")));
-                let _ = std::fs::remove_dir_all(e.path());
+                run_cleanup(&Cleanup::RunDir(e.path()));
             }
         }
     }
@@ -298,7 +305,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A bpffs mounted for one harness run, unmounted on drop.
+/// A bpffs mounted for one harness run at `/run/<prefix>/bpffs`; the whole
+/// `/run/<prefix>` directory (manifests too) is removed on drop.
 #[derive(Debug)]
 pub struct BpffsMount {
     pub path: PathBuf,
@@ -306,14 +314,15 @@ pub struct BpffsMount {
 }
 
 impl BpffsMount {
-    /// Mounts a fresh bpffs at `/run/<prefix>/bpffs` in the root mount namespace,
-    /// so agent processes (even restarted ones) share it.
+    /// Mounts a fresh bpffs in the root mount namespace, so agent processes
+    /// (even restarted ones) share it.
     pub fn new(prefix: &str) -> Result<Self> {
-        let path = PathBuf::from("/run").join(prefix).join("bpffs");
+        let dir = PathBuf::from("/run").join(prefix);
+        let path = dir.join("bpffs");
         std::fs::create_dir_all(&path)?;
+        let cleanup = register(Cleanup::RunDir(dir));
         let target = path.to_string_lossy().into_owned();
         sh("mount", &["-t", "bpf", "bpf", &target])?;
-        let cleanup = register(Cleanup::Unmount(path.clone()));
         Ok(Self { path, cleanup })
     }
 }
@@ -321,8 +330,5 @@ impl BpffsMount {
 impl Drop for BpffsMount {
     fn drop(&mut self) {
         cleanup_one(self.cleanup);
-        if let Some(parent) = self.path.parent() {
-            let _ = std::fs::remove_dir_all(parent);
-        }
     }
 }

@@ -155,5 +155,15 @@ pub fn demo() -> Result<()> {
         bail!("the demo builds network namespaces and loads BPF programs: run it as root");
     }
     all(false)?;
-    run(cargo().args(["run", "--quiet", "-p", "proxy-tests", "--bin", "demo"]))
+    // Replace xtask with the demo so Ctrl-C reaches the demo directly and its
+    // cleanup finishes before the shell prompt returns.
+    let err = std::os::unix::process::CommandExt::exec(cargo().args([
+        "run",
+        "--quiet",
+        "-p",
+        "proxy-tests",
+        "--bin",
+        "demo",
+    ]));
+    Err(err).context("starting the demo")
 }
