@@ -167,3 +167,25 @@ pub fn demo() -> Result<()> {
     ]));
     Err(err).context("starting the demo")
 }
+
+pub fn bench() -> Result<()> {
+    setup::run()?;
+    if !setup::is_root() {
+        bail!("benchmarks load BPF programs: run them as root");
+    }
+    ebpf()?;
+    let out = root().join("BENCHMARKS.md");
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "proxy-tests",
+            "--bin",
+            "bench",
+            "--",
+        ])
+        .arg("--out")
+        .arg(out))
+}

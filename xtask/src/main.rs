@@ -44,6 +44,8 @@ enum Command {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings` on every crate.
     Lint,
+    /// Run every benchmark side by side and write BENCHMARKS.md.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         } => build::test(!no_lint, &cargo_args),
         Command::Demo => build::demo(),
         Command::Lint => build::lint(),
+        Command::Bench => build::bench(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 //! programs, attaches them with tcx links pinned under `.../links/`, and reads
 //! and writes the maps on behalf of reconcile.
 
+mod bench;
 pub mod bpffs;
 mod links;
 
@@ -25,6 +26,7 @@ use proxy_common::{
     SvcCounters, maps,
 };
 
+pub use self::bench::{BENCH_EMPTY, BENCH_WRAPPER, BenchSpec};
 use crate::reconcile::{Capacity, Op, Programmed, Table};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time
@@ -65,6 +67,8 @@ pub enum DatapathError {
     MissingProgram { name: &'static str },
     #[error("attaching to {iface}: {message}")]
     Attach { iface: String, message: String },
+    #[error("benchmark: {0}")]
+    Bench(String),
     #[error("selection table of svc {svc_id} is unreadable")]
     BadTable { svc_id: u32 },
 }
