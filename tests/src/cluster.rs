@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
@@ -115,7 +115,9 @@ impl Cluster {
     }
 }
 
-/// TCP and UDP servers in a pod that answer every request with
+/// TCP and UDP servers in a pod. A TCP connection is greeted with
+/// `<name> <peer address:port>` and then every line it sends comes back as
+/// `<name> <line>` until it closes; a UDP datagram is answered with
 /// `<name> <peer address:port>`.
 pub struct NameServer {
     stop: Vec<i32>,
@@ -133,9 +135,9 @@ impl NameServer {
         let tcp_name = name.to_owned();
         let tcp_thread = std::thread::spawn(move || {
             for conn in tcp.incoming() {
-                let Ok(mut conn) = conn else { break };
-                let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-                let _ = conn.write_all(format!("{tcp_name} {peer}\n").as_bytes());
+                let Ok(conn) = conn else { break };
+                let name = tcp_name.clone();
+                std::thread::spawn(move || serve_tcp(conn, &name));
             }
         });
         let udp_name = name.to_owned();
@@ -152,6 +154,26 @@ impl NameServer {
             stop,
             threads: vec![tcp_thread, udp_thread],
         })
+    }
+}
+
+/// Greets, then echoes lines prefixed with the server's name.
+fn serve_tcp(mut conn: TcpStream, name: &str) {
+    let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    if conn
+        .write_all(format!("{name} {peer}\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    let Ok(reader) = conn.try_clone() else { return };
+    for line in BufReader::new(reader).lines().map_while(Result::ok) {
+        if conn
+            .write_all(format!("{name} {line}\n").as_bytes())
+            .is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -216,12 +238,12 @@ fn repeat(n: usize, mut request: impl FnMut() -> Result<Answer>) -> Vec<Result<A
 pub fn tcp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Result<Answer>>> {
     ns.run(move || {
         Ok(repeat(n, || {
-            let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
+            let s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             let peer = s.peer_addr()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            parse_answer(&text, peer)
+            let mut greeting = String::new();
+            BufReader::new(s).read_line(&mut greeting)?;
+            parse_answer(&greeting, peer)
         }))
     })
 }
@@ -239,6 +261,50 @@ pub fn udp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Re
             parse_answer(&String::from_utf8_lossy(&buf[..len]), from)
         }))
     })
+}
+
+/// A long-lived TCP connection opened from a client namespace.
+pub struct LongLived {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// The backend that greeted it.
+    pub backend: String,
+}
+
+impl LongLived {
+    /// Opens a connection from `ns` and reads the greeting.
+    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<Self> {
+        let stream = ns.run(move || {
+            Ok(TcpStream::connect_timeout(
+                &target.into(),
+                Duration::from_secs(3),
+            )?)
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let writer = stream.try_clone()?;
+        let peer = stream.peer_addr()?;
+        let mut reader = BufReader::new(stream);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        let backend = parse_answer(&greeting, peer)?.backend;
+        Ok(Self {
+            reader,
+            writer,
+            backend,
+        })
+    }
+
+    /// Sends a line and checks the same backend echoes it.
+    pub fn ping(&mut self, text: &str) -> Result<()> {
+        self.writer.write_all(format!("{text}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let want = format!("{} {text}", self.backend);
+        if line.trim_end() != want {
+            bail!("sent {text:?}, got {line:?} instead of {want:?}");
+        }
+        Ok(())
+    }
 }
 
 /// Connects over TCP from `ns` and returns the error kind and how long it took.
@@ -296,6 +362,18 @@ pub struct Agent {
 impl Agent {
     /// Starts `proxy-agent run` in `node` and waits until it reports running.
     pub fn start(node: &Netns, manifests: &Path, pin_root: &Path, extra: &[&str]) -> Result<Self> {
+        let filter = std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into());
+        Self::start_with_log(node, manifests, pin_root, extra, &filter)
+    }
+
+    /// As `start`, with a `RUST_LOG` filter for the agent.
+    pub fn start_with_log(
+        node: &Netns,
+        manifests: &Path,
+        pin_root: &Path,
+        extra: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
         let bin = agent_binary()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.name])
@@ -315,10 +393,7 @@ impl Agent {
             ])
             .args(["--ct-entries", "65536"])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

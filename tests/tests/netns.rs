@@ -13,8 +13,8 @@ use std::{
 };
 
 use proxy_tests::cluster::{
-    Agent, Answer, Cluster, NameServer, manifest_dir, tally, tcp_connect_error, tcp_requests,
-    udp_connected_error, udp_requests,
+    Agent, Answer, Cluster, LongLived, NameServer, manifest_dir, tally, tcp_connect_error,
+    tcp_requests, udp_connected_error, udp_requests,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -284,5 +284,75 @@ fn maps_dump_with_typed_fields_in_bpftool() {
         backends.to_string().contains("\"port_be\""),
         "typed backends"
     );
+    agent.stop();
+}
+
+#[test]
+fn agent_restart_adopts_maps_and_links_without_breaking_connections() {
+    let (cluster, _servers) = cluster_with_backends(3);
+    let dir = manifest_dir(
+        &cluster,
+        &[(
+            "web.yaml",
+            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
+        )],
+    )
+    .unwrap();
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut first = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let client = &cluster.pod("client").unwrap().ns;
+    let mut conns: Vec<LongLived> = (0..6)
+        .map(|_| LongLived::open(client, vip).unwrap())
+        .collect();
+    for c in &mut conns {
+        c.ping("before").unwrap();
+    }
+
+    // kill -9: no cleanup at all. Pinned links keep the programs attached and
+    // pinned maps keep conntrack: traffic must not notice.
+    first.process.child.kill().unwrap();
+    first.process.child.wait().unwrap();
+    for c in &mut conns {
+        c.ping("agent-dead").unwrap();
+    }
+    let answers = tcp_requests(client, vip, 30).unwrap();
+    assert_all_ok(&answers, vip, "new connections while no agent runs");
+
+    // A new agent adopts the maps and links: nothing to change, programs swapped in place.
+    let mut second = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let log = second.log();
+    assert!(log.contains("existing state adopted"), "{log}");
+    assert_eq!(second.count_in_log("adopted pinned link"), 8, "{log}");
+    assert!(
+        log.contains("operations=0"),
+        "nothing to reprogram after adoption:\n{log}"
+    );
+    for c in &mut conns {
+        c.ping("after-restart").unwrap();
+    }
+    let answers = tcp_requests(client, vip, 60).unwrap();
+    assert_all_ok(&answers, vip, "after restart");
+    assert_eq!(tally(&answers).len(), 3);
+    second.stop();
+}
+
+#[test]
+fn kernel_side_logs_reach_the_agent_log() {
+    let (cluster, _servers) = cluster_with_backends(1);
+    let dir = manifest_dir(&cluster, &[("web.yaml", &manifests(&[backend_ip(1)]))]).unwrap();
+    let mut agent = Agent::start_with_log(
+        &cluster.node,
+        &dir,
+        &cluster.pin_root(),
+        &[],
+        "info,proxy_ebpf=debug",
+    )
+    .unwrap();
+    let client = &cluster.pod("client").unwrap().ns;
+    let (err, _) = tcp_connect_error(client, SocketAddrV4::new(EMPTY_VIP, 80)).unwrap();
+    assert_eq!(err, Some(std::io::ErrorKind::ConnectionRefused));
+    agent
+        .wait_for_log("has no endpoints: rejecting", Duration::from_secs(5))
+        .unwrap();
     agent.stop();
 }
