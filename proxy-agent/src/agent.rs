@@ -25,7 +25,7 @@ use crate::{
     ifaces::{self, IfaceMatcher, LinkWatcher},
     manifests,
     reconcile::{self, Programmed},
-    translate::{self, TranslateOptions},
+    translate::{self, MaglevOptions, TranslateOptions},
 };
 
 /// Everything `run` needs.
@@ -36,6 +36,7 @@ pub struct RunConfig {
     pub pod_ifaces: Vec<String>,
     pub ext_ifaces: Vec<String>,
     pub load: LoadOptions,
+    pub maglev: MaglevOptions,
     pub resync: Duration,
 }
 
@@ -87,6 +88,7 @@ impl Agent {
             &store,
             &TranslateOptions {
                 node_name: self.cfg.node_name.clone(),
+                maglev: self.cfg.maglev,
             },
         );
         for e in &translation.errors {
@@ -114,6 +116,12 @@ impl Agent {
             service_ports = translation.desired.services.len(),
             frontends = self.programmed.services.len(),
             backends = self.programmed.backends.len(),
+            selection_bytes = self
+                .programmed
+                .tables
+                .values()
+                .map(|t| t.bytes())
+                .sum::<u64>(),
             operations = plan.ops.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod ifaces;
+pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod reconcile;

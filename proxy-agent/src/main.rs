@@ -1,14 +1,15 @@
 //! The `proxy-agent` command line.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
     agent::{self, RunConfig},
     datapath::{LoadOptions, MapSizes},
-    manifests,
+    maglev, manifests,
     model::DesiredState,
-    translate::{self, TranslateOptions},
+    reconcile,
+    translate::{self, MaglevOptions, TranslateOptions},
 };
 use proxy_common::maps;
 
@@ -29,6 +30,28 @@ enum Command {
     Run(RunArgs),
     /// Print the desired state for a manifest directory without touching the kernel.
     Plan(PlanArgs),
+    /// Print a Maglev table: built from --backend arguments by the agent's own
+    /// code, or the live table of a programmed --frontend.
+    Maglev(MaglevCmd),
+}
+
+#[derive(clap::Args)]
+struct MaglevCmd {
+    /// Table size, a prime [default: the smallest prime >= 100 x backends].
+    #[arg(long, value_name = "M")]
+    size: Option<u32>,
+    /// A backend, repeatable; weight 1 unless given, 0 drains it.
+    #[arg(long = "backend", value_name = "ADDR:PORT[=WEIGHT]")]
+    backends: Vec<String>,
+    /// Show the live table of this programmed frontend instead.
+    #[arg(long, value_name = "ADDR:PORT[/tcp|udp]", conflicts_with_all = ["backends", "size"])]
+    frontend: Option<String>,
+    /// Pin root of the agent whose table to show (with --frontend).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
+    bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -39,6 +62,46 @@ struct NodeArgs {
     /// This node's name [default: $NODE_NAME, else the hostname].
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    #[command(flatten)]
+    maglev: MaglevArgs,
+}
+
+#[derive(clap::Args)]
+struct MaglevArgs {
+    /// Maglev table size for Services without the ebpf-proxy.io/maglev-table-size
+    /// annotation: a prime, or 'auto' for the smallest prime >= 100 x backends.
+    #[arg(long, value_name = "PRIME|auto", default_value = "auto")]
+    maglev_table_size: String,
+    /// Largest Maglev table size (default or annotation); a prime.
+    #[arg(long, value_name = "PRIME", default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE)]
+    maglev_max_table_size: u32,
+}
+
+impl MaglevArgs {
+    fn options(&self) -> anyhow::Result<MaglevOptions> {
+        let max = self.maglev_max_table_size;
+        if !maglev::is_prime(max) || max > maglev::MAX_TABLE_SIZE {
+            anyhow::bail!(
+                "--maglev-max-table-size {max}: must be a prime no larger than {}",
+                maglev::MAX_TABLE_SIZE
+            );
+        }
+        let default_size = match self.maglev_table_size.as_str() {
+            "auto" => None,
+            v => {
+                let size: u32 = v.parse().map_err(|_| {
+                    anyhow::anyhow!("--maglev-table-size {v:?}: not a number or 'auto'")
+                })?;
+                maglev::validate_size(size, max, 1)
+                    .map_err(|e| anyhow::anyhow!("--maglev-table-size {size}: {e}"))?;
+                Some(size)
+            }
+        };
+        Ok(MaglevOptions {
+            default_size,
+            max_size: max,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -154,6 +217,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         &store,
         &TranslateOptions {
             node_name: node_name(args.node.node_name),
+            maglev: args.node.maglev.options()?,
         },
     );
     errors.extend(t.errors);
@@ -163,7 +227,154 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     print_plan(&t.desired, args.output)
 }
 
+fn parse_backend(arg: &str) -> anyhow::Result<(SocketAddrV4, u32)> {
+    let (addr, weight) = match arg.split_once('=') {
+        Some((a, w)) => (
+            a,
+            w.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--backend {arg}: weight {w:?} is not a number"))?,
+        ),
+        None => (arg, 1),
+    };
+    let addr = addr
+        .parse::<SocketAddrV4>()
+        .map_err(|_| anyhow::anyhow!("--backend {arg}: expected IPv4ADDR:PORT[=WEIGHT]"))?;
+    Ok((addr, weight))
+}
+
+/// Parses `ADDR:PORT[/tcp|udp]` (TCP unless given).
+fn parse_frontend(arg: &str) -> anyhow::Result<proxy_common::ServiceKey> {
+    let (addr, proto) = match arg.rsplit_once('/') {
+        Some((a, p)) => (
+            a,
+            match p.to_ascii_lowercase().as_str() {
+                "tcp" => proxy_common::proto::TCP,
+                "udp" => proxy_common::proto::UDP,
+                _ => anyhow::bail!("--frontend {arg}: protocol must be tcp or udp"),
+            },
+        ),
+        None => (arg, proxy_common::proto::TCP),
+    };
+    let addr: SocketAddrV4 = addr
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--frontend {arg}: expected ADDR:PORT[/tcp|udp]"))?;
+    Ok(proxy_common::ServiceKey {
+        addr_be: reconcile::addr_be(*addr.ip()),
+        port_be: reconcile::port_be(addr.port()),
+        proto,
+        scope: proxy_common::scope::INTERNAL,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct MaglevOut {
+    size: u32,
+    backends: Vec<String>,
+    table: Vec<u16>,
+}
+
+fn print_maglev(out: &MaglevOut, weights: &[u32], output: Output) -> anyhow::Result<()> {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string(out)?);
+        return Ok(());
+    }
+    let n = u32::try_from(out.backends.len())?;
+    println!(
+        "Maglev table: {} slots for {} backends; {} bytes in the datapath (2-byte entries)",
+        out.size,
+        n,
+        maglev::table_bytes(n, 0, out.size)
+    );
+    let mut slots = vec![0usize; out.backends.len()];
+    for e in &out.table {
+        slots[usize::from(*e)] += 1;
+    }
+    let total_weight: u32 = weights.iter().sum();
+    println!(
+        "{:<4} {:<22} {:>6} {:>7} {:>8} {:>8}",
+        "IDX", "BACKEND", "WEIGHT", "SLOTS", "SHARE", "IDEAL"
+    );
+    for (i, b) in out.backends.iter().enumerate() {
+        let share = 100.0 * slots[i] as f64 / f64::from(out.size.max(1));
+        let ideal = 100.0 * f64::from(weights[i]) / f64::from(total_weight.max(1));
+        println!(
+            "{i:<4} {b:<22} {:>6} {:>7} {share:>7.2}% {ideal:>7.2}%",
+            weights[i], slots[i]
+        );
+    }
+    let head: Vec<String> = out.table.iter().take(32).map(ToString::to_string).collect();
+    println!("slots 0..{}: {}", head.len(), head.join(" "));
+    Ok(())
+}
+
+fn maglev_cmd(args: MaglevCmd) -> anyhow::Result<()> {
+    if let Some(frontend) = &args.frontend {
+        let key = parse_frontend(frontend)?;
+        let programmed = proxy_agent::datapath::read_pinned(&args.bpffs).map_err(|e| {
+            anyhow::anyhow!(
+                "reading the pinned maps under {}: {e}",
+                args.bpffs.display()
+            )
+        })?;
+        let svc = programmed
+            .services
+            .get(&key)
+            .ok_or_else(|| anyhow::anyhow!("{frontend} is not a programmed frontend"))?;
+        let table = programmed.tables.get(&svc.svc_id).ok_or_else(|| {
+            anyhow::anyhow!("{frontend}: svc {} has no selection table", svc.svc_id)
+        })?;
+        if table.table_size == 0 {
+            anyhow::bail!(
+                "{frontend}: this service has no Maglev table (random selection or no backends)"
+            );
+        }
+        let backends = table
+            .backends
+            .iter()
+            .map(|id| {
+                programmed
+                    .backends
+                    .get(id)
+                    .map(|b| reconcile::backend_sockaddr(b).to_string())
+                    .unwrap_or_else(|| format!("<missing backend {id}>"))
+            })
+            .collect();
+        let out = MaglevOut {
+            size: table.table_size,
+            backends,
+            table: table.entries.clone(),
+        };
+        return print_maglev(&out, &table.weights, args.output);
+    }
+    if args.backends.is_empty() {
+        anyhow::bail!("give --backend ADDR:PORT[=WEIGHT] (repeatable) or --frontend ADDR:PORT");
+    }
+    let backends = args
+        .backends
+        .iter()
+        .map(|b| parse_backend(b))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let eligible = backends.iter().filter(|(_, w)| *w > 0).count();
+    let size = match args.size {
+        Some(size) => {
+            maglev::validate_size(size, maglev::MAX_TABLE_SIZE, eligible)
+                .map_err(|e| anyhow::anyhow!("--size {size}: {e}"))?;
+            size
+        }
+        None => maglev::default_size(eligible, maglev::DEFAULT_MAX_TABLE_SIZE),
+    };
+    let table = maglev::build(&backends, size).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = MaglevOut {
+        size,
+        backends: backends.iter().map(|(b, _)| b.to_string()).collect(),
+        table,
+    };
+    let weights: Vec<u32> = backends.iter().map(|(_, w)| *w).collect();
+    print_maglev(&out, &weights, args.output)
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let maglev = args.node.maglev.options()?;
     let cfg = RunConfig {
         manifests: args.node.manifests,
         node_name: node_name(args.node.node_name),
@@ -178,6 +389,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             pin_root: Some(args.bpffs),
         },
+        maglev,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     tracing::info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), "starting");
@@ -194,6 +406,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plan(args) => plan(args),
+        Command::Maglev(args) => maglev_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! and what `proxy-agent plan` prints.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
 };
@@ -77,6 +78,36 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// How a Service port picks the backend of a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Maglev consistent hashing (the default).
+    #[default]
+    Maglev,
+    /// Random, weighted when weights differ.
+    Random,
+}
+
+impl Algorithm {
+    /// Parses an annotation value.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim() {
+            "maglev" => Some(Self::Maglev),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+
+    /// The datapath's algorithm number.
+    pub const fn number(self) -> u32 {
+        match self {
+            Self::Maglev => proxy_common::algorithm::MAGLEV,
+            Self::Random => proxy_common::algorithm::RANDOM,
+        }
+    }
+}
+
 /// Everything the datapath needs for one Service port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePlan {
@@ -84,8 +115,44 @@ pub struct ServicePlan {
     pub id: ServicePortName,
     /// Sorted, no duplicates.
     pub frontends: Vec<Frontend>,
-    /// Where traffic from inside the cluster may go. Sorted, no duplicates.
+    /// Where new flows from inside the cluster may go. Sorted, no duplicates.
     pub internal_backends: Vec<SocketAddrV4>,
+    /// Backends taking no new flows (weight 0) whose existing flows continue.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub draining_backends: Vec<SocketAddrV4>,
+    /// Weights other than the default 1, by backend.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub backend_weights: BTreeMap<SocketAddrV4, u32>,
+    pub algorithm: Algorithm,
+    /// Maglev table size (prime); `None` when no table is needed.
+    pub maglev_table_size: Option<u32>,
+    /// `sessionAffinity: ClientIP`: the flow hash covers the client address only.
+    pub session_affinity_timeout_seconds: Option<u32>,
+}
+
+impl ServicePlan {
+    /// A plan with defaults: Maglev with the table size derived from the
+    /// backend count, equal weights, no affinity.
+    pub fn new(id: ServicePortName, frontends: Vec<Frontend>, backends: Vec<SocketAddrV4>) -> Self {
+        let maglev_table_size = (!backends.is_empty()).then(|| {
+            crate::maglev::default_size(backends.len(), crate::maglev::DEFAULT_MAX_TABLE_SIZE)
+        });
+        Self {
+            id,
+            frontends,
+            internal_backends: backends,
+            draining_backends: Vec::new(),
+            backend_weights: BTreeMap::new(),
+            algorithm: Algorithm::Maglev,
+            maglev_table_size,
+            session_affinity_timeout_seconds: None,
+        }
+    }
+
+    /// Weight of a backend (1 unless set).
+    pub fn weight(&self, backend: &SocketAddrV4) -> u32 {
+        self.backend_weights.get(backend).copied().unwrap_or(1)
+    }
 }
 
 /// The whole desired state: one entry per Service port, sorted by identity.

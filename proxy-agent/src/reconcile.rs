@@ -21,51 +21,150 @@ use std::{
 };
 
 use proxy_common::{
-    Backend, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SelBlock, ServiceKey, ServiceValue, algorithm,
-    scope, sel_backend_pos, sel_blocks,
+    Backend, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_HASH_MODE,
+    SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE, SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SelBlock,
+    ServiceKey, ServiceValue, hash_mode, scope, sel_backend_pos, sel_blocks, sel_entry_pos,
 };
 
-use crate::model::{DesiredState, ServicePlan, ServicePortName};
+use crate::{
+    maglev,
+    model::{DesiredState, ServicePlan, ServicePortName},
+};
 
-/// A selection table as the agent writes it.
+/// A selection table as the agent writes it (see `proxy_common::SelBlock`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
+    /// `proxy_common::algorithm`.
     pub algorithm: u32,
-    /// Backend ids eligible for new flows.
+    /// `proxy_common::hash_mode`.
+    pub hash_mode: u32,
+    /// Backend ids eligible for new flows; Maglev entries index this list.
     pub backends: Vec<u32>,
+    /// Weights, parallel to `backends`.
+    pub weights: Vec<u32>,
+    /// Backend ids that take no new flows but keep their existing ones.
+    pub draining: Vec<u32>,
+    /// Maglev table size; 0 without a table.
+    pub table_size: u32,
+    /// The Maglev table: `table_size` indices into `backends`.
+    pub entries: Vec<u16>,
+}
+
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Table {
+    /// First block of the weights and of the Maglev table.
+    fn layout(&self) -> (u32, u32) {
+        let n = len32(self.backends.len());
+        let d = len32(self.draining.len());
+        let weights = 1 + (n + d).div_ceil(SEL_WORDS as u32);
+        (weights, weights + n.div_ceil(SEL_WORDS as u32))
+    }
+
     /// Encodes the table into the blocks of its inner map.
     pub fn to_blocks(&self) -> Vec<SelBlock> {
-        let count = u32::try_from(self.backends.len()).unwrap_or(u32::MAX);
-        let mut blocks = vec![SelBlock::default(); sel_blocks(count) as usize];
-        blocks[0].w[SEL_HDR_COUNT] = count;
-        blocks[0].w[SEL_HDR_ALGORITHM] = self.algorithm;
-        for (i, id) in (0u32..).zip(&self.backends) {
+        let n = len32(self.backends.len());
+        let d = len32(self.draining.len());
+        let (weights_block, table_block) = self.layout();
+        let mut blocks = vec![SelBlock::default(); sel_blocks(n, d, self.table_size) as usize];
+        let header = &mut blocks[0].w;
+        header[SEL_HDR_COUNT] = n;
+        header[SEL_HDR_ALGORITHM] = self.algorithm;
+        header[SEL_HDR_TABLE_SIZE] = self.table_size;
+        header[SEL_HDR_TABLE_BLOCK] = table_block;
+        header[SEL_HDR_HASH_MODE] = self.hash_mode;
+        header[SEL_HDR_DRAINING] = d;
+        header[SEL_HDR_WEIGHTS_BLOCK] = weights_block;
+        for (i, id) in (0u32..).zip(self.backends.iter().chain(&self.draining)) {
             let (block, word) = sel_backend_pos(i);
             blocks[block as usize].w[word] = *id;
+        }
+        for (i, w) in (0u32..).zip(&self.weights) {
+            let block = weights_block + i / SEL_WORDS as u32;
+            blocks[block as usize].w[(i % SEL_WORDS as u32) as usize] = *w;
+        }
+        for (slot, e) in (0u32..).zip(&self.entries) {
+            let (block, word, shift) = sel_entry_pos(slot);
+            blocks[(table_block + block) as usize].w[word] |= u32::from(*e) << shift;
         }
         blocks
     }
 
     /// Decodes the blocks of an inner map; `None` if they are inconsistent.
     pub fn from_blocks(blocks: &[SelBlock]) -> Option<Self> {
-        let header = blocks.first()?;
-        let count = header.w[SEL_HDR_COUNT];
-        if blocks.len() < sel_blocks(count) as usize {
+        let h = &blocks.first()?.w;
+        let (n, d, m) = (h[SEL_HDR_COUNT], h[SEL_HDR_DRAINING], h[SEL_HDR_TABLE_SIZE]);
+        if blocks.len() < sel_blocks(n, d, m) as usize {
             return None;
         }
-        let backends = (0..count)
+        let mut table = Self {
+            algorithm: h[SEL_HDR_ALGORITHM],
+            hash_mode: h[SEL_HDR_HASH_MODE],
+            table_size: m,
+            ..Self::default()
+        };
+        let ids: Vec<u32> = (0..n + d)
             .map(|i| {
                 let (block, word) = sel_backend_pos(i);
                 blocks[block as usize].w[word]
             })
             .collect();
-        Some(Self {
-            algorithm: header.w[SEL_HDR_ALGORITHM],
-            backends,
-        })
+        table.backends = ids[..n as usize].to_vec();
+        table.draining = ids[n as usize..].to_vec();
+        let (weights_block, table_block) = table.layout();
+        if (weights_block, table_block) != (h[SEL_HDR_WEIGHTS_BLOCK], h[SEL_HDR_TABLE_BLOCK]) {
+            return None;
+        }
+        table.weights = (0..n)
+            .map(|i| {
+                blocks[(weights_block + i / SEL_WORDS as u32) as usize].w
+                    [(i % SEL_WORDS as u32) as usize]
+            })
+            .collect();
+        table.entries = (0..m)
+            .map(|slot| {
+                let (block, word, shift) = sel_entry_pos(slot);
+                (blocks[(table_block + block) as usize].w[word] >> shift) as u16
+            })
+            .collect();
+        if table.entries.iter().any(|e| u32::from(*e) >= n) {
+            return None;
+        }
+        Some(table)
+    }
+
+    /// The backend id the datapath picks for a new flow from `src` to `dst`
+    /// with this table, when the choice is deterministic (Maglev); `None` for
+    /// random selection or an empty table. Mirrors `proxy-ebpf/src/select.rs`
+    /// with the same hash functions.
+    pub fn predict(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<u32> {
+        if self.algorithm != proxy_common::algorithm::MAGLEV || self.table_size == 0 {
+            return None;
+        }
+        let hash = if self.hash_mode == hash_mode::SOURCE {
+            proxy_common::hash::source_hash(u32::from(*src.ip()))
+        } else {
+            proxy_common::hash::flow_hash(
+                u32::from(*src.ip()),
+                u32::from(*dst.ip()),
+                src.port(),
+                dst.port(),
+                proto,
+            )
+        };
+        let entry = self.entries.get((hash % self.table_size) as usize)?;
+        self.backends.get(usize::from(*entry)).copied()
+    }
+
+    /// Bytes this table takes in the kernel.
+    pub fn bytes(&self) -> u64 {
+        maglev::table_bytes(
+            len32(self.backends.len()),
+            len32(self.draining.len()),
+            self.table_size,
+        )
     }
 }
 
@@ -231,9 +330,50 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
                 }
             },
         };
-        let mut ids = Vec::with_capacity(svc.internal_backends.len());
+        // The Maglev table: reused when its inputs did not change, built otherwise
+        // (before any id is allocated, so a failure leaves nothing to undo).
+        let table_size = svc.maglev_table_size.unwrap_or(0);
+        let weights: Vec<u32> = svc
+            .internal_backends
+            .iter()
+            .map(|b| svc.weight(b))
+            .collect();
+        let known_ids: Option<Vec<u32>> = svc
+            .internal_backends
+            .iter()
+            .map(|b| known_backends.get(b).copied())
+            .collect();
+        let reusable = existing
+            .and_then(|id| current.tables.get(&id))
+            .filter(|t| {
+                t.table_size == table_size
+                    && t.weights == weights
+                    && known_ids.as_ref() == Some(&t.backends)
+            })
+            .map(|t| t.entries.clone());
+        let entries = match (reusable, table_size) {
+            (Some(entries), _) => entries,
+            (None, 0) => Vec::new(),
+            (None, size) => {
+                let pairs: Vec<(SocketAddrV4, u32)> = svc
+                    .internal_backends
+                    .iter()
+                    .copied()
+                    .zip(weights.iter().copied())
+                    .collect();
+                match maglev::build(&pairs, size) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        refuse(format!("Maglev table: {e}"));
+                        continue;
+                    }
+                }
+            }
+        };
+        let all_backends = svc.internal_backends.iter().chain(&svc.draining_backends);
+        let mut ids = Vec::with_capacity(svc.internal_backends.len() + svc.draining_backends.len());
         let mut allocated = Vec::new();
-        for b in &svc.internal_backends {
+        for b in all_backends.clone() {
             let id = known_backends
                 .get(b)
                 .or_else(|| new_backends.get(b))
@@ -248,7 +388,7 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
                 None => break,
             }
         }
-        if ids.len() < svc.internal_backends.len() {
+        if ids.len() < svc.internal_backends.len() + svc.draining_backends.len() {
             for (_, id) in allocated {
                 backend_ids.give_back(id);
             }
@@ -264,11 +404,21 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
         new_backends.extend(allocated);
         used_svc_ids.insert(svc_id);
         frontends += keys.len();
+        let draining = ids.split_off(svc.internal_backends.len());
         next.tables.insert(
             svc_id,
             Table {
-                algorithm: algorithm::RANDOM,
+                algorithm: svc.algorithm.number(),
+                hash_mode: if svc.session_affinity_timeout_seconds.is_some() {
+                    hash_mode::SOURCE
+                } else {
+                    hash_mode::FIVE_TUPLE
+                },
                 backends: ids,
+                weights,
+                draining,
+                table_size,
+                entries,
             },
         );
         for key in keys {
@@ -294,7 +444,11 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
         .chain(new_backends.iter())
         .map(|(addr, id)| (*id, *addr))
         .collect();
-    for id in next.tables.values().flat_map(|t| t.backends.iter()) {
+    for id in next
+        .tables
+        .values()
+        .flat_map(|t| t.backends.iter().chain(&t.draining))
+    {
         let entry = current
             .backends
             .get(id)
@@ -370,20 +524,20 @@ mod tests {
     };
 
     fn svc(name: &str, vip: [u8; 4], backends: &[&str]) -> ServicePlan {
-        ServicePlan {
-            id: ServicePortName {
+        ServicePlan::new(
+            ServicePortName {
                 namespace: "ns".into(),
                 name: name.into(),
                 port_name: String::new(),
                 protocol: Protocol::Tcp,
             },
-            frontends: vec![Frontend {
+            vec![Frontend {
                 kind: FrontendKind::ClusterIP,
                 address: Ipv4Addr::from(vip),
                 port: 80,
             }],
-            internal_backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
-        }
+            backends.iter().map(|b| b.parse().unwrap()).collect(),
+        )
     }
 
     fn state(services: Vec<ServicePlan>) -> DesiredState {
@@ -432,16 +586,79 @@ mod tests {
 
     #[test]
     fn table_blocks_roundtrip() {
-        for n in [0u32, 1, 15, 16, 17, 100] {
+        for (n, d, m) in [
+            (0u32, 0u32, 0u32),
+            (1, 0, 101),
+            (15, 2, 0),
+            (16, 0, 1009),
+            (17, 5, 1009),
+            (100, 1, 10_007),
+        ] {
+            let backends: Vec<u32> = (1..=n).collect();
+            let entries = if m == 0 {
+                vec![]
+            } else {
+                (0..m).map(|i| (i % n) as u16).collect()
+            };
             let t = Table {
-                algorithm: algorithm::RANDOM,
-                backends: (1..=n).collect(),
+                algorithm: proxy_common::algorithm::MAGLEV,
+                hash_mode: hash_mode::SOURCE,
+                weights: backends.iter().map(|b| b % 7).collect(),
+                backends,
+                draining: (1000..1000 + d).collect(),
+                table_size: m,
+                entries,
             };
             let blocks = t.to_blocks();
-            assert_eq!(blocks.len() as u32, sel_blocks(n));
+            assert_eq!(blocks.len() as u32, sel_blocks(n, d, m));
             assert_eq!(Table::from_blocks(&blocks), Some(t));
         }
         assert_eq!(Table::from_blocks(&[]), None);
+    }
+
+    #[test]
+    fn unchanged_maglev_tables_are_reused_and_changed_ones_rebuilt() {
+        let one = state(vec![svc(
+            "a",
+            [10, 96, 0, 1],
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        )]);
+        let p = plan(&one, &Programmed::default(), &CAP);
+        let maps = apply(Programmed::default(), &p.ops);
+        let t = maps.tables.values().next().unwrap();
+        assert_eq!(t.table_size, 211, "smallest prime >= 100 x 2 backends");
+        assert_eq!(t.entries.len(), 211);
+        assert_eq!(plan(&one, &maps, &CAP).ops, vec![], "nothing rebuilt");
+        let mut weighted = one.clone();
+        weighted.services[0]
+            .backend_weights
+            .insert("10.0.0.2:80".parse().unwrap(), 3);
+        let p = plan(&weighted, &maps, &CAP);
+        let Some(Op::SetTable(_, new)) = p.ops.iter().find(|o| matches!(o, Op::SetTable(..)))
+        else {
+            panic!("weight change must rebuild the table: {:?}", p.ops);
+        };
+        let heavy = new.entries.iter().filter(|e| **e == 1).count();
+        assert!(
+            (156..=160).contains(&heavy),
+            "weight 3 of 4 gets 3/4 of 211 slots: {heavy}"
+        );
+    }
+
+    #[test]
+    fn draining_backends_stay_programmed_but_out_of_the_table() {
+        let mut s = svc("a", [10, 96, 0, 1], &["10.0.0.1:80"]);
+        s.draining_backends = vec!["10.0.0.2:80".parse().unwrap()];
+        let p = plan(&state(vec![s]), &Programmed::default(), &CAP);
+        let t = p.next.tables.values().next().unwrap();
+        assert_eq!(t.backends.len(), 1);
+        assert_eq!(t.draining.len(), 1);
+        assert!(t.entries.iter().all(|e| *e == 0));
+        assert_eq!(
+            p.next.backends.len(),
+            2,
+            "the draining backend keeps its id"
+        );
     }
 
     #[test]

@@ -12,16 +12,29 @@
 //!   address:port in several slices counts once.
 //! - Ready endpoints (`ready` unset counts as ready) are used; when none is
 //!   ready, serving-and-terminating ones are (graceful termination).
+//!
+//! Annotations (documented in the README):
+//! - `ebpf-proxy.io/lb-algorithm` on a Service: `maglev` (default) or `random`;
+//! - `ebpf-proxy.io/maglev-table-size` on a Service: a prime table size;
+//! - `ebpf-proxy.io/endpoint-weights` on a Service or an EndpointSlice:
+//!   `IP=WEIGHT,...`; weight 0 drains an endpoint (no new flows). A slice's
+//!   weights override the Service's for its endpoints.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use crate::{
-    model::{DesiredState, Frontend, FrontendKind, Protocol, ServicePlan, ServicePortName},
+    maglev,
+    model::{
+        Algorithm, DesiredState, Frontend, FrontendKind, Protocol, ServicePlan, ServicePortName,
+    },
     store::{ObjectError, ObjectRef, Store},
 };
 
@@ -31,11 +44,38 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label marking EndpointSlices of headless Services.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Service annotation choosing the selection algorithm.
+pub const ANNOTATION_ALGORITHM: &str = "ebpf-proxy.io/lb-algorithm";
+/// Service annotation setting the Maglev table size.
+pub const ANNOTATION_TABLE_SIZE: &str = "ebpf-proxy.io/maglev-table-size";
+/// Service or EndpointSlice annotation setting endpoint weights.
+pub const ANNOTATION_WEIGHTS: &str = "ebpf-proxy.io/endpoint-weights";
+/// kube-proxy's default ClientIP affinity timeout.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Maglev table sizing policy (agent flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevOptions {
+    /// Table size for Services without the annotation; `None`: from the backend count.
+    pub default_size: Option<u32>,
+    /// Largest table size allowed (default or annotation).
+    pub max_size: u32,
+}
+
+impl Default for MaglevOptions {
+    fn default() -> Self {
+        Self {
+            default_size: None,
+            max_size: maglev::DEFAULT_MAX_TABLE_SIZE,
+        }
+    }
+}
 
 /// Node-specific inputs of translation.
 #[derive(Clone, Debug, Default)]
 pub struct TranslateOptions {
     pub node_name: String,
+    pub maglev: MaglevOptions,
 }
 
 /// Result of translation: the desired state and every object problem found.
@@ -50,10 +90,12 @@ pub struct Translation {
 struct Candidates {
     ready: BTreeSet<SocketAddrV4>,
     serving_terminating: BTreeSet<SocketAddrV4>,
+    /// Weights set by annotations.
+    weights: BTreeMap<SocketAddrV4, u32>,
 }
 
 /// Translates `store` into the desired datapath state.
-pub fn translate(store: &Store, _opts: &TranslateOptions) -> Translation {
+pub fn translate(store: &Store, opts: &TranslateOptions) -> Translation {
     let mut out = Translation::default();
     let mut error = |object: ObjectRef, message: String| {
         out.errors.push(ObjectError {
@@ -101,7 +143,7 @@ pub fn translate(store: &Store, _opts: &TranslateOptions) -> Translation {
             .get(&(namespace.as_str(), name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        match service_plans(&stored.object, namespace, name, svc_slices) {
+        match service_plans(&stored.object, namespace, name, svc_slices, opts) {
             Ok((mut p, problems)) => {
                 plans.append(&mut p);
                 for (obj, message) in problems {
@@ -149,6 +191,7 @@ fn service_plans(
     namespace: &str,
     name: &str,
     slices: &[&EndpointSlice],
+    opts: &TranslateOptions,
 ) -> Result<(Vec<ServicePlan>, Problems), String> {
     let mut problems: Problems = Vec::new();
     let labels = svc.metadata.labels.as_ref();
@@ -178,6 +221,53 @@ fn service_plans(
             Err(_) => return Err(format!("invalid clusterIP {ip:?}")),
         }
     }
+
+    let annotation = |key: &str| {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let algorithm = match annotation(ANNOTATION_ALGORITHM) {
+        None => Algorithm::default(),
+        Some(v) => Algorithm::parse(v).unwrap_or_else(|| {
+            problems.push((
+                None,
+                format!(
+                    "{ANNOTATION_ALGORITHM}: unknown algorithm {v:?} (maglev, random); using maglev"
+                ),
+            ));
+            Algorithm::default()
+        }),
+    };
+    let requested_size = match annotation(ANNOTATION_TABLE_SIZE) {
+        None => None,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                problems.push((
+                    None,
+                    format!(
+                        "{ANNOTATION_TABLE_SIZE}: {v:?} is not a number; using the default size"
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    let service_weights = parse_weights(&svc.metadata).unwrap_or_else(|e| {
+        problems.push((None, e));
+        BTreeMap::new()
+    });
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
 
     let mut seen_ports: BTreeSet<(String, Protocol)> = BTreeSet::new();
     let mut plans = Vec::new();
@@ -211,12 +301,40 @@ fn service_plans(
             ));
             continue;
         }
-        let candidates = endpoints_for(slices, namespace, &port_name, protocol, &mut problems);
+        let candidates = endpoints_for(
+            slices,
+            namespace,
+            &port_name,
+            protocol,
+            &service_weights,
+            &mut problems,
+        );
         let backends = if candidates.ready.is_empty() {
             candidates.serving_terminating
         } else {
             candidates.ready
         };
+        let (eligible, draining): (Vec<_>, Vec<_>) = backends
+            .iter()
+            .partition(|b| candidates.weights.get(b).copied().unwrap_or(1) > 0);
+        let backend_weights: BTreeMap<SocketAddrV4, u32> = eligible
+            .iter()
+            .filter_map(|b| {
+                let w = candidates.weights.get(b).copied().unwrap_or(1);
+                (w != 1).then_some((*b, w))
+            })
+            .collect();
+        let weighted = backend_weights.values().any(|w| *w != 1);
+        let needs_table = !eligible.is_empty() && (algorithm == Algorithm::Maglev || weighted);
+        let maglev_table_size = needs_table.then(|| {
+            table_size(
+                requested_size,
+                opts.maglev,
+                eligible.len(),
+                &port_name,
+                &mut problems,
+            )
+        });
         let mut frontends: Vec<Frontend> = addresses
             .iter()
             .map(|&address| Frontend {
@@ -235,10 +353,82 @@ fn service_plans(
                 protocol,
             },
             frontends,
-            internal_backends: backends.into_iter().collect(),
+            internal_backends: eligible,
+            draining_backends: draining,
+            backend_weights,
+            algorithm,
+            maglev_table_size,
+            session_affinity_timeout_seconds: affinity,
         });
     }
     Ok((plans, problems))
+}
+
+/// The table size of one Service port: the annotation if valid, else the
+/// agent's default, else derived from the backend count.
+fn table_size(
+    requested: Option<u32>,
+    opts: MaglevOptions,
+    backends: usize,
+    port_name: &str,
+    problems: &mut Problems,
+) -> u32 {
+    let mut candidates = Vec::new();
+    if let Some(r) = requested {
+        candidates.push((r, ANNOTATION_TABLE_SIZE));
+    }
+    if let Some(d) = opts.default_size {
+        candidates.push((d, "--maglev-table-size"));
+    }
+    for (size, source) in candidates {
+        match maglev::validate_size(size, opts.max_size, backends) {
+            Ok(()) => return size,
+            Err(e) => problems.push((
+                None,
+                format!(
+                    "port {port_name:?}: {source}: {e}; using a size derived from the backend count"
+                ),
+            )),
+        }
+    }
+    maglev::default_size(backends, opts.max_size)
+}
+
+/// Parses the endpoint-weights annotation of an object: `IP=WEIGHT,...`.
+fn parse_weights(meta: &ObjectMeta) -> Result<BTreeMap<Ipv4Addr, u32>, String> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_WEIGHTS))
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let parsed = item.split_once('=').and_then(|(ip, w)| {
+            Some((
+                ip.trim().parse::<Ipv4Addr>().ok()?,
+                w.trim().parse::<u32>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((_, w)) if w > maglev::MAX_WEIGHT => {
+                return Err(format!(
+                    "{ANNOTATION_WEIGHTS}: weight {w} is above {}; annotation ignored",
+                    maglev::MAX_WEIGHT
+                ));
+            }
+            Some((ip, w)) => {
+                out.insert(ip, w);
+            }
+            None => {
+                return Err(format!(
+                    "{ANNOTATION_WEIGHTS}: {item:?} is not IP=WEIGHT; annotation ignored"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Endpoints of the Service port `port_name`/`protocol` across `slices`.
@@ -247,6 +437,7 @@ fn endpoints_for(
     namespace: &str,
     port_name: &str,
     protocol: Protocol,
+    service_weights: &BTreeMap<Ipv4Addr, u32>,
     problems: &mut Problems,
 ) -> Candidates {
     let mut out = Candidates::default();
@@ -261,6 +452,10 @@ fn endpoints_for(
                 slice.metadata.name.as_deref().unwrap_or_default(),
             )
         };
+        let slice_weights = parse_weights(&slice.metadata).unwrap_or_else(|e| {
+            problems.push((Some(slice_ref()), e));
+            BTreeMap::new()
+        });
         let port = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or_default() == port_name
                 && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
@@ -288,6 +483,9 @@ fn endpoints_for(
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let backend = SocketAddrV4::new(ip, port);
+            if let Some(w) = slice_weights.get(&ip).or_else(|| service_weights.get(&ip)) {
+                out.weights.insert(backend, *w);
+            }
             if ready {
                 out.ready.insert(backend);
             } else if serving && terminating {
@@ -546,5 +744,188 @@ spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
         assert_eq!(t.desired.services.len(), 1);
         assert_eq!(t.desired.services[0].id.name, "a");
         assert!(t.errors[0].to_string().contains("already used by ns/a"));
+    }
+
+    fn one_service(yaml: &str) -> (ServicePlan, Vec<String>) {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        load_str(yaml, "t.yaml", &mut store, &mut errors);
+        assert_eq!(errors, vec![]);
+        let t = translate(&store, &TranslateOptions::default());
+        assert_eq!(t.desired.services.len(), 1, "{:?}", t.errors);
+        (
+            t.desired.services[0].clone(),
+            t.errors.iter().map(ToString::to_string).collect(),
+        )
+    }
+
+    fn annotated(annotations: &str, slice_annotations: &str, extra_spec: &str) -> String {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: ns, annotations: {{{annotations}}}}}
+spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}]{extra_spec}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-a, namespace: ns, labels: {{kubernetes.io/service-name: web}}, annotations: {{{slice_annotations}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.0.0.1]}}, {{addresses: [10.0.0.2]}}, {{addresses: [10.0.0.3]}}]
+"#
+        )
+    }
+
+    #[test]
+    fn selection_annotations_table() {
+        struct Case {
+            name: &'static str,
+            service: &'static str,
+            slice: &'static str,
+            algorithm: Algorithm,
+            size: Option<u32>,
+            weights: &'static [(&'static str, u32)],
+            draining: &'static [&'static str],
+            error: Option<&'static str>,
+        }
+        let cases = [
+            Case {
+                name: "defaults: maglev, size from 3 backends",
+                service: "",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[],
+                draining: &[],
+                error: None,
+            },
+            Case {
+                name: "explicit prime size",
+                service: "ebpf-proxy.io/maglev-table-size: '16381'",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(16_381),
+                weights: &[],
+                draining: &[],
+                error: None,
+            },
+            Case {
+                name: "non-prime size is an error, default used",
+                service: "ebpf-proxy.io/maglev-table-size: '16384'",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[],
+                draining: &[],
+                error: Some("table size 16384 is not prime"),
+            },
+            Case {
+                name: "size above the maximum is an error",
+                service: "ebpf-proxy.io/maglev-table-size: '262147'",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[],
+                draining: &[],
+                error: Some("outside 2..=131071"),
+            },
+            Case {
+                name: "random without weights: no table",
+                service: "ebpf-proxy.io/lb-algorithm: random",
+                slice: "",
+                algorithm: Algorithm::Random,
+                size: None,
+                weights: &[],
+                draining: &[],
+                error: None,
+            },
+            Case {
+                name: "random with weights: a weighted table",
+                service: "ebpf-proxy.io/lb-algorithm: random, ebpf-proxy.io/endpoint-weights: '10.0.0.1=4'",
+                slice: "",
+                algorithm: Algorithm::Random,
+                size: Some(307),
+                weights: &[("10.0.0.1:8080", 4)],
+                draining: &[],
+                error: None,
+            },
+            Case {
+                name: "unknown algorithm is an error, maglev used",
+                service: "ebpf-proxy.io/lb-algorithm: roundrobin",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[],
+                draining: &[],
+                error: Some("unknown algorithm \"roundrobin\""),
+            },
+            Case {
+                name: "service weights; weight 0 drains",
+                service: "ebpf-proxy.io/endpoint-weights: '10.0.0.1=5, 10.0.0.2=0'",
+                slice: "",
+                algorithm: Algorithm::Maglev,
+                size: Some(211),
+                weights: &[("10.0.0.1:8080", 5)],
+                draining: &["10.0.0.2:8080"],
+                error: None,
+            },
+            Case {
+                name: "slice weights override the service's",
+                service: "ebpf-proxy.io/endpoint-weights: '10.0.0.1=5'",
+                slice: "ebpf-proxy.io/endpoint-weights: '10.0.0.1=2'",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[("10.0.0.1:8080", 2)],
+                draining: &[],
+                error: None,
+            },
+            Case {
+                name: "malformed weights are an error naming the slice",
+                service: "",
+                slice: "ebpf-proxy.io/endpoint-weights: '10.0.0.1:3'",
+                algorithm: Algorithm::Maglev,
+                size: Some(307),
+                weights: &[],
+                draining: &[],
+                error: Some(
+                    "EndpointSlice ns/web-a: ebpf-proxy.io/endpoint-weights: \"10.0.0.1:3\" is not IP=WEIGHT",
+                ),
+            },
+        ];
+        for c in cases {
+            let (plan, errors) = one_service(&annotated(c.service, c.slice, ""));
+            let case = c.name;
+            assert_eq!(plan.algorithm, c.algorithm, "{case}");
+            assert_eq!(plan.maglev_table_size, c.size, "{case}");
+            let want: BTreeMap<SocketAddrV4, u32> = c
+                .weights
+                .iter()
+                .map(|(b, w)| (b.parse().unwrap(), *w))
+                .collect();
+            assert_eq!(plan.backend_weights, want, "{case}");
+            let want: Vec<SocketAddrV4> = c.draining.iter().map(|b| b.parse().unwrap()).collect();
+            assert_eq!(plan.draining_backends, want, "{case}");
+            match c.error {
+                None => assert_eq!(errors, Vec::<String>::new(), "{case}"),
+                Some(e) => assert!(errors.iter().any(|m| m.contains(e)), "{case}: {errors:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn client_ip_affinity_sets_the_timeout() {
+        let (plan, _) = one_service(&annotated("", "", ", sessionAffinity: ClientIP"));
+        assert_eq!(
+            plan.session_affinity_timeout_seconds,
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        );
+        let (plan, _) = one_service(&annotated(
+            "",
+            "",
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+        ));
+        assert_eq!(plan.session_affinity_timeout_seconds, Some(60));
+        let (plan, _) = one_service(&annotated("", "", ""));
+        assert_eq!(plan.session_affinity_timeout_seconds, None);
     }
 }

@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod hash;
 pub mod maps;
 
 pub use counters::{Counter, Verdict};
@@ -93,10 +94,16 @@ pub const SEL_WORDS: usize = 16;
 /// `SELECTION`). Array map values are stored in 8-byte multiples, so packing
 /// words into blocks keeps the table as small as its content.
 ///
-/// Layout of a selection table with `n` backends:
-/// - block 0: the header, see the `SEL_HDR_*` word indices;
-/// - blocks `1 ..= ceil(n / 16)`: backend ids, backend `i` in block `1 + i / 16`,
-///   word `i % 16`.
+/// Layout of a selection table with `n` eligible backends, `d` draining ones
+/// and a Maglev table of `m` entries:
+/// - block 0: the header, words `SEL_HDR_*`;
+/// - from block 1: backend ids, `u32` each, 16 per block: the `n` eligible
+///   ones (index `i` is what the Maglev table stores), then the `d` draining
+///   ones (kept only so their existing flows live on; never selected);
+/// - from block `SEL_HDR_WEIGHTS_BLOCK`: the `n` weights, `u32` each (read by
+///   the agent only);
+/// - from block `SEL_HDR_TABLE_BLOCK`: the Maglev table, `u16` backend indices,
+///   32 per block (two per word, the even index in the low half).
 ///
 /// The whole table is one map, replaced in `SELECTION` with a single update, so
 /// a packet sees either the old table or the new one, never a mix.
@@ -113,15 +120,39 @@ impl Default for SelBlock {
     }
 }
 
-/// Header word: number of backends eligible for new flows.
+/// Header word: number of backends eligible for new flows (`n`).
 pub const SEL_HDR_COUNT: usize = 0;
 /// Header word: the selection algorithm ([`algorithm`]).
 pub const SEL_HDR_ALGORITHM: usize = 1;
+/// Header word: Maglev table size `m` (prime), 0 without a table.
+pub const SEL_HDR_TABLE_SIZE: usize = 2;
+/// Header word: first block of the Maglev table.
+pub const SEL_HDR_TABLE_BLOCK: usize = 3;
+/// Header word: what the flow hash covers ([`hash_mode`]).
+pub const SEL_HDR_HASH_MODE: usize = 4;
+/// Header word: number of draining backends (`d`).
+pub const SEL_HDR_DRAINING: usize = 5;
+/// Header word: first block of the weights.
+pub const SEL_HDR_WEIGHTS_BLOCK: usize = 6;
+
+/// Maglev table entries per block.
+pub const SEL_ENTRIES_PER_BLOCK: u32 = 2 * SEL_WORDS as u32;
 
 /// Backend selection algorithms, stored in a selection table's header.
 pub mod algorithm {
-    /// Uniformly random over the backends.
+    /// Random: uniform over the backends, or proportional to their weights
+    /// (a random slot of the weighted table) when weights differ.
     pub const RANDOM: u32 = 0;
+    /// Maglev consistent hashing of the flow hash.
+    pub const MAGLEV: u32 = 1;
+}
+
+/// What the flow hash covers, stored in a selection table's header.
+pub mod hash_mode {
+    /// The 5-tuple: every connection is placed on its own.
+    pub const FIVE_TUPLE: u32 = 0;
+    /// The source address only: a client sticks to one backend (session affinity).
+    pub const SOURCE: u32 = 1;
 }
 
 /// Block of a selection table that holds backend `index`, and the word in it.
@@ -133,9 +164,23 @@ pub const fn sel_backend_pos(index: u32) -> (u32, usize) {
     )
 }
 
-/// Number of blocks a selection table with `backends` backends needs.
-pub const fn sel_blocks(backends: u32) -> u32 {
-    1 + backends.div_ceil(SEL_WORDS as u32)
+/// Block (relative to the table start) and word holding Maglev entry `slot`,
+/// and the shift of its half.
+#[inline(always)]
+pub const fn sel_entry_pos(slot: u32) -> (u32, usize, u32) {
+    let in_block = slot % SEL_ENTRIES_PER_BLOCK;
+    (
+        slot / SEL_ENTRIES_PER_BLOCK,
+        (in_block / 2) as usize,
+        (in_block % 2) * 16,
+    )
+}
+
+/// Number of blocks a selection table needs.
+pub const fn sel_blocks(backends: u32, draining: u32, table_size: u32) -> u32 {
+    1 + (backends + draining).div_ceil(SEL_WORDS as u32)
+        + backends.div_ceil(SEL_WORDS as u32)
+        + table_size.div_ceil(SEL_ENTRIES_PER_BLOCK)
 }
 
 /// Direction of a connection-tracking entry.
@@ -286,9 +331,13 @@ mod tests {
         assert_eq!(sel_backend_pos(0), (1, 0));
         assert_eq!(sel_backend_pos(15), (1, 15));
         assert_eq!(sel_backend_pos(16), (2, 0));
-        assert_eq!(sel_blocks(0), 1);
-        assert_eq!(sel_blocks(1), 2);
-        assert_eq!(sel_blocks(16), 2);
-        assert_eq!(sel_blocks(17), 3);
+        assert_eq!(sel_entry_pos(0), (0, 0, 0));
+        assert_eq!(sel_entry_pos(1), (0, 0, 16));
+        assert_eq!(sel_entry_pos(31), (0, 15, 16));
+        assert_eq!(sel_entry_pos(32), (1, 0, 0));
+        assert_eq!(sel_blocks(0, 0, 0), 1);
+        assert_eq!(sel_blocks(1, 0, 0), 3);
+        assert_eq!(sel_blocks(16, 1, 0), 1 + 2 + 1);
+        assert_eq!(sel_blocks(10, 0, 1009), 1 + 1 + 1 + 32);
     }
 }

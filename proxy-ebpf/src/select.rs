@@ -1,29 +1,85 @@
 //! Backend selection for a new flow: the one place that decides which backend
 //! a service port's new flow goes to.
+//!
+//! - Maglev: `flow_hash(5-tuple) % M` (or `source_hash(client)` with session
+//!   affinity) indexes the service's Maglev table; the entry is an index into
+//!   its backend list. The hash functions are `proxy_common::hash`, the very
+//!   code the agent uses to predict and explain choices.
+//! - Random: a random slot of the (weighted) table, or a random backend when
+//!   the service has no table (equal weights).
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
-use proxy_common::{Backend, Counter, SEL_HDR_COUNT, SEL_WORDS, sel_backend_pos};
+use proxy_common::{
+    Backend, Counter, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK,
+    SEL_HDR_TABLE_SIZE, SEL_WORDS, algorithm,
+    hash::{flow_hash, source_hash},
+    hash_mode, sel_backend_pos, sel_entry_pos,
+};
 
 use crate::{
     maps::{BACKENDS, SELECTION},
     parse::Packet,
 };
 
+/// The hash a service's Maglev table is indexed with.
+#[inline(always)]
+fn packet_hash(pkt: &Packet, mode: u32) -> u32 {
+    let saddr = u32::from_be(pkt.saddr_be);
+    if mode == hash_mode::SOURCE {
+        source_hash(saddr)
+    } else {
+        flow_hash(
+            saddr,
+            u32::from_be(pkt.daddr_be),
+            u16::from_be(pkt.sport_be),
+            u16::from_be(pkt.dport_be),
+            pkt.proto,
+        )
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
 /// Picks a backend for a new flow of service port `svc_id`.
 ///
 /// `Ok(None)`: the service has no backend eligible for new flows (reject).
 #[inline(always)]
-pub fn select(svc_id: u32, _pkt: &Packet) -> Result<Option<(u32, Backend)>, Counter> {
+pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Counter> {
     // SAFETY: the selection table is an array map; the kernel keeps it alive for
     // this program run even if the agent swaps it out of SELECTION meanwhile.
     let table = unsafe { SELECTION.get(&svc_id) }.ok_or(Counter::NoSelectionTable)?;
     let header = table.get(0).ok_or(Counter::NoSelectionTable)?;
-    let count = header.w[SEL_HDR_COUNT];
+    let (count, size, first_block, algo, mode) = (
+        header.w[SEL_HDR_COUNT],
+        header.w[SEL_HDR_TABLE_SIZE],
+        header.w[SEL_HDR_TABLE_BLOCK],
+        header.w[SEL_HDR_ALGORITHM],
+        header.w[SEL_HDR_HASH_MODE],
+    );
     if count == 0 {
         return Ok(None);
     }
-    // SAFETY: helper without arguments.
-    let index = unsafe { bpf_get_prandom_u32() } % count;
+    let index = if size == 0 {
+        random() % count
+    } else {
+        let pick = if algo == algorithm::MAGLEV {
+            packet_hash(pkt, mode)
+        } else {
+            random()
+        };
+        let (block, word, shift) = sel_entry_pos(pick % size);
+        let block = table
+            .get(first_block + block)
+            .ok_or(Counter::BackendMissing)?;
+        (block.w[word & (SEL_WORDS - 1)] >> (shift & 16)) & 0xffff
+    };
+    if index >= count {
+        return Err(Counter::BackendMissing);
+    }
     let (block, word) = sel_backend_pos(index);
     let block = table.get(block).ok_or(Counter::BackendMissing)?;
     let backend_id = block.w[word & (SEL_WORDS - 1)];

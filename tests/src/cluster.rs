@@ -201,9 +201,11 @@ pub struct Answer {
     pub client_seen: String,
     /// The address the answer came from, as the client saw it.
     pub peer: SocketAddr,
+    /// The client's own address for this request.
+    pub local: SocketAddr,
 }
 
-fn parse_answer(text: &str, peer: SocketAddr) -> Result<Answer> {
+fn parse_answer(text: &str, peer: SocketAddr, local: SocketAddr) -> Result<Answer> {
     let mut parts = text.split_whitespace();
     let (Some(backend), Some(client_seen)) = (parts.next(), parts.next()) else {
         bail!("malformed answer {text:?}");
@@ -212,6 +214,7 @@ fn parse_answer(text: &str, peer: SocketAddr) -> Result<Answer> {
         backend: backend.to_owned(),
         client_seen: client_seen.to_owned(),
         peer,
+        local,
     })
 }
 
@@ -240,10 +243,10 @@ pub fn tcp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Re
         Ok(repeat(n, || {
             let s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(3))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let peer = s.peer_addr()?;
+            let (peer, local) = (s.peer_addr()?, s.local_addr()?);
             let mut greeting = String::new();
             BufReader::new(s).read_line(&mut greeting)?;
-            parse_answer(&greeting, peer)
+            parse_answer(&greeting, peer, local)
         }))
     })
 }
@@ -258,7 +261,7 @@ pub fn udp_requests(ns: &Netns, target: SocketAddrV4, n: usize) -> Result<Vec<Re
             s.send_to(b"hello", target)?;
             let mut buf = [0u8; 1500];
             let (len, from) = s.recv_from(&mut buf)?;
-            parse_answer(&String::from_utf8_lossy(&buf[..len]), from)
+            parse_answer(&String::from_utf8_lossy(&buf[..len]), from, s.local_addr()?)
         }))
     })
 }
@@ -282,11 +285,11 @@ impl LongLived {
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         let writer = stream.try_clone()?;
-        let peer = stream.peer_addr()?;
+        let (peer, local) = (stream.peer_addr()?, stream.local_addr()?);
         let mut reader = BufReader::new(stream);
         let mut greeting = String::new();
         reader.read_line(&mut greeting)?;
-        let backend = parse_answer(&greeting, peer)?.backend;
+        let backend = parse_answer(&greeting, peer, local)?.backend;
         Ok(Self {
             reader,
             writer,

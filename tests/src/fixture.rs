@@ -31,27 +31,29 @@ pub fn load() -> Result<Datapath> {
     })?)
 }
 
-/// A ClusterIP service port for fixtures.
+/// A ClusterIP service port for fixtures: Maglev with the default table size.
 pub fn service(
     name: &str,
     frontend: SocketAddrV4,
     protocol: Protocol,
     backends: &[SocketAddrV4],
 ) -> ServicePlan {
-    ServicePlan {
-        id: ServicePortName {
+    let mut backends = backends.to_vec();
+    backends.sort();
+    ServicePlan::new(
+        ServicePortName {
             namespace: "fixtures".into(),
             name: name.into(),
             port_name: String::new(),
             protocol,
         },
-        frontends: vec![Frontend {
+        vec![Frontend {
             kind: FrontendKind::ClusterIP,
             address: *frontend.ip(),
             port: frontend.port(),
         }],
-        internal_backends: backends.to_vec(),
-    }
+        backends,
+    )
 }
 
 /// Programs `services` into `dp` through reconcile, as the agent does.

@@ -259,39 +259,11 @@ impl Datapath {
 
     /// Reads what the service maps hold.
     pub fn read_programmed(&self) -> Result<Programmed, DatapathError> {
-        let mut out = Programmed::default();
-        let services: HashMap<_, ServiceKey, ServiceValue> =
-            HashMap::try_from(self.map(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
-        for entry in services.iter() {
-            let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
-            out.services.insert(k, v);
-        }
-        let selection: HashOfMaps<_, u32, Array<MapData, SelBlock>> =
-            HashOfMaps::try_from(self.map(maps::SELECTION)?).map_err(map_err(maps::SELECTION))?;
-        for svc_id in selection.keys() {
-            let svc_id = svc_id.map_err(map_err(maps::SELECTION))?;
-            let inner = selection
-                .get(&svc_id, 0)
-                .map_err(map_err(maps::SELECTION))?;
-            let blocks = inner
-                .iter()
-                .collect::<Result<Vec<SelBlock>, _>>()
-                .map_err(map_err(maps::SELECTION))?;
-            let table = Table::from_blocks(&blocks).ok_or(DatapathError::BadTable { svc_id })?;
-            out.tables.insert(svc_id, table);
-        }
-        let backends: Array<_, Backend> =
-            Array::try_from(self.map(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
-        for id in out.tables.values().flat_map(|t| t.backends.iter()) {
-            if out.backends.contains_key(id) {
-                continue;
-            }
-            let b = backends.get(id, 0).map_err(map_err(maps::BACKENDS))?;
-            if b.is_set() {
-                out.backends.insert(*id, b);
-            }
-        }
-        Ok(out)
+        read_programmed_from(
+            self.map(maps::SERVICES)?,
+            self.map(maps::SELECTION)?,
+            self.map(maps::BACKENDS)?,
+        )
     }
 
     /// Runs reconcile's operations in order, stopping at the first failure
@@ -423,6 +395,64 @@ impl Datapath {
             duration_ns: result.duration.as_nanos() as u64,
         })
     }
+}
+
+/// Reads what the service maps hold from the three maps.
+fn read_programmed_from(
+    services: &Map,
+    selection: &Map,
+    backends: &Map,
+) -> Result<Programmed, DatapathError> {
+    let mut out = Programmed::default();
+    let services: HashMap<_, ServiceKey, ServiceValue> =
+        HashMap::try_from(services).map_err(map_err(maps::SERVICES))?;
+    for entry in services.iter() {
+        let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
+        out.services.insert(k, v);
+    }
+    let selection: HashOfMaps<_, u32, Array<MapData, SelBlock>> =
+        HashOfMaps::try_from(selection).map_err(map_err(maps::SELECTION))?;
+    for svc_id in selection.keys() {
+        let svc_id = svc_id.map_err(map_err(maps::SELECTION))?;
+        let inner = selection
+            .get(&svc_id, 0)
+            .map_err(map_err(maps::SELECTION))?;
+        let blocks = inner
+            .iter()
+            .collect::<Result<Vec<SelBlock>, _>>()
+            .map_err(map_err(maps::SELECTION))?;
+        let table = Table::from_blocks(&blocks).ok_or(DatapathError::BadTable { svc_id })?;
+        out.tables.insert(svc_id, table);
+    }
+    let backends: Array<_, Backend> = Array::try_from(backends).map_err(map_err(maps::BACKENDS))?;
+    for id in out
+        .tables
+        .values()
+        .flat_map(|t| t.backends.iter().chain(&t.draining))
+    {
+        if out.backends.contains_key(id) {
+            continue;
+        }
+        let b = backends.get(id, 0).map_err(map_err(maps::BACKENDS))?;
+        if b.is_set() {
+            out.backends.insert(*id, b);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the service maps a running (or stopped) agent pinned under
+/// `pin_root`, without loading anything: for inspection commands.
+pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
+    let dir = pin_root.join(format!("v{PIN_LAYOUT_VERSION}")).join("maps");
+    let open = |name: &'static str| {
+        MapData::from_pin(dir.join(name)).map_err(|source| DatapathError::Map { name, source })
+    };
+    read_programmed_from(
+        &Map::HashMap(open(maps::SERVICES)?),
+        &Map::HashOfMaps(open(maps::SELECTION)?),
+        &Map::Array(open(maps::BACKENDS)?),
+    )
 }
 
 /// Result of one BPF_PROG_TEST_RUN.
