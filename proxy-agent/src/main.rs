@@ -7,7 +7,7 @@ use proxy_agent::{
     agent::{self, RunConfig},
     datapath::{LoadOptions, MapSizes},
     maglev, manifests,
-    model::DesiredState,
+    model::{Algorithm, DesiredState},
     reconcile,
     translate::{self, MaglevOptions, TranslateOptions},
 };
@@ -171,41 +171,53 @@ fn init_logging() {
 }
 
 fn print_plan(desired: &DesiredState, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(desired)?),
-        Output::Table => {
-            println!(
-                "{:<40} {:<8} {:<24} BACKENDS",
-                "SERVICE", "PROTOCOL", "FRONTENDS"
-            );
-            for s in &desired.services {
-                let mut name = format!("{}/{}", s.id.namespace, s.id.name);
-                if !s.id.port_name.is_empty() {
-                    name = format!("{name}:{}", s.id.port_name);
-                }
-                let frontends: Vec<String> = s
-                    .frontends
-                    .iter()
-                    .map(|f| format!("{}:{}", f.address, f.port))
-                    .collect();
-                let backends: Vec<String> = s
-                    .internal_backends
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                println!(
-                    "{:<40} {:<8} {:<24} {}",
-                    name,
-                    s.id.protocol,
-                    frontends.join(","),
-                    if backends.is_empty() {
-                        "<none: rejected>".to_owned()
-                    } else {
-                        backends.join(",")
-                    }
-                );
-            }
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(desired)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<8} {:<24} {:<14} BACKENDS",
+        "SERVICE", "PROTOCOL", "FRONTENDS", "SELECTION"
+    );
+    for s in &desired.services {
+        let mut name = format!("{}/{}", s.id.namespace, s.id.name);
+        if !s.id.port_name.is_empty() {
+            name = format!("{name}:{}", s.id.port_name);
         }
+        let frontends: Vec<String> = s
+            .frontends
+            .iter()
+            .map(|f| format!("{}:{}", f.address, f.port))
+            .collect();
+        let backends: Vec<String> = s
+            .internal_backends
+            .iter()
+            .map(|b| match s.weight(b) {
+                1 => b.to_string(),
+                w => format!("{b}={w}"),
+            })
+            .chain(s.draining_backends.iter().map(|b| format!("{b}=0")))
+            .collect();
+        let algorithm = match s.algorithm {
+            Algorithm::Maglev => "maglev",
+            Algorithm::Random => "random",
+        };
+        let selection = match s.maglev_table_size {
+            Some(m) => format!("{algorithm}/{m}"),
+            None => algorithm.to_owned(),
+        };
+        println!(
+            "{:<40} {:<8} {:<24} {:<14} {}",
+            name,
+            s.id.protocol.to_string(),
+            frontends.join(","),
+            selection,
+            if backends.is_empty() {
+                "<none: rejected>".to_owned()
+            } else {
+                backends.join(",")
+            }
+        );
     }
     Ok(())
 }
