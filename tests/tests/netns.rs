@@ -67,8 +67,21 @@ spec:
     )
 }
 
-/// A node with a client pod and `n` backend pods running name servers.
-fn cluster_with_backends(n: u8) -> (Cluster, Vec<NameServer>) {
+/// A node with a client pod, `n` backend pods running name servers, the
+/// `web` and `empty` Services, and the agent running with `log_filter`.
+/// Fields drop in order: the agent stops before the pods go.
+struct Web {
+    agent: Agent,
+    _servers: Vec<NameServer>,
+    dir: std::path::PathBuf,
+    cluster: Cluster,
+}
+
+fn web(n: u8) -> Web {
+    web_with_log(n, "info")
+}
+
+fn web_with_log(n: u8, log_filter: &str) -> Web {
     let mut cluster = Cluster::new().unwrap();
     cluster.add_pod("client", CLIENT_IP).unwrap();
     let mut servers = Vec::new();
@@ -77,7 +90,16 @@ fn cluster_with_backends(n: u8) -> (Cluster, Vec<NameServer>) {
         let pod = cluster.add_pod(&role, backend_ip(i)).unwrap();
         servers.push(NameServer::start(pod, &role, BACKEND_PORT).unwrap());
     }
-    (cluster, servers)
+    let endpoints: Vec<Ipv4Addr> = (1..=n).map(backend_ip).collect();
+    let dir = manifest_dir(&cluster, &[("web.yaml", &manifests(&endpoints))]).unwrap();
+    let agent =
+        Agent::start_with_log(&cluster.node, &dir, &cluster.pin_root(), &[], log_filter).unwrap();
+    Web {
+        agent,
+        _servers: servers,
+        dir,
+        cluster,
+    }
 }
 
 fn assert_all_ok(answers: &[anyhow::Result<Answer>], peer: SocketAddrV4, what: &str) {
@@ -123,19 +145,11 @@ fn force_checksum_verification(cluster: &Cluster) {
 }
 
 fn clusterip_balances(verify_checksums: bool) {
-    let (cluster, _servers) = cluster_with_backends(3);
+    let mut w = web(3);
     if verify_checksums {
-        force_checksum_verification(&cluster);
+        force_checksum_verification(&w.cluster);
     }
-    let dir = manifest_dir(
-        &cluster,
-        &[(
-            "web.yaml",
-            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
-        )],
-    )
-    .unwrap();
-    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let (cluster, agent) = (&w.cluster, &mut w.agent);
     let client = &cluster.pod("client").unwrap().ns;
 
     let tcp_vip = SocketAddrV4::new(VIP, 80);
@@ -186,16 +200,8 @@ fn clusterip_rewrites_pass_kernel_checksum_verification() {
 
 #[test]
 fn manifest_and_interface_changes_are_picked_up() {
-    let (mut cluster, _servers) = cluster_with_backends(3);
-    let dir = manifest_dir(
-        &cluster,
-        &[(
-            "web.yaml",
-            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
-        )],
-    )
-    .unwrap();
-    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let mut w = web(3);
+    let (cluster, agent, dir) = (&mut w.cluster, &mut w.agent, w.dir.clone());
     let vip = SocketAddrV4::new(VIP, 80);
 
     // A broken manifest next to the good one: reported by file and name, the
@@ -251,9 +257,8 @@ fn manifest_and_interface_changes_are_picked_up() {
 
 #[test]
 fn maps_dump_with_typed_fields_in_bpftool() {
-    let (cluster, _servers) = cluster_with_backends(1);
-    let dir = manifest_dir(&cluster, &[("web.yaml", &manifests(&[backend_ip(1)]))]).unwrap();
-    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
+    let mut w = web(1);
+    let (cluster, agent) = (&w.cluster, &mut w.agent);
     let maps = cluster.pin_root().join("v1").join("maps");
     let dump = |name: &str| {
         let path = maps.join(name);
@@ -289,17 +294,9 @@ fn maps_dump_with_typed_fields_in_bpftool() {
 
 #[test]
 fn agent_restart_adopts_maps_and_links_without_breaking_connections() {
-    let (cluster, _servers) = cluster_with_backends(3);
-    let dir = manifest_dir(
-        &cluster,
-        &[(
-            "web.yaml",
-            &manifests(&[backend_ip(1), backend_ip(2), backend_ip(3)]),
-        )],
-    )
-    .unwrap();
+    let mut w = web(3);
+    let (cluster, first, dir) = (&w.cluster, &mut w.agent, w.dir.clone());
     let vip = SocketAddrV4::new(VIP, 80);
-    let mut first = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[]).unwrap();
     let client = &cluster.pod("client").unwrap().ns;
     let mut conns: Vec<LongLived> = (0..6)
         .map(|_| LongLived::open(client, vip).unwrap())
@@ -338,16 +335,8 @@ fn agent_restart_adopts_maps_and_links_without_breaking_connections() {
 
 #[test]
 fn kernel_side_logs_reach_the_agent_log() {
-    let (cluster, _servers) = cluster_with_backends(1);
-    let dir = manifest_dir(&cluster, &[("web.yaml", &manifests(&[backend_ip(1)]))]).unwrap();
-    let mut agent = Agent::start_with_log(
-        &cluster.node,
-        &dir,
-        &cluster.pin_root(),
-        &[],
-        "info,proxy_ebpf=debug",
-    )
-    .unwrap();
+    let mut w = web_with_log(1, "info,proxy_ebpf=debug");
+    let (cluster, agent) = (&w.cluster, &mut w.agent);
     let client = &cluster.pod("client").unwrap().ns;
     let (err, _) = tcp_connect_error(client, SocketAddrV4::new(EMPTY_VIP, 80)).unwrap();
     assert_eq!(err, Some(std::io::ErrorKind::ConnectionRefused));
