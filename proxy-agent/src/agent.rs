@@ -1,17 +1,27 @@
 //! `proxy-agent run`: the event loop tying sources, translation, reconcile and
 //! the datapath together.
 //!
-//! Events: manifest directory changes (inotify, debounced) and SIGHUP reload and
-//! reconcile; link notifications (rtnetlink) attach to new pod interfaces;
-//! SIGTERM/SIGINT end the loop. A periodic resync repeats both, so nothing
-//! depends on never missing an event.
+//! Startup: load the datapath (adopting pinned maps and links: traffic keeps
+//! flowing), then wait for the source's first complete view (manifests read,
+//! or every watcher listed once) before the first full sync: an empty or
+//! partial view never flushes what the maps hold. After that every change is
+//! applied incrementally: the store reports the Services it touched, the
+//! engine re-translates those, the reconciler diffs those, the datapath runs
+//! the operations. A periodic full resync re-reads the maps to catch drift.
+//!
+//! Events: manifest changes (inotify, debounced; SIGHUP), Kubernetes watch
+//! events (batched: whatever is queued is applied together), rtnetlink link
+//! notifications (attach to new pod interfaces), SIGTERM/SIGINT (exit, leaving
+//! programs attached and maps pinned).
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
-
-use std::os::fd::AsRawFd as _;
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -22,22 +32,36 @@ use tokio::{
 
 use crate::{
     datapath::{Datapath, LoadOptions},
+    engine::Engine,
+    health::{self, Health},
     ifaces::{self, IfaceMatcher, LinkWatcher},
+    kube_source::{self, Event, Kind, Object},
     manifests,
-    reconcile::{self, Programmed},
-    translate::{self, MaglevOptions, TranslateOptions},
+    reconcile::{Batch, Reconciler},
+    store::{Dirty, Stored},
+    translate::{MaglevOptions, TranslateOptions},
 };
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of manifests.
+    Manifests(PathBuf),
+    /// The Kubernetes API (in-cluster config, or this kubeconfig).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub node_name: String,
     pub pod_ifaces: Vec<String>,
     pub ext_ifaces: Vec<String>,
     pub load: LoadOptions,
     pub maglev: MaglevOptions,
     pub resync: Duration,
+    pub healthz: Option<SocketAddr>,
 }
 
 /// How long a burst of file events is allowed to settle before a reload.
@@ -46,8 +70,17 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 struct Agent {
     cfg: RunConfig,
     dp: Datapath,
-    programmed: Programmed,
+    reconciler: Reconciler,
+    engine: Engine,
     pods: IfaceMatcher,
+    health: Arc<Health>,
+    /// The first full sync has been applied.
+    synced: bool,
+    /// Kinds that have been listed completely at least once.
+    listed: BTreeSet<Kind>,
+    /// Objects of a (re-)list in progress.
+    relists: BTreeMap<Kind, Vec<Object>>,
+    last_source_error: Option<(String, Instant)>,
 }
 
 impl Agent {
@@ -68,65 +101,228 @@ impl Agent {
         self.dp.prune_links(&matching);
     }
 
-    /// Reads the manifests, translates, reconciles and applies.
-    fn sync_services(&mut self) {
-        let started = Instant::now();
-        let (store, errors) = match manifests::load_dir(&self.cfg.manifests) {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                tracing::error!(
-                    dir = %self.cfg.manifests.display(),
-                    "cannot read the manifest directory, keeping the datapath as it is: {e}"
-                );
-                return;
-            }
-        };
-        for e in &errors {
-            tracing::warn!("{e}");
-        }
-        let translation = translate::translate(
-            &store,
-            &TranslateOptions {
-                node_name: self.cfg.node_name.clone(),
-                maglev: self.cfg.maglev,
-            },
-        );
-        for e in &translation.errors {
-            tracing::warn!("{e}");
-        }
-        let plan = reconcile::plan(&translation.desired, &self.programmed, &self.dp.capacity());
-        for (svc, why) in &plan.refused {
+    /// Runs a batch against the maps; on failure rebuilds the reconciler from
+    /// what the maps really hold so the next sync repairs it.
+    fn apply(&mut self, batch: Batch, started: Instant, kind: &str, changes: usize) {
+        for (svc, why) in &batch.refused {
             tracing::error!(service = %svc, "not programmed: {why}");
         }
-        match self.dp.apply(&plan.ops) {
-            Ok(()) => self.programmed = plan.next,
+        let ok = match self.dp.apply(&batch.ops) {
+            Ok(()) => true,
             Err((index, e)) => {
                 tracing::error!(
-                    op = ?plan.ops.get(index),
-                    "applying the plan failed after {index} of {} operations: {e}; will retry",
-                    plan.ops.len()
+                    op = ?batch.ops.get(index),
+                    "applying failed after {index} of {} operations: {e}; will resync",
+                    batch.ops.len()
                 );
                 match self.dp.read_programmed() {
-                    Ok(p) => self.programmed = p,
+                    Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
                     Err(e) => tracing::error!("re-reading the maps: {e}"),
                 }
+                false
             }
+        };
+        self.health.synced(ok);
+        if ok && !batch.left.is_empty() {
+            self.forget_udp_flows(batch.left);
         }
+        let maps = self.reconciler.maps();
         tracing::info!(
-            service_ports = translation.desired.services.len(),
-            frontends = self.programmed.services.len(),
-            backends = self.programmed.backends.len(),
-            selection_bytes = self
-                .programmed
-                .tables
-                .values()
-                .map(|t| t.bytes())
-                .sum::<u64>(),
-            operations = plan.ops.len(),
+            kind,
+            changed_service_ports = changes,
+            frontends = maps.services.len(),
+            backends = maps.backends.len(),
+            selection_bytes = self.reconciler.selection_bytes(),
+            operations = batch.ops.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
     }
+
+    /// UDP has no connection to end: flows whose backend left their service
+    /// are forgotten (off the event loop), so clients' next datagrams pick a
+    /// live backend instead of going into a void.
+    fn forget_udp_flows(&self, left: BTreeSet<(u32, u32)>) {
+        match self.dp.conntrack_handle() {
+            Ok(mut ct) => {
+                tokio::task::spawn_blocking(move || match ct.forget_udp_flows(&left) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "forgot UDP flows of departed backends"),
+                    Err(e) => tracing::warn!("cleaning conntrack: {e}"),
+                });
+            }
+            Err(e) => tracing::warn!("cleaning conntrack: {e}"),
+        }
+    }
+
+    fn log_errors(&self, errors: &[crate::store::ObjectError]) {
+        for e in errors {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Everything, from the store and the maps as they are now.
+    fn full_sync(&mut self) {
+        let started = Instant::now();
+        let update = self.engine.update(&Dirty {
+            all: true,
+            ..Dirty::default()
+        });
+        self.log_errors(&update.new_errors);
+        match self.dp.read_programmed() {
+            Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
+            Err(e) => tracing::error!("reading the maps before a full sync: {e}"),
+        }
+        let batch = self.reconciler.full(&self.engine.desired());
+        let n = self.engine.desired().services.len();
+        self.synced = true;
+        self.apply(batch, started, "full", n);
+    }
+
+    /// Applies what a store change touched.
+    fn store_changed(&mut self, dirty: Dirty) {
+        if !self.synced || dirty.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let update = self.engine.update(&dirty);
+        self.log_errors(&update.new_errors);
+        if update.changes.is_empty() {
+            return;
+        }
+        let n = update.changes.len();
+        let batch = self.reconciler.changes(&update.changes);
+        self.apply(batch, started, "incremental", n);
+    }
+
+    /// Re-reads the manifest directory.
+    fn reload_manifests(&mut self, dir: &std::path::Path) {
+        match manifests::load_dir(dir) {
+            Ok((fresh, errors)) => {
+                self.health.source(None);
+                self.log_errors(&errors);
+                let dirty = self.engine.store.sync_from(fresh);
+                if self.synced {
+                    self.store_changed(dirty);
+                } else {
+                    self.full_sync();
+                }
+            }
+            Err(e) => {
+                let msg = format!("cannot read {}: {e}", dir.display());
+                tracing::error!("{msg}; keeping the datapath as it is");
+                self.health.source(Some(msg));
+            }
+        }
+    }
+
+    /// Applies one watch event to the store.
+    fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
+        let origin = || Some("api".to_owned());
+        match event {
+            Event::Apply(o) => dirty.merge(match o {
+                Object::Service(s) => self.engine.store.upsert_service(*s, origin()),
+                Object::Slice(s) => self.engine.store.upsert_slice(*s, origin()),
+                Object::Node(n) => self.engine.store.upsert_node(*n, origin()),
+            }),
+            Event::Delete(o) => dirty.merge(match o {
+                Object::Service(s) => self.engine.store.remove_service(&key(&s.metadata)),
+                Object::Slice(s) => self.engine.store.remove_slice(&key(&s.metadata)),
+                Object::Node(n) => self
+                    .engine
+                    .store
+                    .remove_node(n.metadata.name.as_deref().unwrap_or_default()),
+            }),
+            Event::ListStart(kind) => {
+                self.relists.insert(kind, Vec::new());
+            }
+            Event::ListItem(o) => {
+                let kind = match &o {
+                    Object::Service(_) => Kind::Service,
+                    Object::Slice(_) => Kind::Slice,
+                    Object::Node(_) => Kind::Node,
+                };
+                self.relists.entry(kind).or_default().push(o);
+            }
+            Event::ListDone(kind) => {
+                let items = self.relists.remove(&kind).unwrap_or_default();
+                let store = &mut self.engine.store;
+                let changed = match kind {
+                    Kind::Service => store.replace_services(
+                        items
+                            .into_iter()
+                            .filter_map(|o| match o {
+                                Object::Service(s) => Some(Stored {
+                                    object: *s,
+                                    origin: origin(),
+                                }),
+                                _ => None,
+                            })
+                            .collect(),
+                    ),
+                    Kind::Slice => store.replace_slices(
+                        items
+                            .into_iter()
+                            .filter_map(|o| match o {
+                                Object::Slice(s) => Some(Stored {
+                                    object: *s,
+                                    origin: origin(),
+                                }),
+                                _ => None,
+                            })
+                            .collect(),
+                    ),
+                    Kind::Node => store.replace_nodes(
+                        items
+                            .into_iter()
+                            .filter_map(|o| match o {
+                                Object::Node(n) => Some(Stored {
+                                    object: *n,
+                                    origin: origin(),
+                                }),
+                                _ => None,
+                            })
+                            .collect(),
+                    ),
+                };
+                if self.listed.insert(kind) {
+                    tracing::info!(kind = kind.name(), "initial list complete");
+                } else {
+                    tracing::info!(
+                        kind = kind.name(),
+                        "re-listed (resync from the store, not a flush)"
+                    );
+                }
+                dirty.merge(changed);
+            }
+            Event::Error(kind, e) => {
+                let repeat = self.last_source_error.as_ref().is_some_and(|(m, at)| {
+                    *m == e && at.elapsed() < kube_source::ERROR_LOG_INTERVAL
+                });
+                if !repeat {
+                    tracing::warn!(
+                        kind = kind.name(),
+                        "API server: {e}; retrying with backoff, the datapath keeps serving"
+                    );
+                    self.last_source_error = Some((e.clone(), Instant::now()));
+                }
+                self.health.source(Some(e));
+                return;
+            }
+        }
+        if !self.health.is_source_ok() {
+            tracing::info!("API server reachable again");
+            self.last_source_error = None;
+        }
+        self.health.source(None);
+    }
+}
+
+fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> crate::store::Key {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// Watches the manifest directory; every change sends a unit on the channel.
@@ -160,28 +356,64 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             "--ext-iface: the north-south datapath (NodePort/LoadBalancer) is not implemented yet; ignored"
         );
     }
+    let health = Health::new();
+    if let Some(addr) = cfg.healthz {
+        let h = Arc::clone(&health);
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, h).await {
+                tracing::error!(%addr, "health endpoint: {e}");
+            }
+        });
+    }
     let mut dp = Datapath::load(&cfg.load).context("loading the datapath")?;
-    let programmed = dp.read_programmed().context("reading pinned maps")?;
+    let maps = dp.read_programmed().context("reading pinned maps")?;
     if let Some(dir) = dp.layout_dir() {
         tracing::info!(
             pins = %dir.display(),
-            frontends = programmed.services.len(),
-            tables = programmed.tables.len(),
-            "datapath loaded; existing state adopted"
+            frontends = maps.services.len(),
+            tables = maps.tables.len(),
+            "datapath loaded; existing state adopted and serving"
         );
     }
     // The logger stays owned by the datapath; the event loop only polls its fd.
     let logger = dp.logger_mut().map(|l| l.as_raw_fd());
+    let reconciler = Reconciler::new(maps, dp.capacity());
     let mut agent = Agent {
+        engine: Engine::new(TranslateOptions {
+            node_name: cfg.node_name.clone(),
+            maglev: cfg.maglev,
+        }),
         cfg,
         dp,
-        programmed,
+        reconciler,
         pods,
+        health,
+        synced: false,
+        listed: BTreeSet::new(),
+        relists: BTreeMap::new(),
+        last_source_error: None,
     };
-    agent.sync_services();
     agent.sync_interfaces();
 
-    let (_watcher, mut dir_events) = watch_dir(&agent.cfg.manifests)?;
+    // Sources.
+    let mut dir_events = None;
+    let mut _dir_watcher = None;
+    let mut kube_events = None;
+    match agent.cfg.source.clone() {
+        Source::Manifests(dir) => {
+            agent.reload_manifests(&dir);
+            let (w, rx) = watch_dir(&dir)?;
+            _dir_watcher = Some(w);
+            dir_events = Some(rx);
+        }
+        Source::Kubernetes { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_ref()).await?;
+            let (rx, _handles) = kube_source::watch(client, &agent.cfg.node_name);
+            tracing::info!(node = %agent.cfg.node_name, "watching Services, EndpointSlices and this Node");
+            kube_events = Some(rx);
+        }
+    }
+
     let mut links = LinkWatcher::new().context("subscribing to link notifications")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -200,11 +432,37 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM"); break; }
             _ = int.recv() => { tracing::info!("SIGINT"); break; }
-            _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); agent.sync_services(); }
-            Some(()) = dir_events.recv() => {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                if let Source::Manifests(dir) = agent.cfg.source.clone() {
+                    agent.reload_manifests(&dir);
+                } else if agent.synced {
+                    agent.full_sync();
+                }
+            }
+            Some(()) = async { match dir_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                 tokio::time::sleep(DEBOUNCE).await;
-                while dir_events.try_recv().is_ok() {}
-                agent.sync_services();
+                if let Some(rx) = dir_events.as_mut() { while rx.try_recv().is_ok() {} }
+                if let Source::Manifests(dir) = agent.cfg.source.clone() {
+                    agent.reload_manifests(&dir);
+                }
+            }
+            Some(first) = async { match kube_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                // Apply everything already queued as one batch.
+                let mut dirty = Dirty::default();
+                agent.watch_event(first, &mut dirty);
+                if let Some(rx) = kube_events.as_mut() {
+                    while let Ok(e) = rx.try_recv() {
+                        agent.watch_event(e, &mut dirty);
+                    }
+                }
+                if !agent.synced {
+                    if Kind::ALL.iter().all(|k| agent.listed.contains(k)) {
+                        agent.full_sync();
+                    }
+                } else {
+                    agent.store_changed(dirty);
+                }
             }
             changed = links.changed() => {
                 if let Err(e) = changed {
@@ -215,7 +473,14 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
             _ = resync.tick() => {
                 agent.sync_interfaces();
-                agent.sync_services();
+                match agent.cfg.source.clone() {
+                    Source::Manifests(dir) => {
+                        agent.reload_manifests(&dir);
+                        agent.full_sync();
+                    }
+                    Source::Kubernetes { .. } if agent.synced => agent.full_sync(),
+                    Source::Kubernetes { .. } => {}
+                }
             }
             ready = async { match &logs { Some(l) => l.readable().await, None => std::future::pending().await } } => {
                 if let Ok(mut guard) = ready {

@@ -6,7 +6,10 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod engine;
+pub mod health;
 pub mod ifaces;
+pub mod kube_source;
 pub mod maglev;
 pub mod manifests;
 pub mod model;

@@ -4,7 +4,7 @@ use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, Source},
     datapath::{LoadOptions, MapSizes},
     maglev, manifests,
     model::{Algorithm, DesiredState},
@@ -56,9 +56,6 @@ struct MaglevCmd {
 
 #[derive(clap::Args)]
 struct NodeArgs {
-    /// Directory of Service and EndpointSlice manifests (*.yaml, *.yml, *.json).
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
     /// This node's name [default: $NODE_NAME, else the hostname].
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -106,6 +103,13 @@ impl MaglevArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Read Services, EndpointSlices and Nodes from this directory of manifests
+    /// (*.yaml, *.yml, *.json) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API [default: in-cluster configuration].
+    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     node: NodeArgs,
     /// Pod-facing interface(s) to attach to; globs such as 'veth*' allowed, repeatable.
@@ -133,6 +137,9 @@ struct RunArgs {
     /// Seconds between full resyncs (in addition to event-driven ones).
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// Address for /healthz and /readyz, or 'off'.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +150,9 @@ enum Output {
 
 #[derive(clap::Args)]
 struct PlanArgs {
+    /// Directory of Service, EndpointSlice and Node manifests (*.yaml, *.yml, *.json).
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
     #[command(flatten)]
     node: NodeArgs,
     /// Output format.
@@ -223,8 +233,8 @@ fn print_plan(desired: &DesiredState, output: Output) -> anyhow::Result<()> {
 }
 
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let (store, mut errors) = manifests::load_dir(&args.node.manifests)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.node.manifests.display()))?;
+    let (store, mut errors) = manifests::load_dir(&args.manifests)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.manifests.display()))?;
     let t = translate::translate(
         &store,
         &TranslateOptions {
@@ -387,8 +397,21 @@ fn maglev_cmd(args: MaglevCmd) -> anyhow::Result<()> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let maglev = args.node.maglev.options()?;
+    let healthz = match args.healthz_bind_address.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().map_err(|_| {
+            anyhow::anyhow!("--healthz-bind-address {a:?}: expected ADDR:PORT or 'off'")
+        })?),
+    };
+    let source = match args.manifests {
+        Some(dir) => Source::Manifests(dir),
+        None => Source::Kubernetes {
+            kubeconfig: args.kubeconfig,
+        },
+    };
     let cfg = RunConfig {
-        manifests: args.node.manifests,
+        source,
+        healthz,
         node_name: node_name(args.node.node_name),
         pod_ifaces: args.pod_ifaces,
         ext_ifaces: args.ext_ifaces,
@@ -404,7 +427,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         maglev,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
-    tracing::info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), "starting");
+    tracing::info!(node = %cfg.node_name, source = ?cfg.source, "starting");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

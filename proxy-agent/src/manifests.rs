@@ -2,8 +2,8 @@
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory, each
 //! possibly holding several YAML documents, each document an object or a `List`
-//! of objects. Services (v1) and EndpointSlices (discovery.k8s.io/v1) are kept;
-//! other kinds are ignored. A broken document or object is reported with its
+//! of objects. Services (v1), EndpointSlices (discovery.k8s.io/v1) and Nodes
+//! (v1) are kept; other kinds are ignored. A broken document or object is reported with its
 //! file and name and skipped; everything else still loads.
 
 use std::{
@@ -11,11 +11,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use crate::store::{ObjectError, ObjectRef, Store, Stored};
+use crate::store::{ObjectError, ObjectRef, Store};
 
 /// Files `kubectl apply -f DIR` reads.
 fn is_manifest(path: &Path) -> bool {
@@ -112,7 +115,8 @@ fn load_value(value: Value, origin: &str, store: &mut Store, errors: &mut Vec<Ob
     let kind: &'static str = match (kind, api_version) {
         ("Service", "v1") => "Service",
         ("EndpointSlice", "discovery.k8s.io/v1") => "EndpointSlice",
-        ("Service" | "EndpointSlice", other) => {
+        ("Node", "v1") => "Node",
+        ("Service" | "EndpointSlice" | "Node", other) => {
             errors.push(error(
                 None,
                 format!("{kind} with unsupported apiVersion {other}"),
@@ -131,42 +135,36 @@ fn load_value(value: Value, origin: &str, store: &mut Store, errors: &mut Vec<Ob
     let name = str_field(&value, &["metadata", "name"])
         .unwrap_or_default()
         .to_owned();
-    let namespace = str_field(&value, &["metadata", "namespace"])
-        .unwrap_or("default")
-        .to_owned();
+    let namespace = match kind {
+        "Node" => String::new(),
+        _ => str_field(&value, &["metadata", "namespace"])
+            .unwrap_or("default")
+            .to_owned(),
+    };
     let object = ObjectRef::new(kind, &namespace, &name);
     if name.is_empty() {
         errors.push(error(Some(object), "metadata.name is missing".into()));
         return;
     }
-    let key = (namespace.clone(), name);
-    let stored_origin = Some(origin.to_owned());
+    let key = (namespace.clone(), name.clone());
+    let origin = Some(origin.to_owned());
     let result = match kind {
         "Service" => serde_yaml::from_value::<Service>(value).map(|mut s| {
-            s.metadata.namespace = Some(namespace.clone());
-            store
-                .services
-                .insert(
-                    key,
-                    Stored {
-                        object: s,
-                        origin: stored_origin,
-                    },
-                )
-                .is_some()
+            s.metadata.namespace = Some(namespace);
+            let dup = store.services.contains_key(&key);
+            store.upsert_service(s, origin.clone());
+            dup
         }),
-        _ => serde_yaml::from_value::<EndpointSlice>(value).map(|mut s| {
-            s.metadata.namespace = Some(namespace.clone());
-            store
-                .slices
-                .insert(
-                    key,
-                    Stored {
-                        object: s,
-                        origin: stored_origin,
-                    },
-                )
-                .is_some()
+        "EndpointSlice" => serde_yaml::from_value::<EndpointSlice>(value).map(|mut s| {
+            s.metadata.namespace = Some(namespace);
+            let dup = store.slices.contains_key(&key);
+            store.upsert_slice(s, origin.clone());
+            dup
+        }),
+        _ => serde_yaml::from_value::<Node>(value).map(|n| {
+            let dup = store.nodes.contains_key(&name);
+            store.upsert_node(n, origin.clone());
+            dup
         }),
     };
     match result {

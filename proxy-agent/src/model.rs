@@ -49,6 +49,16 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum FrontendKind {
     ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalIP,
+}
+
+impl FrontendKind {
+    /// Traffic to ClusterIPs comes from inside the cluster; to the others, from outside.
+    pub const fn is_internal(self) -> bool {
+        matches!(self, Self::ClusterIP)
+    }
 }
 
 /// One address:port a Service port is reachable at.
@@ -115,8 +125,20 @@ pub struct ServicePlan {
     pub id: ServicePortName,
     /// Sorted, no duplicates.
     pub frontends: Vec<Frontend>,
-    /// Where new flows from inside the cluster may go. Sorted, no duplicates.
+    /// Where new ClusterIP flows from this node may go. Sorted, no duplicates.
     pub internal_backends: Vec<SocketAddrV4>,
+    /// Where new NodePort/LoadBalancer/externalIP flows arriving at this node
+    /// may go; empty when the Service is not externally reachable.
+    pub external_backends: Vec<SocketAddrV4>,
+    /// `sessionAffinity: ClientIP`: the flow hash covers the client address only.
+    pub session_affinity_timeout_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges`, normalised IPv4 CIDRs, sorted.
+    pub source_ranges: Vec<String>,
+    /// Served by the agent when `externalTrafficPolicy: Local` (LoadBalancer).
+    pub health_check_node_port: Option<u16>,
+    /// Some endpoint anywhere can serve: an empty backend list then means
+    /// "drop" (no local endpoint under a Local policy), not "reject".
+    pub has_endpoints: bool,
     /// Backends taking no new flows (weight 0) whose existing flows continue.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub draining_backends: Vec<SocketAddrV4>,
@@ -124,10 +146,8 @@ pub struct ServicePlan {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub backend_weights: BTreeMap<SocketAddrV4, u32>,
     pub algorithm: Algorithm,
-    /// Maglev table size (prime); `None` when no table is needed.
+    /// Maglev table size of the internal table (prime); `None` when no table is needed.
     pub maglev_table_size: Option<u32>,
-    /// `sessionAffinity: ClientIP`: the flow hash covers the client address only.
-    pub session_affinity_timeout_seconds: Option<u32>,
 }
 
 impl ServicePlan {
@@ -140,12 +160,16 @@ impl ServicePlan {
         Self {
             id,
             frontends,
+            has_endpoints: !backends.is_empty(),
             internal_backends: backends,
+            external_backends: Vec::new(),
+            session_affinity_timeout_seconds: None,
+            source_ranges: Vec::new(),
+            health_check_node_port: None,
             draining_backends: Vec::new(),
             backend_weights: BTreeMap::new(),
             algorithm: Algorithm::Maglev,
             maglev_table_size,
-            session_affinity_timeout_seconds: None,
         }
     }
 

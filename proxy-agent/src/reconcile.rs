@@ -21,9 +21,10 @@ use std::{
 };
 
 use proxy_common::{
-    Backend, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_HASH_MODE,
-    SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE, SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SelBlock,
-    ServiceKey, ServiceValue, hash_mode, scope, sel_backend_pos, sel_blocks, sel_entry_pos,
+    Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_DRAINING,
+    SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE,
+    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SelBlock, ServiceKey, ServiceValue, hash_mode, scope,
+    sel_backend_pos, sel_blocks, sel_entry_pos,
 };
 
 use crate::{
@@ -48,6 +49,8 @@ pub struct Table {
     pub table_size: u32,
     /// The Maglev table: `table_size` indices into `backends`.
     pub entries: Vec<u16>,
+    /// With no backend: drop (`true`) or reject (`false`) new flows.
+    pub drop_when_empty: bool,
 }
 
 fn len32(n: usize) -> u32 {
@@ -77,6 +80,11 @@ impl Table {
         header[SEL_HDR_HASH_MODE] = self.hash_mode;
         header[SEL_HDR_DRAINING] = d;
         header[SEL_HDR_WEIGHTS_BLOCK] = weights_block;
+        header[SEL_HDR_FLAGS] = if self.drop_when_empty {
+            SEL_F_DROP_WHEN_EMPTY
+        } else {
+            0
+        };
         for (i, id) in (0u32..).zip(self.backends.iter().chain(&self.draining)) {
             let (block, word) = sel_backend_pos(i);
             blocks[block as usize].w[word] = *id;
@@ -103,6 +111,7 @@ impl Table {
             algorithm: h[SEL_HDR_ALGORITHM],
             hash_mode: h[SEL_HDR_HASH_MODE],
             table_size: m,
+            drop_when_empty: h[SEL_HDR_FLAGS] & SEL_F_DROP_WHEN_EMPTY != 0,
             ..Self::default()
         };
         let ids: Vec<u32> = (0..n + d)
@@ -197,13 +206,16 @@ pub enum Op {
     DelBackend(u32),
 }
 
-/// The operations to run, and the state they lead to.
+/// The operations of one reconcile pass, and the Service ports it refused.
 #[derive(Clone, Debug, Default)]
-pub struct Plan {
+pub struct Batch {
     pub ops: Vec<Op>,
-    pub next: Programmed,
-    /// Service ports that were not (re)programmed, and why.
+    /// Service ports that were not (re)programmed, and why; they keep their
+    /// previous state.
     pub refused: Vec<(ServicePortName, String)>,
+    /// (svc id, backend id) pairs where the backend left the service: its UDP
+    /// flows should be forgotten so clients move on.
+    pub left: BTreeSet<(u32, u32)>,
 }
 
 /// Raw network-order value of an address, as the datapath compares it.
@@ -233,10 +245,12 @@ fn backend_entry(addr: SocketAddrV4) -> Backend {
     }
 }
 
-/// Frontend keys of a service port.
+/// Frontend keys of a service port the datapath serves today (ClusterIPs,
+/// from pods: the internal scope).
 pub fn frontend_keys(svc: &ServicePlan) -> Vec<ServiceKey> {
     svc.frontends
         .iter()
+        .filter(|f| f.kind.is_internal())
         .map(|f| ServiceKey {
             addr_be: addr_be(f.address),
             port_be: port_be(f.port),
@@ -246,7 +260,8 @@ pub fn frontend_keys(svc: &ServicePlan) -> Vec<ServiceKey> {
         .collect()
 }
 
-/// Lowest-free id allocator over `1..limit`, skipping ids in use.
+/// Lowest-free id allocator over `1..limit`.
+#[derive(Clone, Debug)]
 struct Ids {
     limit: u32,
     taken: BTreeSet<u32>,
@@ -279,83 +294,282 @@ impl Ids {
     }
 }
 
-/// Plans the operations that turn `current` into `desired`.
-pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Plan {
-    let mut next = Programmed::default();
-    let mut refused = Vec::new();
+/// Keeps the service maps in step with the desired state.
+///
+/// Holds a mirror of what the maps hold and indexes over it, so a change to
+/// one Service costs work for that Service only. The mirror is updated as
+/// operations are planned: if running them fails, rebuild the reconciler
+/// from the maps ([`Reconciler::new`] with `read_programmed`).
+#[derive(Clone, Debug)]
+pub struct Reconciler {
+    cap: Capacity,
+    maps: Programmed,
+    names: BTreeMap<ServicePortName, u32>,
+    keys_of: BTreeMap<u32, BTreeSet<ServiceKey>>,
+    refs: HashMap<u32, u32>,
+    by_addr: HashMap<SocketAddrV4, u32>,
+    svc_ids: Ids,
+    backend_ids: Ids,
+}
 
-    let known_backends: HashMap<SocketAddrV4, u32> = current
-        .backends
-        .iter()
-        .map(|(id, b)| (backend_sockaddr(b), *id))
-        .collect();
-    let mut new_backends: HashMap<SocketAddrV4, u32> = HashMap::new();
-    let mut backend_ids = Ids::new(cap.backends, current.backends.keys().copied());
-    // Ids of tables removed in this pass are not reused in the same pass.
-    let mut svc_ids = Ids::new(cap.services, current.tables.keys().copied());
-    let mut used_svc_ids = BTreeSet::new();
-    let mut frontends = 0usize;
-    let mut refused_existing = Vec::new();
+/// Work collected while planning one batch.
+#[derive(Default)]
+struct Work {
+    dels: BTreeSet<ServiceKey>,
+    del_tables: BTreeSet<u32>,
+    new_backends: BTreeMap<u32, Backend>,
+    per_service: Vec<Op>,
+    unref: BTreeSet<u32>,
+    retired: Vec<u32>,
+    refused: Vec<(ServicePortName, String)>,
+    left: BTreeSet<(u32, u32)>,
+}
 
-    for svc in &desired.services {
-        let keys = frontend_keys(svc);
-        let existing = keys
-            .iter()
-            .filter_map(|k| current.services.get(k))
-            .map(|v| v.svc_id)
-            .find(|id| current.tables.contains_key(id) && !used_svc_ids.contains(id));
-        let mut refuse = |why: String| {
-            refused.push((svc.id.clone(), why));
-            if let Some(id) = existing {
-                refused_existing.push(id);
-            }
-        };
-        if frontends + keys.len() > cap.frontends as usize {
-            refuse(format!(
-                "SERVICES map full ({} frontends); raise --max-frontends",
-                cap.frontends
-            ));
-            continue;
+impl Reconciler {
+    /// A reconciler for maps that hold `maps` (empty, or read back from the kernel).
+    pub fn new(maps: Programmed, cap: Capacity) -> Self {
+        let mut keys_of: BTreeMap<u32, BTreeSet<ServiceKey>> = BTreeMap::new();
+        for (k, v) in &maps.services {
+            keys_of.entry(v.svc_id).or_default().insert(*k);
         }
-        let (svc_id, fresh_id) = match existing {
-            Some(id) => (id, false),
-            None => match svc_ids.take() {
-                Some(id) => (id, true),
-                None => {
-                    refuse(format!(
-                        "SELECTION map full ({} service ports); raise --max-services",
-                        cap.services.saturating_sub(1)
-                    ));
-                    continue;
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        for t in maps.tables.values() {
+            for id in t.backends.iter().chain(&t.draining) {
+                *refs.entry(*id).or_insert(0) += 1;
+            }
+        }
+        let by_addr = maps
+            .backends
+            .iter()
+            .map(|(id, b)| (backend_sockaddr(b), *id))
+            .collect();
+        let svc_ids = Ids::new(cap.services, maps.tables.keys().copied());
+        let backend_ids = Ids::new(cap.backends, maps.backends.keys().copied());
+        Self {
+            cap,
+            maps,
+            names: BTreeMap::new(),
+            keys_of,
+            refs,
+            by_addr,
+            svc_ids,
+            backend_ids,
+        }
+    }
+
+    /// What the maps hold once the planned operations have run.
+    pub fn maps(&self) -> &Programmed {
+        &self.maps
+    }
+
+    /// The svc id of a programmed service port.
+    pub fn svc_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.names.get(name).copied()
+    }
+
+    /// Bytes of all selection tables.
+    pub fn selection_bytes(&self) -> u64 {
+        self.maps.tables.values().map(Table::bytes).sum()
+    }
+
+    /// Plans everything: the maps end up holding exactly `desired`. Service
+    /// ports are matched to existing svc ids through their frontends, so a
+    /// restarted agent keeps ids, tables and counters.
+    pub fn full(&mut self, desired: &DesiredState) -> Batch {
+        let mut names = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        for svc in &desired.services {
+            let existing = frontend_keys(svc)
+                .iter()
+                .filter_map(|k| self.maps.services.get(k))
+                .map(|v| v.svc_id)
+                .find(|id| self.maps.tables.contains_key(id) && !used.contains(id));
+            if let Some(id) = existing {
+                used.insert(id);
+                names.insert(svc.id.clone(), id);
+            }
+        }
+        self.names = names;
+        let orphans: Vec<u32> = self
+            .keys_of
+            .keys()
+            .chain(self.maps.tables.keys())
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect::<BTreeSet<u32>>()
+            .into_iter()
+            .collect();
+        let changes: Vec<(ServicePortName, Option<&ServicePlan>)> = desired
+            .services
+            .iter()
+            .map(|s| (s.id.clone(), Some(s)))
+            .collect();
+        let mut batch = self.plan(&changes, &orphans);
+        // Backends nothing refers to (left over from an interrupted apply).
+        let stray: Vec<u32> = self
+            .maps
+            .backends
+            .keys()
+            .filter(|id| self.refs.get(id).copied().unwrap_or(0) == 0)
+            .copied()
+            .collect();
+        for id in stray {
+            self.drop_backend(id);
+            batch.ops.push(Op::DelBackend(id));
+        }
+        batch
+    }
+
+    /// Plans the changes of some service ports: `None` removes one.
+    pub fn changes(&mut self, changes: &BTreeMap<ServicePortName, Option<ServicePlan>>) -> Batch {
+        let changes: Vec<(ServicePortName, Option<&ServicePlan>)> = changes
+            .iter()
+            .map(|(n, p)| (n.clone(), p.as_ref()))
+            .collect();
+        self.plan(&changes, &[])
+    }
+
+    fn plan(
+        &mut self,
+        changes: &[(ServicePortName, Option<&ServicePlan>)],
+        orphans: &[u32],
+    ) -> Batch {
+        let mut work = Work::default();
+        for id in orphans {
+            self.remove_svc_id(*id, &mut work);
+        }
+        for (name, plan) in changes {
+            match plan {
+                Some(plan) if !frontend_keys(plan).is_empty() => self.upsert(plan, &mut work),
+                _ => {
+                    if let Some(id) = self.names.remove(name) {
+                        self.remove_svc_id(id, &mut work);
+                    }
                 }
-            },
-        };
-        // The Maglev table: reused when its inputs did not change, built otherwise
-        // (before any id is allocated, so a failure leaves nothing to undo).
-        let table_size = svc.maglev_table_size.unwrap_or(0);
-        let weights: Vec<u32> = svc
+            }
+        }
+        let mut ops: Vec<Op> = work
+            .dels
+            .iter()
+            .filter(|k| !self.maps.services.contains_key(k))
+            .map(|k| Op::DelService(*k))
+            .collect();
+        ops.extend(work.del_tables.iter().map(|id| Op::DelTable(*id)));
+        ops.extend(
+            work.new_backends
+                .iter()
+                .map(|(id, b)| Op::SetBackend(*id, *b)),
+        );
+        ops.append(&mut work.per_service);
+        for id in &work.unref {
+            if self.refs.get(id).copied().unwrap_or(0) == 0 && self.maps.backends.contains_key(id) {
+                self.drop_backend(*id);
+                ops.push(Op::DelBackend(*id));
+            }
+        }
+        // Ids retired in this batch become reusable only now.
+        for id in work.retired {
+            self.svc_ids.give_back(id);
+        }
+        Batch {
+            ops,
+            refused: work.refused,
+            left: work.left,
+        }
+    }
+
+    fn drop_backend(&mut self, id: u32) {
+        if let Some(b) = self.maps.backends.remove(&id) {
+            self.by_addr.remove(&backend_sockaddr(&b));
+        }
+        self.refs.remove(&id);
+        self.backend_ids.give_back(id);
+    }
+
+    fn unref_table(&mut self, table: &Table, work: &mut Work) {
+        for id in table.backends.iter().chain(&table.draining) {
+            if let Some(r) = self.refs.get_mut(id) {
+                *r = r.saturating_sub(1);
+            }
+            work.unref.insert(*id);
+        }
+    }
+
+    /// Removes a svc id's frontends and table.
+    fn remove_svc_id(&mut self, id: u32, work: &mut Work) {
+        for k in self.keys_of.remove(&id).unwrap_or_default() {
+            if self.maps.services.get(&k).map(|v| v.svc_id) == Some(id) {
+                self.maps.services.remove(&k);
+                work.dels.insert(k);
+            }
+        }
+        if let Some(table) = self.maps.tables.remove(&id) {
+            self.unref_table(&table, work);
+            work.left.extend(
+                table
+                    .backends
+                    .iter()
+                    .chain(&table.draining)
+                    .map(|b| (id, *b)),
+            );
+            work.del_tables.insert(id);
+            work.retired.push(id);
+        }
+    }
+
+    /// Plans one service port's new state.
+    fn upsert(&mut self, plan: &ServicePlan, work: &mut Work) {
+        let name = plan.id.clone();
+        let refuse = |work: &mut Work, why: String| work.refused.push((name.clone(), why));
+        let keys: BTreeSet<ServiceKey> = frontend_keys(plan).into_iter().collect();
+        let old_id = self.names.get(&plan.id).copied();
+        let old_keys = old_id
+            .and_then(|id| self.keys_of.get(&id))
+            .cloned()
+            .unwrap_or_default();
+        let adding = keys
+            .iter()
+            .filter(|k| !self.maps.services.contains_key(k))
+            .count();
+        let freeing = old_keys.difference(&keys).count();
+        if self.maps.services.len() + adding > self.cap.frontends as usize + freeing {
+            refuse(
+                work,
+                format!(
+                    "SERVICES map full ({} frontends); raise --max-frontends",
+                    self.cap.frontends
+                ),
+            );
+            return;
+        }
+
+        // The table: Maglev entries reused when their inputs did not change,
+        // built otherwise, before any id is allocated so a failure leaves
+        // nothing to undo.
+        let old_table = old_id.and_then(|id| self.maps.tables.get(&id));
+        let table_size = plan.maglev_table_size.unwrap_or(0);
+        let weights: Vec<u32> = plan
             .internal_backends
             .iter()
-            .map(|b| svc.weight(b))
+            .map(|b| plan.weight(b))
             .collect();
-        let known_ids: Option<Vec<u32>> = svc
+        let known: Option<Vec<u32>> = plan
             .internal_backends
             .iter()
-            .map(|b| known_backends.get(b).copied())
+            .map(|b| self.by_addr.get(b).copied())
             .collect();
-        let reusable = existing
-            .and_then(|id| current.tables.get(&id))
+        let reusable = old_table
             .filter(|t| {
                 t.table_size == table_size
                     && t.weights == weights
-                    && known_ids.as_ref() == Some(&t.backends)
+                    && known.as_ref() == Some(&t.backends)
             })
             .map(|t| t.entries.clone());
         let entries = match (reusable, table_size) {
             (Some(entries), _) => entries,
             (None, 0) => Vec::new(),
             (None, size) => {
-                let pairs: Vec<(SocketAddrV4, u32)> = svc
+                let pairs: Vec<(SocketAddrV4, u32)> = plan
                     .internal_backends
                     .iter()
                     .copied()
@@ -364,22 +578,25 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
                 match maglev::build(&pairs, size) {
                     Ok(entries) => entries,
                     Err(e) => {
-                        refuse(format!("Maglev table: {e}"));
-                        continue;
+                        refuse(work, format!("Maglev table: {e}"));
+                        return;
                     }
                 }
             }
         };
-        let all_backends = svc.internal_backends.iter().chain(&svc.draining_backends);
-        let mut ids = Vec::with_capacity(svc.internal_backends.len() + svc.draining_backends.len());
-        let mut allocated = Vec::new();
-        for b in all_backends.clone() {
-            let id = known_backends
+
+        // Backend ids, allocating for new addresses.
+        let mut ids =
+            Vec::with_capacity(plan.internal_backends.len() + plan.draining_backends.len());
+        let mut allocated: Vec<(SocketAddrV4, u32)> = Vec::new();
+        for b in plan.internal_backends.iter().chain(&plan.draining_backends) {
+            let id = self
+                .by_addr
                 .get(b)
-                .or_else(|| new_backends.get(b))
                 .copied()
+                .or_else(|| allocated.iter().find(|(a, _)| a == b).map(|(_, id)| *id))
                 .or_else(|| {
-                    let id = backend_ids.take()?;
+                    let id = self.backend_ids.take()?;
                     allocated.push((*b, id));
                     Some(id)
                 });
@@ -388,128 +605,100 @@ pub fn plan(desired: &DesiredState, current: &Programmed, cap: &Capacity) -> Pla
                 None => break,
             }
         }
-        if ids.len() < svc.internal_backends.len() + svc.draining_backends.len() {
+        let svc_id = match old_id {
+            Some(id) => Some(id),
+            None => self.svc_ids.take(),
+        };
+        let fits = ids.len() == plan.internal_backends.len() + plan.draining_backends.len();
+        let Some(svc_id) = svc_id.filter(|_| fits) else {
             for (_, id) in allocated {
-                backend_ids.give_back(id);
+                self.backend_ids.give_back(id);
             }
-            if fresh_id {
-                svc_ids.give_back(svc_id);
+            if let (None, Some(id)) = (old_id, svc_id) {
+                self.svc_ids.give_back(id);
             }
-            refuse(format!(
-                "BACKENDS map full ({} backends); raise --max-backends",
-                cap.backends.saturating_sub(1)
-            ));
-            continue;
-        }
-        new_backends.extend(allocated);
-        used_svc_ids.insert(svc_id);
-        frontends += keys.len();
-        let draining = ids.split_off(svc.internal_backends.len());
-        next.tables.insert(
-            svc_id,
-            Table {
-                algorithm: svc.algorithm.number(),
-                hash_mode: if svc.session_affinity_timeout_seconds.is_some() {
-                    hash_mode::SOURCE
-                } else {
-                    hash_mode::FIVE_TUPLE
-                },
-                backends: ids,
-                weights,
-                draining,
-                table_size,
-                entries,
+            let why = if fits {
+                format!(
+                    "SELECTION map full ({} service ports); raise --max-services",
+                    self.cap.services.saturating_sub(1)
+                )
+            } else {
+                format!(
+                    "BACKENDS map full ({} backends); raise --max-backends",
+                    self.cap.backends.saturating_sub(1)
+                )
+            };
+            refuse(work, why);
+            return;
+        };
+        let draining = ids.split_off(plan.internal_backends.len());
+        let table = Table {
+            algorithm: plan.algorithm.number(),
+            hash_mode: if plan.session_affinity_timeout_seconds.is_some() {
+                hash_mode::SOURCE
+            } else {
+                hash_mode::FIVE_TUPLE
             },
-        );
-        for key in keys {
-            next.services.insert(key, ServiceValue { svc_id, flags: 0 });
-        }
-    }
+            backends: ids,
+            weights,
+            draining,
+            table_size,
+            entries,
+            drop_when_empty: plan.internal_backends.is_empty() && plan.has_endpoints,
+        };
 
-    // A refused service that was programmed before keeps what it had.
-    for id in refused_existing {
-        if used_svc_ids.contains(&id) {
-            continue;
+        // Commit to the mirror and collect operations.
+        for (addr, id) in allocated {
+            let b = backend_entry(addr);
+            self.maps.backends.insert(id, b);
+            self.by_addr.insert(addr, id);
+            work.new_backends.insert(id, b);
         }
-        if let Some(table) = current.tables.get(&id) {
-            next.tables.insert(id, table.clone());
-            for (key, value) in current.services.iter().filter(|(_, v)| v.svc_id == id) {
-                next.services.entry(*key).or_insert(*value);
-            }
+        for id in table.backends.iter().chain(&table.draining) {
+            *self.refs.entry(*id).or_insert(0) += 1;
         }
-    }
-
-    let by_id: HashMap<u32, SocketAddrV4> = known_backends
-        .iter()
-        .chain(new_backends.iter())
-        .map(|(addr, id)| (*id, *addr))
-        .collect();
-    for id in next
-        .tables
-        .values()
-        .flat_map(|t| t.backends.iter().chain(&t.draining))
-    {
-        let entry = current
+        if old_id.is_none() {
+            work.per_service.push(Op::ResetSvcStats(svc_id));
+        }
+        if self.maps.tables.get(&svc_id) != Some(&table) {
+            work.per_service.push(Op::SetTable(svc_id, table.clone()));
+        }
+        let kept: BTreeSet<u32> = table
             .backends
-            .get(id)
+            .iter()
+            .chain(&table.draining)
             .copied()
-            .or_else(|| by_id.get(id).map(|a| backend_entry(*a)));
-        if let Some(entry) = entry {
-            next.backends.insert(*id, entry);
+            .collect();
+        if let Some(old) = self.maps.tables.insert(svc_id, table) {
+            self.unref_table(&old, work);
+            work.left.extend(
+                old.backends
+                    .iter()
+                    .chain(&old.draining)
+                    .filter(|b| !kept.contains(b))
+                    .map(|b| (svc_id, *b)),
+            );
         }
-    }
-
-    Plan {
-        ops: diff(current, &next),
-        next,
-        refused,
-    }
-}
-
-/// The ordered operations that turn `current` into `next`.
-pub fn diff(current: &Programmed, next: &Programmed) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for key in current.services.keys() {
-        if !next.services.contains_key(key) {
-            ops.push(Op::DelService(*key));
-        }
-    }
-    for id in current.tables.keys() {
-        if !next.tables.contains_key(id) {
-            ops.push(Op::DelTable(*id));
-        }
-    }
-    for (id, b) in &next.backends {
-        if current.backends.get(id) != Some(b) {
-            ops.push(Op::SetBackend(*id, *b));
-        }
-    }
-    let mut frontends_by_id: BTreeMap<u32, Vec<(ServiceKey, ServiceValue)>> = BTreeMap::new();
-    for (key, value) in &next.services {
-        frontends_by_id
-            .entry(value.svc_id)
-            .or_default()
-            .push((*key, *value));
-    }
-    for (id, table) in &next.tables {
-        if current.tables.get(id) != Some(table) {
-            if !current.tables.contains_key(id) {
-                ops.push(Op::ResetSvcStats(*id));
-            }
-            ops.push(Op::SetTable(*id, table.clone()));
-        }
-        for (key, value) in frontends_by_id.remove(id).unwrap_or_default() {
-            if current.services.get(&key) != Some(&value) {
-                ops.push(Op::SetService(key, value));
+        for k in old_keys.difference(&keys) {
+            if self.maps.services.get(k).map(|v| v.svc_id) == Some(svc_id) {
+                self.maps.services.remove(k);
+                work.dels.insert(*k);
             }
         }
-    }
-    for id in current.backends.keys() {
-        if !next.backends.contains_key(id) {
-            ops.push(Op::DelBackend(*id));
+        let value = ServiceValue { svc_id, flags: 0 };
+        for k in &keys {
+            if self.maps.services.get(k) != Some(&value) {
+                if let Some(previous) = self.maps.services.insert(*k, value)
+                    && let Some(set) = self.keys_of.get_mut(&previous.svc_id)
+                {
+                    set.remove(k);
+                }
+                work.per_service.push(Op::SetService(*k, value));
+            }
         }
+        self.keys_of.insert(svc_id, keys);
+        self.names.insert(plan.id.clone(), svc_id);
     }
-    ops
 }
 
 #[cfg(test)]
@@ -573,7 +762,7 @@ mod tests {
             }
             for v in model.services.values() {
                 let table = model.tables.get(&v.svc_id).expect("frontend without table");
-                for b in &table.backends {
+                for b in table.backends.iter().chain(&table.draining) {
                     assert!(
                         model.backends.contains_key(b),
                         "table refers to missing backend"
@@ -582,6 +771,20 @@ mod tests {
             }
         }
         model
+    }
+
+    /// What a client sees: frontend → (backend addresses, slot owners), ids resolved.
+    fn resolved(maps: &Programmed) -> BTreeMap<ServiceKey, (Vec<SocketAddrV4>, Vec<SocketAddrV4>)> {
+        maps.services
+            .iter()
+            .map(|(k, v)| {
+                let t = &maps.tables[&v.svc_id];
+                let addr = |id: &u32| backend_sockaddr(&maps.backends[id]);
+                let list: Vec<SocketAddrV4> = t.backends.iter().map(addr).collect();
+                let slots = t.entries.iter().map(|e| list[usize::from(*e)]).collect();
+                (*k, (list, slots))
+            })
+            .collect()
     }
 
     #[test]
@@ -608,57 +811,13 @@ mod tests {
                 draining: (1000..1000 + d).collect(),
                 table_size: m,
                 entries,
+                drop_when_empty: n == 0,
             };
             let blocks = t.to_blocks();
             assert_eq!(blocks.len() as u32, sel_blocks(n, d, m));
             assert_eq!(Table::from_blocks(&blocks), Some(t));
         }
         assert_eq!(Table::from_blocks(&[]), None);
-    }
-
-    #[test]
-    fn unchanged_maglev_tables_are_reused_and_changed_ones_rebuilt() {
-        let one = state(vec![svc(
-            "a",
-            [10, 96, 0, 1],
-            &["10.0.0.1:80", "10.0.0.2:80"],
-        )]);
-        let p = plan(&one, &Programmed::default(), &CAP);
-        let maps = apply(Programmed::default(), &p.ops);
-        let t = maps.tables.values().next().unwrap();
-        assert_eq!(t.table_size, 211, "smallest prime >= 100 x 2 backends");
-        assert_eq!(t.entries.len(), 211);
-        assert_eq!(plan(&one, &maps, &CAP).ops, vec![], "nothing rebuilt");
-        let mut weighted = one.clone();
-        weighted.services[0]
-            .backend_weights
-            .insert("10.0.0.2:80".parse().unwrap(), 3);
-        let p = plan(&weighted, &maps, &CAP);
-        let Some(Op::SetTable(_, new)) = p.ops.iter().find(|o| matches!(o, Op::SetTable(..)))
-        else {
-            panic!("weight change must rebuild the table: {:?}", p.ops);
-        };
-        let heavy = new.entries.iter().filter(|e| **e == 1).count();
-        assert!(
-            (156..=160).contains(&heavy),
-            "weight 3 of 4 gets 3/4 of 211 slots: {heavy}"
-        );
-    }
-
-    #[test]
-    fn draining_backends_stay_programmed_but_out_of_the_table() {
-        let mut s = svc("a", [10, 96, 0, 1], &["10.0.0.1:80"]);
-        s.draining_backends = vec!["10.0.0.2:80".parse().unwrap()];
-        let p = plan(&state(vec![s]), &Programmed::default(), &CAP);
-        let t = p.next.tables.values().next().unwrap();
-        assert_eq!(t.backends.len(), 1);
-        assert_eq!(t.draining.len(), 1);
-        assert!(t.entries.iter().all(|e| *e == 0));
-        assert_eq!(
-            p.next.backends.len(),
-            2,
-            "the draining backend keeps its id"
-        );
     }
 
     #[test]
@@ -676,15 +835,14 @@ mod tests {
             state(vec![svc("b", [10, 96, 0, 2], &[])]),
             state(vec![]),
         ];
+        let mut r = Reconciler::new(Programmed::default(), CAP);
         let mut maps = Programmed::default();
         for desired in &steps {
-            let p = plan(desired, &maps, &CAP);
-            assert!(p.refused.is_empty());
-            maps = apply(maps, &p.ops);
-            assert_eq!(maps, p.next);
-            // Nothing left to do.
-            assert_eq!(plan(desired, &maps, &CAP).ops, vec![]);
-            // Every desired service is there with exactly its backends.
+            let batch = r.full(desired);
+            assert!(batch.refused.is_empty());
+            maps = apply(maps, &batch.ops);
+            assert_eq!(&maps, r.maps());
+            assert_eq!(r.full(desired).ops, vec![], "nothing left to do");
             for s in &desired.services {
                 let v = maps.services[&frontend_keys(s)[0]];
                 let got: Vec<SocketAddrV4> = maps.tables[&v.svc_id]
@@ -700,27 +858,33 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_backends_shared() {
+        let mut r = Reconciler::new(Programmed::default(), CAP);
         let one = state(vec![svc("a", [10, 96, 0, 1], &["10.0.0.1:80"])]);
-        let p = plan(&one, &Programmed::default(), &CAP);
-        let maps = apply(Programmed::default(), &p.ops);
+        let maps = apply(Programmed::default(), &r.full(&one).ops);
         let two = state(vec![
             svc("a", [10, 96, 0, 1], &["10.0.0.1:80", "10.0.0.2:80"]),
             svc("b", [10, 96, 0, 2], &["10.0.0.1:80"]),
         ]);
-        let p2 = plan(&two, &maps, &CAP);
+        let ops = r.full(&two).ops;
         let key_a = frontend_keys(&two.services[0])[0];
         assert_eq!(
-            p2.next.services[&key_a], maps.services[&key_a],
+            r.maps().services[&key_a],
+            maps.services[&key_a],
             "svc id kept"
         );
         assert_eq!(
-            p2.next.backends.len(),
+            r.maps().backends.len(),
             2,
             "10.0.0.1:80 shared, one new backend"
         );
-        // The existing table is swapped, not deleted.
-        assert!(!p2.ops.iter().any(|o| matches!(o, Op::DelTable(_))));
-        assert!(!p2.ops.iter().any(|o| matches!(o, Op::DelService(_))));
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::DelTable(_) | Op::DelService(_)))
+        );
+        // A restarted agent (reconciler rebuilt from the maps) keeps every id.
+        let maps = apply(maps, &ops);
+        let mut again = Reconciler::new(maps.clone(), CAP);
+        assert_eq!(again.full(&two).ops, vec![]);
     }
 
     #[test]
@@ -730,15 +894,15 @@ mod tests {
             services: 100,
             backends: 4, // ids 1..=3
         };
+        let mut r = Reconciler::new(Programmed::default(), cap);
         let first = state(vec![svc(
             "a",
             [10, 96, 0, 1],
             &["10.0.0.1:80", "10.0.0.2:80"],
         )]);
-        let p = plan(&first, &Programmed::default(), &cap);
-        let maps = apply(Programmed::default(), &p.ops);
-        // a wants two more backends: only one id is left, so a is refused as a whole
-        // and keeps its old table; b fits.
+        let maps = apply(Programmed::default(), &r.full(&first).ops);
+        // a wants two more backends: only one id is left, so a is refused as a
+        // whole and keeps its old table; b fits.
         let second = state(vec![
             svc(
                 "a",
@@ -747,39 +911,39 @@ mod tests {
             ),
             svc("b", [10, 96, 0, 2], &["10.0.0.2:80"]),
         ]);
-        let p2 = plan(&second, &maps, &cap);
-        assert_eq!(p2.refused.len(), 1);
-        assert_eq!(p2.refused[0].0.name, "a");
-        assert!(p2.refused[0].1.contains("BACKENDS map full"));
-        let maps2 = apply(maps.clone(), &p2.ops);
+        let batch = r.full(&second);
+        assert_eq!(batch.refused.len(), 1);
+        assert_eq!(batch.refused[0].0.name, "a");
+        assert!(batch.refused[0].1.contains("BACKENDS map full"));
+        let maps2 = apply(maps.clone(), &batch.ops);
+        assert_eq!(&maps2, r.maps());
         let key_a = frontend_keys(&second.services[0])[0];
         let id_a = maps2.services[&key_a].svc_id;
         assert_eq!(maps2.tables[&id_a], maps.tables[&id_a]);
         assert_eq!(maps2.services.len(), 2);
 
-        let cap_frontends = Capacity {
-            frontends: 1,
-            ..CAP
-        };
-        let p3 = plan(
-            &state(vec![
-                svc("a", [10, 96, 0, 1], &[]),
-                svc("b", [10, 96, 0, 2], &[]),
-            ]),
-            &Programmed::default(),
-            &cap_frontends,
+        let mut r = Reconciler::new(
+            Programmed::default(),
+            Capacity {
+                frontends: 1,
+                ..CAP
+            },
         );
-        assert_eq!(p3.next.services.len(), 1);
-        assert!(p3.refused[0].1.contains("SERVICES map full"));
+        let batch = r.full(&state(vec![
+            svc("a", [10, 96, 0, 1], &[]),
+            svc("b", [10, 96, 0, 2], &[]),
+        ]));
+        assert_eq!(r.maps().services.len(), 1);
+        assert!(batch.refused[0].1.contains("SERVICES map full"));
     }
 
     #[test]
-    fn removal_happens_before_additions() {
+    fn removal_happens_before_additions_and_ids_wait_a_batch() {
+        let mut r = Reconciler::new(Programmed::default(), CAP);
         let a = state(vec![svc("a", [10, 96, 0, 1], &["10.0.0.1:80"])]);
-        let p = plan(&a, &Programmed::default(), &CAP);
-        let maps = apply(Programmed::default(), &p.ops);
+        let maps = apply(Programmed::default(), &r.full(&a).ops);
         let b = state(vec![svc("b", [10, 96, 0, 2], &["10.0.0.9:80"])]);
-        let ops = plan(&b, &maps, &CAP).ops;
+        let ops = r.full(&b).ops;
         let first_set = ops
             .iter()
             .position(|o| matches!(o, Op::SetBackend(..) | Op::SetTable(..)))
@@ -790,11 +954,140 @@ mod tests {
             .unwrap();
         assert!(last_del < first_set, "{ops:?}");
         assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
-        // The removed table's id is not reused in the same pass.
         let new_id = ops.iter().find_map(|o| match o {
             Op::SetTable(id, _) => Some(*id),
             _ => None,
         });
-        assert_ne!(new_id, Some(1));
+        assert_ne!(
+            new_id,
+            Some(1),
+            "a removed table's id is not reused in the same batch"
+        );
+        let _ = apply(maps, &ops);
+    }
+
+    #[test]
+    fn unchanged_maglev_tables_are_reused_and_changed_ones_rebuilt() {
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        let one = state(vec![svc(
+            "a",
+            [10, 96, 0, 1],
+            &["10.0.0.1:80", "10.0.0.2:80"],
+        )]);
+        r.full(&one);
+        let t = r.maps().tables.values().next().unwrap().clone();
+        assert_eq!(t.table_size, 211, "smallest prime >= 100 x 2 backends");
+        assert_eq!(t.entries.len(), 211);
+        assert_eq!(r.full(&one).ops, vec![], "nothing rebuilt");
+        let mut weighted = one.clone();
+        weighted.services[0]
+            .backend_weights
+            .insert("10.0.0.2:80".parse().unwrap(), 3);
+        let ops = r.full(&weighted).ops;
+        let Some(Op::SetTable(_, new)) = ops.iter().find(|o| matches!(o, Op::SetTable(..))) else {
+            panic!("weight change must rebuild the table: {ops:?}");
+        };
+        let heavy = new.entries.iter().filter(|e| **e == 1).count();
+        assert!(
+            (156..=160).contains(&heavy),
+            "weight 3 of 4 gets 3/4 of 211 slots: {heavy}"
+        );
+    }
+
+    #[test]
+    fn draining_backends_stay_programmed_but_out_of_the_table() {
+        let mut s = svc("a", [10, 96, 0, 1], &["10.0.0.1:80"]);
+        s.draining_backends = vec!["10.0.0.2:80".parse().unwrap()];
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        r.full(&state(vec![s]));
+        let t = r.maps().tables.values().next().unwrap();
+        assert_eq!(t.backends.len(), 1);
+        assert_eq!(t.draining.len(), 1);
+        assert!(t.entries.iter().all(|e| *e == 0));
+        assert_eq!(
+            r.maps().backends.len(),
+            2,
+            "the draining backend keeps its id"
+        );
+    }
+
+    #[test]
+    fn empty_tables_drop_or_reject() {
+        let mut none = svc("a", [10, 96, 0, 1], &[]);
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        r.full(&state(vec![none.clone()]));
+        assert!(
+            !r.maps().tables.values().next().unwrap().drop_when_empty,
+            "no endpoints: reject"
+        );
+        none.has_endpoints = true;
+        r.full(&state(vec![none]));
+        assert!(
+            r.maps().tables.values().next().unwrap().drop_when_empty,
+            "endpoints elsewhere: drop"
+        );
+    }
+
+    /// xorshift32 for reproducible random change sequences.
+    struct Rng(u32);
+    impl Rng {
+        fn next(&mut self, n: u32) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 17;
+            self.0 ^= self.0 << 5;
+            self.0 % n
+        }
+    }
+
+    #[test]
+    fn incremental_changes_match_a_full_plan() {
+        let mut rng = Rng(0x9e37_79b9);
+        let mut desired: BTreeMap<ServicePortName, ServicePlan> = BTreeMap::new();
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        let mut maps = Programmed::default();
+        for step in 0..300 {
+            let mut changes = BTreeMap::new();
+            for _ in 0..=rng.next(3) {
+                let i = rng.next(12) as u8;
+                let name = format!("s{i}");
+                let change = if rng.next(5) == 0 {
+                    None
+                } else {
+                    let n = rng.next(6);
+                    let backends: Vec<String> = (0..n)
+                        .map(|_| format!("10.0.{}.{}:80", rng.next(3), rng.next(8)))
+                        .collect();
+                    let mut backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+                    backends.sort();
+                    backends.dedup();
+                    let mut plan = svc(&name, [10, 96, 1, i], &backends);
+                    if rng.next(4) == 0 && !plan.internal_backends.is_empty() {
+                        let b = plan.internal_backends[0];
+                        plan.backend_weights.insert(b, 1 + rng.next(4));
+                    }
+                    Some(plan)
+                };
+                let key = svc(&name, [0; 4], &[]).id;
+                match &change {
+                    Some(p) => desired.insert(key.clone(), p.clone()),
+                    None => desired.remove(&key),
+                };
+                changes.insert(key, change);
+            }
+            let batch = r.changes(&changes);
+            assert!(batch.refused.is_empty(), "step {step}: {:?}", batch.refused);
+            maps = apply(maps, &batch.ops);
+            assert_eq!(&maps, r.maps(), "step {step}: mirror and maps agree");
+            // A reconciler built from scratch sees nothing to do, and a full
+            // plan from empty maps gives clients the same view.
+            let everything = DesiredState {
+                services: desired.values().cloned().collect(),
+            };
+            let mut rebuilt = Reconciler::new(maps.clone(), CAP);
+            assert_eq!(rebuilt.full(&everything).ops, vec![], "step {step}");
+            let mut fresh = Reconciler::new(Programmed::default(), CAP);
+            fresh.full(&everything);
+            assert_eq!(resolved(fresh.maps()), resolved(&maps), "step {step}");
+        }
     }
 }

@@ -1,9 +1,21 @@
 //! The object store every source feeds and translation reads: Services,
 //! EndpointSlices and Nodes by namespace/name, each with where it came from.
+//!
+//! Every mutation reports which Services it affects (a Service's own object,
+//! or a slice labelled for it), so the agent re-translates only those. A Node
+//! change affects every Service (zone, addresses), reported as `all`.
 
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::translate::LABEL_SERVICE_NAME;
 
 /// Kind + namespace/name of an object, for keys and error messages.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,17 +68,59 @@ impl fmt::Display for ObjectError {
 }
 
 /// A stored object and its origin.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stored<T> {
     pub object: T,
     pub origin: Option<String>,
 }
 
+/// Namespace and name.
+pub type Key = (String, String);
+
+/// Services affected by a store change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Every Service is affected (the Node changed).
+    pub all: bool,
+    pub services: BTreeSet<Key>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+
+    pub fn merge(&mut self, other: Dirty) {
+        self.all |= other.all;
+        self.services.extend(other.services);
+    }
+}
+
 /// Current view of the cluster objects the agent cares about.
 #[derive(Clone, Debug, Default)]
 pub struct Store {
-    pub services: BTreeMap<(String, String), Stored<Service>>,
-    pub slices: BTreeMap<(String, String), Stored<EndpointSlice>>,
+    pub services: BTreeMap<Key, Stored<Service>>,
+    pub slices: BTreeMap<Key, Stored<EndpointSlice>>,
+    pub nodes: BTreeMap<String, Stored<Node>>,
+    /// Slice names by the Service they are labelled for.
+    slices_by_service: BTreeMap<Key, BTreeSet<String>>,
+}
+
+/// The Service a slice is labelled for.
+pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_SERVICE_NAME)
+        .map(String::as_str)
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 impl Store {
@@ -76,7 +130,240 @@ impl Store {
         match object.kind {
             "Service" => self.services.get(&key).and_then(|s| s.origin.clone()),
             "EndpointSlice" => self.slices.get(&key).and_then(|s| s.origin.clone()),
+            "Node" => self.nodes.get(&object.name).and_then(|s| s.origin.clone()),
             _ => None,
         }
+    }
+
+    /// The slices labelled for a Service.
+    pub fn slices_of(&self, key: &Key) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(move |name| self.slices.get(&(key.0.clone(), name.clone())))
+            .map(|s| &s.object)
+    }
+
+    /// Inserts or replaces a Service.
+    pub fn upsert_service(&mut self, service: Service, origin: Option<String>) -> Dirty {
+        let key = key_of(&service.metadata);
+        let stored = Stored {
+            object: service,
+            origin,
+        };
+        let mut dirty = Dirty::default();
+        if self.services.get(&key) != Some(&stored) {
+            self.services.insert(key.clone(), stored);
+            dirty.services.insert(key);
+        }
+        dirty
+    }
+
+    /// Removes a Service.
+    pub fn remove_service(&mut self, key: &Key) -> Dirty {
+        let mut dirty = Dirty::default();
+        if self.services.remove(key).is_some() {
+            dirty.services.insert(key.clone());
+        }
+        dirty
+    }
+
+    fn unindex_slice(&mut self, key: &Key) -> Option<Key> {
+        let old = self.slices.get(key)?;
+        let service = (key.0.clone(), slice_service(&old.object)?.to_owned());
+        if let Some(set) = self.slices_by_service.get_mut(&service) {
+            set.remove(&key.1);
+            if set.is_empty() {
+                self.slices_by_service.remove(&service);
+            }
+        }
+        Some(service)
+    }
+
+    /// Inserts or replaces an EndpointSlice.
+    pub fn upsert_slice(&mut self, slice: EndpointSlice, origin: Option<String>) -> Dirty {
+        let key = key_of(&slice.metadata);
+        let stored = Stored {
+            object: slice,
+            origin,
+        };
+        let mut dirty = Dirty::default();
+        if self.slices.get(&key) == Some(&stored) {
+            return dirty;
+        }
+        if let Some(old_service) = self.unindex_slice(&key) {
+            dirty.services.insert(old_service);
+        }
+        if let Some(service) = slice_service(&stored.object) {
+            let service = (key.0.clone(), service.to_owned());
+            self.slices_by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(key.1.clone());
+            dirty.services.insert(service);
+        }
+        self.slices.insert(key, stored);
+        dirty
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn remove_slice(&mut self, key: &Key) -> Dirty {
+        let mut dirty = Dirty::default();
+        if let Some(service) = self.unindex_slice(key) {
+            dirty.services.insert(service);
+        }
+        self.slices.remove(key);
+        dirty
+    }
+
+    /// Inserts or replaces a Node.
+    pub fn upsert_node(&mut self, node: Node, origin: Option<String>) -> Dirty {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let stored = Stored {
+            object: node,
+            origin,
+        };
+        let changed = self.nodes.get(&name) != Some(&stored);
+        if changed {
+            self.nodes.insert(name, stored);
+        }
+        Dirty {
+            all: changed,
+            services: BTreeSet::new(),
+        }
+    }
+
+    /// Removes a Node.
+    pub fn remove_node(&mut self, name: &str) -> Dirty {
+        Dirty {
+            all: self.nodes.remove(name).is_some(),
+            services: BTreeSet::new(),
+        }
+    }
+
+    /// Makes the Services exactly `items` (a complete list), reporting what changed.
+    pub fn replace_services(&mut self, items: Vec<Stored<Service>>) -> Dirty {
+        let keep: BTreeSet<Key> = items.iter().map(|s| key_of(&s.object.metadata)).collect();
+        let mut dirty = Dirty::default();
+        let gone: Vec<Key> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            dirty.merge(self.remove_service(&k));
+        }
+        for s in items {
+            dirty.merge(self.upsert_service(s.object, s.origin));
+        }
+        dirty
+    }
+
+    /// Makes the EndpointSlices exactly `items`, reporting what changed.
+    pub fn replace_slices(&mut self, items: Vec<Stored<EndpointSlice>>) -> Dirty {
+        let keep: BTreeSet<Key> = items.iter().map(|s| key_of(&s.object.metadata)).collect();
+        let mut dirty = Dirty::default();
+        let gone: Vec<Key> = self
+            .slices
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            dirty.merge(self.remove_slice(&k));
+        }
+        for s in items {
+            dirty.merge(self.upsert_slice(s.object, s.origin));
+        }
+        dirty
+    }
+
+    /// Makes the Nodes exactly `items`, reporting what changed.
+    pub fn replace_nodes(&mut self, items: Vec<Stored<Node>>) -> Dirty {
+        let keep: BTreeSet<String> = items
+            .iter()
+            .map(|n| n.object.metadata.name.clone().unwrap_or_default())
+            .collect();
+        let mut dirty = Dirty::default();
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            dirty.merge(self.remove_node(&k));
+        }
+        for n in items {
+            dirty.merge(self.upsert_node(n.object, n.origin));
+        }
+        dirty
+    }
+
+    /// Makes this store hold exactly what `other` holds, reporting what that
+    /// changed: how a fresh manifest read is applied without a wholesale flush.
+    pub fn sync_from(&mut self, other: Store) -> Dirty {
+        let mut dirty = self.replace_services(other.services.into_values().collect());
+        dirty.merge(self.replace_slices(other.slices.into_values().collect()));
+        dirty.merge(self.replace_nodes(other.nodes.into_values().collect()));
+        dirty
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                labels: Some([(LABEL_SERVICE_NAME.to_owned(), service.to_owned())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ..Default::default()
+        }
+    }
+
+    fn key(name: &str) -> Key {
+        ("ns".into(), name.into())
+    }
+
+    #[test]
+    fn slice_changes_dirty_their_services_old_and_new() {
+        let mut store = Store::default();
+        let d = store.upsert_slice(slice("s1", "web"), None);
+        assert_eq!(d.services, [key("web")].into());
+        assert_eq!(store.slices_of(&key("web")).count(), 1);
+        // Same object again: nothing changes.
+        assert!(store.upsert_slice(slice("s1", "web"), None).is_empty());
+        // Relabelled to another Service: both are dirty.
+        let d = store.upsert_slice(slice("s1", "api"), None);
+        assert_eq!(d.services, [key("web"), key("api")].into());
+        assert_eq!(store.slices_of(&key("web")).count(), 0);
+        let d = store.remove_slice(&key("s1"));
+        assert_eq!(d.services, [key("api")].into());
+        assert!(store.slices.is_empty());
+    }
+
+    #[test]
+    fn sync_from_reports_only_differences() {
+        let mut store = Store::default();
+        store.upsert_slice(slice("a", "web"), None);
+        store.upsert_slice(slice("b", "api"), None);
+        let mut fresh = Store::default();
+        fresh.upsert_slice(slice("a", "web"), None);
+        fresh.upsert_slice(slice("c", "db"), None);
+        let d = store.sync_from(fresh);
+        assert_eq!(d.services, [key("api"), key("db")].into());
+        assert!(!d.all);
+        let names: Vec<&String> = store.slices.keys().map(|(_, n)| n).collect();
+        assert_eq!(names, ["a", "c"]);
     }
 }

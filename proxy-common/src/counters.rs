@@ -11,8 +11,10 @@ pub enum Verdict {
     Handled,
     /// The packet went on untouched (not ours, or nothing safe to do with it).
     Passed,
-    /// The packet was dropped.
+    /// The packet was dropped by policy (expected, not logged).
     Dropped,
+    /// The packet was dropped because something failed (logged).
+    Failed,
 }
 
 macro_rules! counters {
@@ -59,17 +61,20 @@ counters! {
     /// IP fragment: ports are not available, the datapath does not reassemble.
     Fragment = 6, "fragment", Passed;
     /// Pulling packet headers into linear data failed.
-    PullFailed = 7, "pull_failed", Dropped;
+    PullFailed = 7, "pull_failed", Failed;
     /// A service matched but its selection table is missing.
-    NoSelectionTable = 8, "no_selection_table", Dropped;
+    NoSelectionTable = 8, "no_selection_table", Failed;
     /// A selection table slot pointed at a backend id that is not set.
-    BackendMissing = 9, "backend_missing", Dropped;
+    BackendMissing = 9, "backend_missing", Failed;
     /// Creating the connection-tracking entries failed.
-    CtInsertFailed = 10, "ct_insert_failed", Dropped;
+    CtInsertFailed = 10, "ct_insert_failed", Failed;
     /// A checksum helper failed while rewriting; the packet cannot be left half-rewritten.
-    CsumFailed = 11, "csum_failed", Dropped;
+    CsumFailed = 11, "csum_failed", Failed;
     /// Building or sending the ICMP reject failed.
-    RejectFailed = 12, "reject_failed", Dropped;
+    RejectFailed = 12, "reject_failed", Failed;
+    /// Endpoints exist, but none this traffic may use (a Local traffic policy
+    /// on a node without local endpoints): dropped, as kube-proxy does.
+    NoLocalEndpoints = 13, "no_local_endpoints", Dropped;
 }
 
 #[cfg(test)]

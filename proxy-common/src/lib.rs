@@ -134,6 +134,13 @@ pub const SEL_HDR_HASH_MODE: usize = 4;
 pub const SEL_HDR_DRAINING: usize = 5;
 /// Header word: first block of the weights.
 pub const SEL_HDR_WEIGHTS_BLOCK: usize = 6;
+/// Header word: `SEL_F_*` flags.
+pub const SEL_HDR_FLAGS: usize = 7;
+
+/// Flag: with no backend, drop new flows instead of rejecting them (a Local
+/// traffic policy on a node without local endpoints, while endpoints exist
+/// elsewhere).
+pub const SEL_F_DROP_WHEN_EMPTY: u32 = 1;
 
 /// Maglev table entries per block.
 pub const SEL_ENTRIES_PER_BLOCK: u32 = 2 * SEL_WORDS as u32;

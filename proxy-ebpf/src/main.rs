@@ -68,11 +68,12 @@ fn finish(ctx: &TcContext, result: Result<Done, Counter>) -> i32 {
         Err(reason) => {
             stats::count(reason);
             match reason.verdict() {
-                Verdict::Dropped => {
-                    // Drops are internal failures, never routine: worth a log line.
+                Verdict::Failed => {
+                    // Internal failures, never routine: worth a log line.
                     warn!(ctx, "packet dropped, reason {}", reason as u32);
                     TCX_DROP
                 }
+                Verdict::Dropped => TCX_DROP,
                 Verdict::Passed | Verdict::Handled => TCX_NEXT,
             }
         }

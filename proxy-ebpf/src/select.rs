@@ -10,8 +10,8 @@
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use proxy_common::{
-    Backend, Counter, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK,
-    SEL_HDR_TABLE_SIZE, SEL_WORDS, algorithm,
+    Backend, Counter, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_FLAGS,
+    SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE, SEL_WORDS, algorithm,
     hash::{flow_hash, source_hash},
     hash_mode, sel_backend_pos, sel_entry_pos,
 };
@@ -46,21 +46,26 @@ fn random() -> u32 {
 
 /// Picks a backend for a new flow of service port `svc_id`.
 ///
-/// `Ok(None)`: the service has no backend eligible for new flows (reject).
+/// `Ok(None)`: the service has no backend eligible for new flows (reject);
+/// `Err(NoLocalEndpoints)` when its table says to drop instead.
 #[inline(always)]
 pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Counter> {
     // SAFETY: the selection table is an array map; the kernel keeps it alive for
     // this program run even if the agent swaps it out of SELECTION meanwhile.
     let table = unsafe { SELECTION.get(&svc_id) }.ok_or(Counter::NoSelectionTable)?;
     let header = table.get(0).ok_or(Counter::NoSelectionTable)?;
-    let (count, size, first_block, algo, mode) = (
+    let (count, size, first_block, algo, mode, flags) = (
         header.w[SEL_HDR_COUNT],
         header.w[SEL_HDR_TABLE_SIZE],
         header.w[SEL_HDR_TABLE_BLOCK],
         header.w[SEL_HDR_ALGORITHM],
         header.w[SEL_HDR_HASH_MODE],
+        header.w[SEL_HDR_FLAGS],
     );
     if count == 0 {
+        if flags & SEL_F_DROP_WHEN_EMPTY != 0 {
+            return Err(Counter::NoLocalEndpoints);
+        }
         return Ok(None);
     }
     let index = if size == 0 {

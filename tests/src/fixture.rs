@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow};
 use proxy_agent::{
     datapath::{Datapath, LoadOptions, MapSizes},
     model::{DesiredState, Frontend, FrontendKind, Protocol, ServicePlan, ServicePortName},
-    reconcile::{self, Programmed},
+    reconcile::{Programmed, Reconciler},
 };
 
 /// `TCX_NEXT`: continue, untouched or translated.
@@ -60,14 +60,14 @@ pub fn service(
 pub fn program(dp: &mut Datapath, services: Vec<ServicePlan>) -> Result<Programmed> {
     let mut services = services;
     services.sort_by(|a, b| a.id.cmp(&b.id));
-    let current = dp.read_programmed()?;
-    let plan = reconcile::plan(&DesiredState { services }, &current, &dp.capacity());
-    if !plan.refused.is_empty() {
-        return Err(anyhow!("refused: {:?}", plan.refused));
+    let mut reconciler = Reconciler::new(dp.read_programmed()?, dp.capacity());
+    let batch = reconciler.full(&DesiredState { services });
+    if !batch.refused.is_empty() {
+        return Err(anyhow!("refused: {:?}", batch.refused));
     }
-    dp.apply(&plan.ops)
+    dp.apply(&batch.ops)
         .map_err(|(i, e)| anyhow!("op {i}: {e}"))?;
-    Ok(plan.next)
+    Ok(reconciler.maps().clone())
 }
 
 /// Shorthand for an address:port.

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use proxy_agent::{datapath::Datapath, model::Protocol};
 use proxy_common::{Counter, maps::programs};
 use proxy_tests::{
-    fixture::{self, TC_ACT_REDIRECT, TCX_NEXT, sa},
+    fixture::{self, TC_ACT_REDIRECT, TCX_DROP, TCX_NEXT, sa},
     packet::{self, Frame, L4},
 };
 
@@ -144,6 +144,11 @@ fn fixtures_ingress_table() {
     let empty_dns = sa([10, 96, 0, 20], 53);
     let backend = sa([10, 244, 1, 11], 8080);
     let backend_dns = sa([10, 244, 1, 12], 5353);
+    let local_only = sa([10, 96, 0, 21], 80);
+    // internalTrafficPolicy Local on a node without local endpoints, while
+    // endpoints exist elsewhere: drop, not reject.
+    let mut no_local = fixture::service("no-local", local_only, Protocol::Tcp, &[]);
+    no_local.has_endpoints = true;
     fixture::program(
         &mut dp,
         vec![
@@ -151,6 +156,7 @@ fn fixtures_ingress_table() {
             fixture::service("dns", vip_dns, Protocol::Udp, &[backend_dns]),
             fixture::service("empty", empty, Protocol::Tcp, &[]),
             fixture::service("empty-dns", empty_dns, Protocol::Udp, &[]),
+            no_local,
         ],
     )
     .unwrap();
@@ -292,6 +298,14 @@ fn fixtures_ingress_table() {
             input: reject_small_udp,
             verdict: TC_ACT_REDIRECT,
             counter: Some(Counter::RejectNoEndpoints),
+        },
+        Case {
+            name: "Local traffic policy without local endpoints: dropped and counted",
+            program: INGRESS,
+            input: Frame::tcp_syn(client(), local_only).build(),
+            out: Out::Untouched,
+            verdict: TCX_DROP,
+            counter: Some(Counter::NoLocalEndpoints),
         },
         Case {
             name: "not a service address: untouched",

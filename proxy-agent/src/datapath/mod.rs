@@ -359,6 +359,16 @@ impl Datapath {
             }))
     }
 
+    /// A conntrack handle for another thread.
+    pub fn conntrack_handle(&self) -> Result<ConntrackHandle, DatapathError> {
+        let map = self.map(maps::CONNTRACK)?;
+        let data = map_data(map).ok_or(DatapathError::MissingMap {
+            name: maps::CONNTRACK,
+        })?;
+        let info = data.info().map_err(map_err(maps::CONNTRACK))?;
+        Ok(ConntrackHandle { id: info.id() })
+    }
+
     /// Every conntrack entry.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
         let m: HashMap<_, CtKey, CtValue> =
@@ -453,6 +463,40 @@ pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
         &Map::HashOfMaps(open(maps::SELECTION)?),
         &Map::Array(open(maps::BACKENDS)?),
     )
+}
+
+/// A handle on the conntrack map that can live on another thread (for
+/// scans that must not hold up the event loop).
+pub struct ConntrackHandle {
+    id: u32,
+}
+
+impl ConntrackHandle {
+    /// Removes the UDP flows (both directions) whose (svc id, backend id) is
+    /// in `left`, returning how many entries went.
+    pub fn forget_udp_flows(
+        &mut self,
+        left: &BTreeSet<(u32, u32)>,
+    ) -> Result<usize, DatapathError> {
+        let map = Map::LruHashMap(MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?);
+        let mut ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(map).map_err(map_err(maps::CONNTRACK))?;
+        let doomed: Vec<CtKey> = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                k.proto == proxy_common::proto::UDP && left.contains(&(v.svc_id, v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in &doomed {
+            if ct.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// Result of one BPF_PROG_TEST_RUN.

@@ -1,0 +1,139 @@
+//! The Kubernetes source: kube-rs watchers on Services, EndpointSlices and this
+//! node's Node, with kube-rs's default exponential backoff.
+//!
+//! The watchers' events go to the agent's own store, which is the reflector:
+//! `Apply`/`Delete` change one object; a (re-)list (`Init`, `InitApply`…,
+//! `InitDone`, also after 410 Gone or a dropped connection) is buffered and
+//! applied as a diff against the store when complete, so a watch restart ends
+//! in a resync of what changed, never in a wholesale flush.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+
+/// A watched object.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+/// The kinds watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    Slice,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Slice, Kind::Node];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Services",
+            Kind::Slice => "EndpointSlices",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// What a watcher reports.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Apply(Object),
+    Delete(Object),
+    /// A (re-)list of this kind starts.
+    ListStart(Kind),
+    ListItem(Object),
+    /// The (re-)list of this kind is complete.
+    ListDone(Kind),
+    /// The API server could not be reached or answered an error; the
+    /// watcher retries with backoff.
+    Error(Kind, String),
+}
+
+/// Builds a client: from `kubeconfig` when given, else in-cluster config (or
+/// `$KUBECONFIG`/`~/.kube/config` as kube-rs infers).
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => Config::infer().await.context(
+            "no in-cluster configuration and no kubeconfig found (use --kubeconfig or --manifests)",
+        )?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn forward<K, S>(
+    kind: Kind,
+    wrap: fn(Box<K>) -> Object,
+    stream: S,
+    tx: mpsc::Sender<Event>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(watcher::Event::Apply(o)) => Event::Apply(wrap(Box::new(o))),
+                Ok(watcher::Event::Delete(o)) => Event::Delete(wrap(Box::new(o))),
+                Ok(watcher::Event::Init) => Event::ListStart(kind),
+                Ok(watcher::Event::InitApply(o)) => Event::ListItem(wrap(Box::new(o))),
+                Ok(watcher::Event::InitDone) => Event::ListDone(kind),
+                Err(e) => Event::Error(kind, e.to_string()),
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Starts the three watchers; events arrive on the returned channel.
+pub fn watch(
+    client: Client,
+    node_name: &str,
+) -> (mpsc::Receiver<Event>, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, rx) = mpsc::channel(4096);
+    // Bookmarks (on by default) keep resourceVersions fresh, so a reconnect
+    // resumes instead of re-listing.
+    let cfg = watcher::Config::default();
+    let services = watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff();
+    let slices = watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff();
+    let nodes = watcher(
+        Api::<Node>::all(client),
+        cfg.fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff();
+    let handles = vec![
+        forward(Kind::Service, Object::Service, services, tx.clone()),
+        forward(Kind::Slice, Object::Slice, slices, tx.clone()),
+        forward(Kind::Node, Object::Node, nodes, tx),
+    ];
+    (rx, handles)
+}
+
+/// How often an unchanged connection error is logged again.
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
