@@ -19,7 +19,7 @@ pub mod maps;
 pub use counters::{Counter, Verdict};
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// IANA protocol numbers used by the datapath.
 pub mod proto {
@@ -329,8 +329,8 @@ mod tests {
             size_of::<SvcCounters>(),
             Counter::COUNT,
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 1);
-        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 32, 24, 32, 13]);
+        assert_eq!(PIN_LAYOUT_VERSION, 2);
+        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 32, 24, 32, 14]);
     }
 
     #[test]

@@ -259,7 +259,10 @@ fn manifest_and_interface_changes_are_picked_up() {
 fn maps_dump_with_typed_fields_in_bpftool() {
     let mut w = web(1);
     let (cluster, agent) = (&w.cluster, &mut w.agent);
-    let maps = cluster.pin_root().join("v1").join("maps");
+    let maps = cluster
+        .pin_root()
+        .join(format!("v{}", proxy_common::PIN_LAYOUT_VERSION))
+        .join("maps");
     let dump = |name: &str| {
         let path = maps.join(name);
         proxy_tests::netns::sh(

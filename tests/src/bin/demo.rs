@@ -200,7 +200,9 @@ fn demo() -> Result<()> {
         bail!("expected the connection to be refused");
     }
 
-    let pins = cluster.pin_root().join("v1");
+    let pins = cluster
+        .pin_root()
+        .join(format!("v{}", proxy_common::PIN_LAYOUT_VERSION));
     println!("\nDatapath counters (per-CPU map STATS, summed):");
     for (name, value) in counters(&pins)? {
         println!("    {name:<22} {value}");
