@@ -68,7 +68,7 @@ pub enum Event {
 /// Builds a client: from `kubeconfig` when given, else in-cluster config (or
 /// `$KUBECONFIG`/`~/.kube/config` as kube-rs infers).
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -80,6 +80,10 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
             "no in-cluster configuration and no kubeconfig found (use --kubeconfig or --manifests)",
         )?,
     };
+    // The client's own retry of 429/503/504 (15 attempts, backoff up to
+    // 1000 s) would hide an outage from the watchers for minutes; their own
+    // backoff retries, and errors reach the agent (logs, readiness) at once.
+    config.default_retry = false;
     Client::try_from(config).context("building the Kubernetes client")
 }
 

@@ -377,13 +377,45 @@ impl Agent {
         extra: &[&str],
         log_filter: &str,
     ) -> Result<Self> {
+        let source = [
+            "--manifests".to_owned(),
+            manifests.to_string_lossy().into_owned(),
+        ];
+        Self::spawn(node, &source, pin_root, extra, log_filter)
+    }
+
+    /// Starts the agent watching the Kubernetes API described by `kubeconfig`,
+    /// as node `node_name`.
+    pub fn start_kube(
+        node: &Netns,
+        kubeconfig: &Path,
+        node_name: &str,
+        pin_root: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let source = [
+            "--kubeconfig".to_owned(),
+            kubeconfig.to_string_lossy().into_owned(),
+            "--node-name".to_owned(),
+            node_name.to_owned(),
+        ];
+        let filter = std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into());
+        Self::spawn(node, &source, pin_root, extra, &filter)
+    }
+
+    fn spawn(
+        node: &Netns,
+        source: &[String],
+        pin_root: &Path,
+        extra: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
         let bin = agent_binary()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.name])
             .arg(&bin)
             .arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source)
             .args(["--pod-iface", "veth*", "--bpffs"])
             .arg(pin_root)
             .args([
@@ -459,6 +491,48 @@ impl Agent {
     /// SIGTERM and wait.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.process.terminate(Duration::from_secs(5))
+    }
+}
+
+/// `GET path` over HTTP/1.1 to `addr` from inside `ns`: (status code, body).
+pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub fn eventually(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

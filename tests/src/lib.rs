@@ -7,6 +7,7 @@
 )]
 
 pub mod cluster;
+pub mod fake_api;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

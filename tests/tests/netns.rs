@@ -9,12 +9,16 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use proxy_tests::cluster::{
-    Agent, Answer, Cluster, LongLived, NameServer, manifest_dir, tally, tcp_connect_error,
-    tcp_requests, udp_connected_error, udp_requests,
+    Agent, Answer, Cluster, LongLived, NameServer, eventually, manifest_dir, tally,
+    tcp_connect_error, tcp_requests, udp_connected_error, udp_requests,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -308,6 +312,36 @@ fn agent_restart_adopts_maps_and_links_without_breaking_connections() {
         c.ping("before").unwrap();
     }
 
+    // New connections all the time, across the kill and the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let stop = Arc::clone(&stop);
+        client
+            .spawn(move || {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(2))
+                    {
+                        Ok(s) => {
+                            let mut line = String::new();
+                            match std::io::BufRead::read_line(
+                                &mut std::io::BufReader::new(s),
+                                &mut line,
+                            ) {
+                                Ok(n) if n > 0 => ok += 1,
+                                other => failed.push(format!("read: {other:?}")),
+                            }
+                        }
+                        Err(e) => failed.push(format!("connect: {e}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (ok, failed)
+            })
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+
     // kill -9: no cleanup at all. Pinned links keep the programs attached and
     // pinned maps keep conntrack: traffic must not notice.
     first.process.child.kill().unwrap();
@@ -330,10 +364,91 @@ fn agent_restart_adopts_maps_and_links_without_breaking_connections() {
     for c in &mut conns {
         c.ping("after-restart").unwrap();
     }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = stream.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 20, "only {ok} connections made during the restart");
+    println!("{ok} new connections across kill -9 and restart, none failed");
     let answers = tcp_requests(client, vip, 60).unwrap();
     assert_all_ok(&answers, vip, "after restart");
     assert_eq!(tally(&answers).len(), 3);
     second.stop();
+}
+
+#[test]
+fn udp_flows_move_on_when_their_backend_leaves() {
+    let mut w = web(3);
+    let client = &w.cluster.pod("client").unwrap().ns;
+    let vip = SocketAddrV4::new(VIP, 53);
+    let socket = client
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(vip)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(s)
+        })
+        .unwrap();
+    let ask = |s: &std::net::UdpSocket| -> std::io::Result<String> {
+        s.send(b"hello")?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned())
+    };
+    let first = ask(&socket).unwrap();
+    assert_eq!(ask(&socket).unwrap(), first, "one flow, one backend");
+    let gone: u8 = first.trim_start_matches("backend-").parse().unwrap();
+    let gone_ip = backend_ip(gone);
+    let has_flows_to = |ip: Ipv4Addr| {
+        proxy_agent::datapath::read_pinned_conntrack(&w.cluster.pin_root())
+            .unwrap()
+            .iter()
+            .any(|(k, v)| {
+                k.proto == 17
+                    && (v.nat_addr_be == u32::from(ip).to_be()
+                        || k.saddr_be == u32::from(ip).to_be())
+            })
+    };
+    assert!(has_flows_to(gone_ip));
+
+    // The flow's backend leaves the Service: its UDP conntrack entries go,
+    // and the same socket's next datagram reaches a live backend.
+    let rest: Vec<Ipv4Addr> = (1..=3).filter(|i| *i != gone).map(backend_ip).collect();
+    std::fs::write(w.dir.join("web.yaml"), manifests(&rest)).unwrap();
+    w.agent
+        .wait_for_log("backends=2", Duration::from_secs(10))
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the departed backend's UDP flows to go",
+        || Ok(!has_flows_to(gone_ip)),
+    )
+    .unwrap();
+    let next = ask(&socket).unwrap();
+    assert_ne!(next, first);
+
+    // Down to zero endpoints: conntrack forgets the flow and the client is refused.
+    std::fs::write(w.dir.join("web.yaml"), manifests(&[])).unwrap();
+    w.agent
+        .wait_for_log("backends=0", Duration::from_secs(10))
+        .unwrap();
+    let last = backend_ip(next.trim_start_matches("backend-").parse().unwrap());
+    eventually(Duration::from_secs(5), "the last UDP flows to go", || {
+        Ok(!has_flows_to(last))
+    })
+    .unwrap();
+    let err = ask(&socket).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    w.agent.stop();
 }
 
 #[test]

@@ -499,6 +499,20 @@ impl ConntrackHandle {
     }
 }
 
+/// Every conntrack entry of the maps pinned under `pin_root` (inspection).
+pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+    let path = pin_root
+        .join(format!("v{PIN_LAYOUT_VERSION}"))
+        .join("maps")
+        .join(maps::CONNTRACK);
+    let data = MapData::from_pin(path).map_err(map_err(maps::CONNTRACK))?;
+    let ct: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(maps::CONNTRACK))?;
+    ct.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::CONNTRACK))
+}
+
 /// Result of one BPF_PROG_TEST_RUN.
 #[derive(Clone, Debug)]
 pub struct TestRunOutput {
