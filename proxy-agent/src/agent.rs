@@ -107,8 +107,29 @@ impl Agent {
         for (svc, why) in &batch.refused {
             tracing::error!(service = %svc, "not programmed: {why}");
         }
-        let ok = match self.dp.apply(&batch.ops) {
-            Ok(()) => true,
+        let applying = Instant::now();
+        let result = self.dp.apply(&batch.ops);
+        tracing::debug!(
+            apply_ms = applying.elapsed().as_secs_f64() * 1e3,
+            operations = batch.ops.len(),
+            "applied"
+        );
+        let ok = match result {
+            Ok(report) if report.refused.is_empty() => true,
+            Ok(report) => {
+                // Tables that found no room were not switched to and their
+                // frontends not set: those services keep their previous state.
+                // The mirror assumed otherwise, so it is rebuilt from the maps.
+                tracing::error!(
+                    svc_ids = ?report.refused,
+                    "service ports not (re)programmed: SELECTION is full; raise --selection-blocks"
+                );
+                match self.dp.read_programmed() {
+                    Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
+                    Err(e) => tracing::error!("re-reading the maps: {e}"),
+                }
+                true
+            }
             Err((index, e)) => {
                 tracing::error!(
                     op = ?batch.ops.get(index),
@@ -127,12 +148,13 @@ impl Agent {
             self.forget_udp_flows(batch.left);
         }
         let maps = self.reconciler.maps();
+        let (blocks, _) = self.dp.selection_usage();
         tracing::info!(
             kind,
             changed_service_ports = changes,
             frontends = maps.services.len(),
             backends = maps.backends.len(),
-            selection_bytes = self.reconciler.selection_bytes(),
+            selection_bytes = u64::from(blocks) * 64,
             operations = batch.ops.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
@@ -168,12 +190,20 @@ impl Agent {
             all: true,
             ..Dirty::default()
         });
+        let translated = started.elapsed();
         self.log_errors(&update.new_errors);
         match self.dp.read_programmed() {
             Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
             Err(e) => tracing::error!("reading the maps before a full sync: {e}"),
         }
+        let read = started.elapsed();
         let batch = self.reconciler.full(&self.engine.desired());
+        tracing::debug!(
+            translate_ms = translated.as_secs_f64() * 1e3,
+            read_maps_ms = (read - translated).as_secs_f64() * 1e3,
+            plan_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
+            "full sync planned"
+        );
         let n = self.engine.desired().services.len();
         self.synced = true;
         self.apply(batch, started, "full", n);

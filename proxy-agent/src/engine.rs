@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     model::{DesiredState, ServicePlan, ServicePortName},
-    store::{Dirty, Key, ObjectError, Store},
+    store::{Dirty, Key, ObjectError, ObjectRef, Store},
     translate::{
         Claims, FrontendClaim, NodeContext, ServiceTranslation, TranslateOptions, slice_errors,
         translate_service,
@@ -41,7 +41,10 @@ pub struct Engine {
     contested: BTreeSet<FrontendClaim>,
     claim_errors: Vec<ObjectError>,
     desired: BTreeMap<ServicePortName, ServicePlan>,
-    reported: BTreeSet<String>,
+    /// Problems reported so far, by the Service they belong to (errors not tied
+    /// to one Service, such as frontend conflicts, under the empty key).
+    reported: BTreeMap<Key, Vec<ObjectError>>,
+    error_count: usize,
 }
 
 fn ports_of(desired: &BTreeMap<ServicePortName, ServicePlan>, key: &Key) -> Vec<ServicePortName> {
@@ -107,6 +110,7 @@ impl Engine {
                 .collect()
         };
         let settled = !dirty.all && self.claim_incrementally(&affected, &before);
+        let global = !settled;
         if !settled {
             // Put back what was taken out, then settle every claim again.
             self.desired.extend(before.clone());
@@ -129,7 +133,7 @@ impl Engine {
                 changes.insert(id, now.cloned());
             }
         }
-        self.report(changes, dirty.all)
+        self.report(changes, &affected, global)
     }
 
     /// Claims the affected Services' frontends; false when a contested
@@ -206,30 +210,84 @@ impl Engine {
 
     /// Every problem known now.
     pub fn errors(&self) -> Vec<ObjectError> {
-        let mut all = slice_errors(&self.store);
-        all.extend(self.raw.values().flat_map(|t| t.errors.iter().cloned()));
-        all.extend(self.claim_errors.iter().cloned());
-        all
+        self.reported.values().flatten().cloned().collect()
     }
 
+    /// The problems of one Service: its translation's and those of slices
+    /// labelled for it when it does not exist.
+    fn errors_of(&self, key: &Key) -> Vec<ObjectError> {
+        let mut errors: Vec<ObjectError> = self
+            .raw
+            .get(key)
+            .map(|t| t.errors.clone())
+            .unwrap_or_default();
+        if !self.store.services.contains_key(key) {
+            for slice in self.store.slices_of(key) {
+                let name = slice.metadata.name.as_deref().unwrap_or_default();
+                let object = ObjectRef::new("EndpointSlice", &key.0, name);
+                errors.push(ObjectError {
+                    origin: self.store.origin_of(&object),
+                    object: Some(object),
+                    message: format!(
+                        "belongs to Service {}/{}, which does not exist; ignored",
+                        key.0, key.1
+                    ),
+                });
+            }
+        }
+        errors
+    }
+
+    /// Reports the problems that appeared for the affected Services (all of
+    /// them after a full settlement), each only once.
     fn report(
         &mut self,
         changes: BTreeMap<ServicePortName, Option<ServicePlan>>,
-        all: bool,
+        affected: &BTreeSet<Key>,
+        global: bool,
     ) -> Update {
-        let errors = self.errors();
-        let current: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
-        let new_errors = errors
+        let keys: BTreeSet<Key> = if global {
+            self.reported
+                .keys()
+                .chain(self.raw.keys())
+                .chain(self.store.labelled_services())
+                .chain(affected)
+                .filter(|k| !k.0.is_empty() || !k.1.is_empty())
+                .cloned()
+                .collect()
+        } else {
+            affected.clone()
+        };
+        let mut updates: Vec<(Key, Vec<ObjectError>)> = keys
             .into_iter()
-            .filter(|e| !self.reported.contains(&e.to_string()))
+            .map(|k| {
+                let e = self.errors_of(&k);
+                (k, e)
+            })
             .collect();
-        if all || current.len() < 10_000 {
-            self.reported = current;
+        if global {
+            // Not tied to one Service: unlabelled slices, frontend conflicts.
+            let mut other: Vec<ObjectError> = slice_errors(&self.store)
+                .into_iter()
+                .filter(|e| e.message.starts_with("no "))
+                .collect();
+            other.extend(self.claim_errors.iter().cloned());
+            updates.push(((String::new(), String::new()), other));
+        }
+        let mut new_errors = Vec::new();
+        for (key, now) in updates {
+            let old = self.reported.remove(&key).unwrap_or_default();
+            self.error_count -= old.len();
+            new_errors.extend(now.iter().filter(|e| !old.contains(e)).cloned());
+            self.error_count += now.len();
+            if !now.is_empty() {
+                self.reported.insert(key, now);
+            }
         }
         Update {
             changes,
-            error_count: self.reported.len(),
             new_errors,
+            error_count: self.error_count,
         }
     }
 }

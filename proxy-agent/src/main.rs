@@ -134,6 +134,10 @@ struct RunArgs {
     /// Connection-tracking entries (two per flow); the table evicts least recently used flows.
     #[arg(long, default_value_t = maps::DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
+    /// 64-byte blocks for selection tables (preallocated: 32 MiB by default, about
+    /// 15,000 service ports of 10 backends at the default Maglev table size).
+    #[arg(long, default_value_t = maps::DEFAULT_SELECTION_BLOCKS)]
+    selection_blocks: u32,
     /// Seconds between full resyncs (in addition to event-driven ones).
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
@@ -424,6 +428,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 services: args.max_services,
                 backends: args.max_backends,
                 conntrack: args.ct_entries,
+                selection_blocks: args.selection_blocks,
             },
             pin_root: Some(args.bpffs),
         },

@@ -4,12 +4,15 @@
 //! Pure: no aya in here. The datapath module reads the maps into a
 //! [`Programmed`] and executes the [`Op`]s.
 //!
-//! Order of operations:
+//! Order of operations, in phases (the datapath runs each phase as batches):
 //! 1. frontends that go away (a removed service stops matching first),
 //! 2. selection tables of removed services,
 //! 3. new backends,
-//! 4. per service: its selection table (one atomic map swap), then its frontends,
-//! 5. backends nothing refers to any more.
+//! 4. counters of newly used svc ids reset,
+//! 5. selection tables: each written complete, then switched to atomically,
+//! 6. frontends: new ones and those changing service, all pointing at
+//!    complete tables by now,
+//! 7. backends nothing refers to any more.
 //!
 //! Capacity is planned, not discovered: the agent is the only writer of these
 //! maps, so a service that would not fit is refused whole (and keeps its
@@ -213,7 +216,7 @@ pub struct Batch {
     /// Service ports that were not (re)programmed, and why; they keep their
     /// previous state.
     pub refused: Vec<(ServicePortName, String)>,
-    /// (svc id, backend id) pairs where the backend left the service: its UDP
+    /// (svc id, backend id) pairs where the backend left a UDP service: its
     /// flows should be forgotten so clients move on.
     pub left: BTreeSet<(u32, u32)>,
 }
@@ -318,7 +321,9 @@ struct Work {
     dels: BTreeSet<ServiceKey>,
     del_tables: BTreeSet<u32>,
     new_backends: BTreeMap<u32, Backend>,
-    per_service: Vec<Op>,
+    resets: Vec<Op>,
+    tables: Vec<Op>,
+    frontends: Vec<Op>,
     unref: BTreeSet<u32>,
     retired: Vec<u32>,
     refused: Vec<(ServicePortName, String)>,
@@ -365,11 +370,6 @@ impl Reconciler {
     /// The svc id of a programmed service port.
     pub fn svc_id(&self, name: &ServicePortName) -> Option<u32> {
         self.names.get(name).copied()
-    }
-
-    /// Bytes of all selection tables.
-    pub fn selection_bytes(&self) -> u64 {
-        self.maps.tables.values().map(Table::bytes).sum()
     }
 
     /// Plans everything: the maps end up holding exactly `desired`. Service
@@ -460,7 +460,9 @@ impl Reconciler {
                 .iter()
                 .map(|(id, b)| Op::SetBackend(*id, *b)),
         );
-        ops.append(&mut work.per_service);
+        ops.append(&mut work.resets);
+        ops.append(&mut work.tables);
+        ops.append(&mut work.frontends);
         for id in &work.unref {
             if self.refs.get(id).copied().unwrap_or(0) == 0 && self.maps.backends.contains_key(id) {
                 self.drop_backend(*id);
@@ -497,7 +499,9 @@ impl Reconciler {
 
     /// Removes a svc id's frontends and table.
     fn remove_svc_id(&mut self, id: u32, work: &mut Work) {
-        for k in self.keys_of.remove(&id).unwrap_or_default() {
+        let keys = self.keys_of.remove(&id).unwrap_or_default();
+        let udp = keys.iter().any(|k| k.proto == proxy_common::proto::UDP);
+        for k in keys {
             if self.maps.services.get(&k).map(|v| v.svc_id) == Some(id) {
                 self.maps.services.remove(&k);
                 work.dels.insert(k);
@@ -510,6 +514,7 @@ impl Reconciler {
                     .backends
                     .iter()
                     .chain(&table.draining)
+                    .filter(|_| udp)
                     .map(|b| (id, *b)),
             );
             work.del_tables.insert(id);
@@ -658,10 +663,10 @@ impl Reconciler {
             *self.refs.entry(*id).or_insert(0) += 1;
         }
         if old_id.is_none() {
-            work.per_service.push(Op::ResetSvcStats(svc_id));
+            work.resets.push(Op::ResetSvcStats(svc_id));
         }
         if self.maps.tables.get(&svc_id) != Some(&table) {
-            work.per_service.push(Op::SetTable(svc_id, table.clone()));
+            work.tables.push(Op::SetTable(svc_id, table.clone()));
         }
         let kept: BTreeSet<u32> = table
             .backends
@@ -671,11 +676,12 @@ impl Reconciler {
             .collect();
         if let Some(old) = self.maps.tables.insert(svc_id, table) {
             self.unref_table(&old, work);
+            let udp = plan.id.protocol == crate::model::Protocol::Udp;
             work.left.extend(
                 old.backends
                     .iter()
                     .chain(&old.draining)
-                    .filter(|b| !kept.contains(b))
+                    .filter(|b| udp && !kept.contains(b))
                     .map(|b| (svc_id, *b)),
             );
         }
@@ -693,7 +699,7 @@ impl Reconciler {
                 {
                     set.remove(k);
                 }
-                work.per_service.push(Op::SetService(*k, value));
+                work.frontends.push(Op::SetService(*k, value));
             }
         }
         self.keys_of.insert(svc_id, keys);

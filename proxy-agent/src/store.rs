@@ -135,6 +135,11 @@ impl Store {
         }
     }
 
+    /// Every Service some slice is labelled for (existing or not).
+    pub fn labelled_services(&self) -> impl Iterator<Item = &Key> {
+        self.slices_by_service.keys()
+    }
+
     /// The slices labelled for a Service.
     pub fn slices_of(&self, key: &Key) -> impl Iterator<Item = &EndpointSlice> {
         self.slices_by_service

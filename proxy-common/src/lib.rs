@@ -19,7 +19,7 @@ pub mod maps;
 pub use counters::{Counter, Verdict};
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// IANA protocol numbers used by the datapath.
 pub mod proto {
@@ -90,12 +90,14 @@ impl Backend {
 /// Number of `u32` words in one [`SelBlock`].
 pub const SEL_WORDS: usize = 16;
 
-/// One 64-byte element of a per-service selection table (an inner map of
-/// `SELECTION`). Array map values are stored in 8-byte multiples, so packing
-/// words into blocks keeps the table as small as its content.
+/// One 64-byte element of a selection table; a table is a contiguous region of
+/// blocks in the `SELECTION` array, found through `SVC_TABLE[svc_id]`. Array
+/// map values are stored in 8-byte multiples, so packing words into blocks
+/// keeps the table as small as its content.
 ///
 /// Layout of a selection table with `n` eligible backends, `d` draining ones
-/// and a Maglev table of `m` entries:
+/// and a Maglev table of `m` entries (block numbers relative to the table's
+/// first block):
 /// - block 0: the header, words `SEL_HDR_*`;
 /// - from block 1: backend ids, `u32` each, 16 per block: the `n` eligible
 ///   ones (index `i` is what the Maglev table stores), then the `d` draining
@@ -105,8 +107,10 @@ pub const SEL_WORDS: usize = 16;
 /// - from block `SEL_HDR_TABLE_BLOCK`: the Maglev table, `u16` backend indices,
 ///   32 per block (two per word, the even index in the low half).
 ///
-/// The whole table is one map, replaced in `SELECTION` with a single update, so
-/// a packet sees either the old table or the new one, never a mix.
+/// A new table is written into blocks no packet reads, then `SVC_TABLE` is
+/// switched to it with one 4-byte store, so a packet sees either the old table
+/// or the new one, never a mix. The old region is reused only after a
+/// quarantine far longer than any program run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SelBlock {
@@ -329,7 +333,7 @@ mod tests {
             size_of::<SvcCounters>(),
             Counter::COUNT,
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 2);
+        assert_eq!(PIN_LAYOUT_VERSION, 3);
         assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 32, 24, 32, 14]);
     }
 

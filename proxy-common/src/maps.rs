@@ -6,9 +6,13 @@
 
 /// Hash: [`crate::ServiceKey`] → [`crate::ServiceValue`]. Written by the agent.
 pub const SERVICES: &str = "SERVICES";
-/// Hash of maps: svc id (`u32`) → selection table (array of [`crate::SelBlock`]).
-/// Written by the agent, one atomic update per table change.
+/// Array of [`crate::SelBlock`]: every selection table, each in its own
+/// contiguous region. Written by the agent into regions no packet reads yet.
 pub const SELECTION: &str = "SELECTION";
+/// Array: svc id → first block of its selection table in `SELECTION` (0 =
+/// none). Written by the agent: one 4-byte store switches a service to a
+/// complete new table.
+pub const SVC_TABLE: &str = "SVC_TABLE";
 /// Array: backend id → [`crate::Backend`]. Written by the agent.
 pub const BACKENDS: &str = "BACKENDS";
 /// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]. Written by the datapath.
@@ -19,12 +23,17 @@ pub const STATS: &str = "STATS";
 pub const SVC_STATS: &str = "SVC_STATS";
 
 /// Every map the agent pins.
-pub const PINNED: &[&str] = &[SERVICES, SELECTION, BACKENDS, CONNTRACK, STATS, SVC_STATS];
+pub const PINNED: &[&str] = &[
+    SERVICES, SELECTION, SVC_TABLE, BACKENDS, CONNTRACK, STATS, SVC_STATS,
+];
 
 /// Default capacity of `SERVICES` (frontends).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
-/// Default capacity of `SELECTION` and `SVC_STATS` (service ports; id 0 unused).
+/// Default capacity of `SVC_TABLE` and `SVC_STATS` (service ports; id 0 unused).
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Default capacity of `SELECTION` in 64-byte blocks (32 MiB): about 15,000
+/// service ports of 10 backends at the default Maglev size. Block 0 is unused.
+pub const DEFAULT_SELECTION_BLOCKS: u32 = 524_288;
 /// Default capacity of `BACKENDS` (distinct endpoint address:port pairs; id 0 unused).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Default capacity of `CONNTRACK` (two entries per flow).

@@ -4,26 +4,26 @@
 //! (see `proxy-agent --help`). The agent pins all of these except the log ring.
 
 use aya_ebpf::{
-    bindings::BPF_F_INNER_MAP,
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     Backend, Counter, CtKey, CtValue, SelBlock, ServiceKey, ServiceValue, SvcCounters,
 };
 
-/// Inner-map template of `SELECTION`: `BPF_F_INNER_MAP` lets every service's
-/// table have its own length.
-pub type SelectionTable = Array<SelBlock, 1, { BPF_F_INNER_MAP as usize }>;
-
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, 65_536> = HashMap::new();
 
-/// svc id → that service port's selection table. Written by the agent, which
-/// replaces a whole table with one update.
+/// Every selection table, each a contiguous region of blocks. Written by the
+/// agent, only into regions no `SVC_TABLE` entry points at.
 #[btf_map]
-pub static SELECTION: HashOfMaps<u32, SelectionTable, 65_536> = HashOfMaps::new();
+pub static SELECTION: Array<SelBlock, 524_288> = Array::new();
+
+/// svc id → first block of its table in `SELECTION` (0: none). Written by the
+/// agent after the table is complete: the switch is one 4-byte store.
+#[btf_map]
+pub static SVC_TABLE: Array<u32, 65_536> = Array::new();
 
 /// Backend id → endpoint address:port. Written by the agent.
 #[btf_map]

@@ -1,10 +1,12 @@
 //! Backend selection for a new flow: the one place that decides which backend
 //! a service port's new flow goes to.
 //!
+//! `SVC_TABLE[svc_id]` names the first block of the service's table in
+//! `SELECTION` (all plain array lookups, inlined by the verifier).
 //! - Maglev: `flow_hash(5-tuple) % M` (or `source_hash(client)` with session
-//!   affinity) indexes the service's Maglev table; the entry is an index into
-//!   its backend list. The hash functions are `proxy_common::hash`, the very
-//!   code the agent uses to predict and explain choices.
+//!   affinity) indexes the Maglev table; the entry is an index into the
+//!   backend list. The hash functions are `proxy_common::hash`, the very code
+//!   the agent uses to predict and explain choices.
 //! - Random: a random slot of the (weighted) table, or a random backend when
 //!   the service has no table (equal weights).
 
@@ -17,7 +19,7 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, SELECTION},
+    maps::{BACKENDS, SELECTION, SVC_TABLE},
     parse::Packet,
 };
 
@@ -50,11 +52,13 @@ fn random() -> u32 {
 /// `Err(NoLocalEndpoints)` when its table says to drop instead.
 #[inline(always)]
 pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Counter> {
-    // SAFETY: the selection table is an array map; the kernel keeps it alive for
-    // this program run even if the agent swaps it out of SELECTION meanwhile.
-    let table = unsafe { SELECTION.get(&svc_id) }.ok_or(Counter::NoSelectionTable)?;
-    let header = table.get(0).ok_or(Counter::NoSelectionTable)?;
-    let (count, size, first_block, algo, mode, flags) = (
+    let first = SVC_TABLE
+        .get(svc_id)
+        .copied()
+        .filter(|b| *b != 0)
+        .ok_or(Counter::NoSelectionTable)?;
+    let header = SELECTION.get(first).ok_or(Counter::NoSelectionTable)?;
+    let (count, size, table_block, algo, mode, flags) = (
         header.w[SEL_HDR_COUNT],
         header.w[SEL_HDR_TABLE_SIZE],
         header.w[SEL_HDR_TABLE_BLOCK],
@@ -77,8 +81,8 @@ pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Count
             random()
         };
         let (block, word, shift) = sel_entry_pos(pick % size);
-        let block = table
-            .get(first_block + block)
+        let block = SELECTION
+            .get(first.wrapping_add(table_block).wrapping_add(block))
             .ok_or(Counter::BackendMissing)?;
         (block.w[word & (SEL_WORDS - 1)] >> (shift & 16)) & 0xffff
     };
@@ -86,7 +90,9 @@ pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Count
         return Err(Counter::BackendMissing);
     }
     let (block, word) = sel_backend_pos(index);
-    let block = table.get(block).ok_or(Counter::BackendMissing)?;
+    let block = SELECTION
+        .get(first.wrapping_add(block))
+        .ok_or(Counter::BackendMissing)?;
     let backend_id = block.w[word & (SEL_WORDS - 1)];
     lookup_backend(backend_id)
         .map(|b| Some((backend_id, b)))

@@ -411,6 +411,24 @@ impl Agent {
         log_filter: &str,
     ) -> Result<Self> {
         let bin = agent_binary()?;
+        // Small maps unless the caller sizes them: tests run many agents at once.
+        let sizes: &[&str] = if extra
+            .iter()
+            .any(|a| a.starts_with("--max-") || a.starts_with("--ct-"))
+        {
+            &[]
+        } else {
+            &[
+                "--max-backends",
+                "4096",
+                "--max-services",
+                "1024",
+                "--max-frontends",
+                "4096",
+                "--ct-entries",
+                "65536",
+            ]
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.name])
             .arg(&bin)
@@ -418,15 +436,7 @@ impl Agent {
             .args(source)
             .args(["--pod-iface", "veth*", "--bpffs"])
             .arg(pin_root)
-            .args([
-                "--max-backends",
-                "4096",
-                "--max-services",
-                "1024",
-                "--max-frontends",
-                "4096",
-            ])
-            .args(["--ct-entries", "65536"])
+            .args(sizes)
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())

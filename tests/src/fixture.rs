@@ -26,6 +26,7 @@ pub fn load() -> Result<Datapath> {
             services: 1024,
             backends: 1024,
             conntrack: 16384,
+            selection_blocks: 65_536,
         },
         pin_root: None,
     })?)

@@ -174,6 +174,7 @@ pub fn bench() -> Result<()> {
         bail!("benchmarks load BPF programs: run them as root");
     }
     ebpf()?;
+    run(cargo().args(["build", "--release", "--bins"]))?;
     let out = root().join("BENCHMARKS.md");
     run(cargo()
         .args([

@@ -6,18 +6,21 @@
 //! programs, attaches them with tcx links pinned under `.../links/`, and reads
 //! and writes the maps on behalf of reconcile.
 
+mod batch;
 mod bench;
 pub mod bpffs;
 mod links;
+mod tables;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
 use aya_log::EbpfLogger;
@@ -26,16 +29,16 @@ use proxy_common::{
     SvcCounters, maps,
 };
 
-pub use self::bench::{BENCH_EMPTY, BENCH_WRAPPER, BenchSpec};
-use crate::reconcile::{Capacity, Op, Programmed, Table};
+pub use self::{
+    bench::{BENCH_EMPTY, BENCH_WRAPPER, BenchSpec},
+    tables::{ApplyReport, Blocks, QUARANTINE},
+};
+use crate::reconcile::{Capacity, Programmed, Table};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time
 /// (empty when the agent was built without it).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
-
-/// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in length.
-const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 /// Errors of the datapath layer.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,8 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// 64-byte blocks for selection tables.
+    pub selection_blocks: u32,
 }
 
 impl Default for MapSizes {
@@ -93,6 +98,7 @@ impl Default for MapSizes {
             services: maps::DEFAULT_MAX_SERVICES,
             backends: maps::DEFAULT_MAX_BACKENDS,
             conntrack: maps::DEFAULT_CT_ENTRIES,
+            selection_blocks: maps::DEFAULT_SELECTION_BLOCKS,
         }
     }
 }
@@ -120,6 +126,8 @@ pub struct Datapath {
     capacity: Capacity,
     /// Interfaces (ifindex, name) this process has attached to or adopted.
     attached: BTreeSet<(u32, String)>,
+    /// Regions of `SELECTION` in use.
+    blocks: Blocks,
 }
 
 /// The map data behind any map variant.
@@ -127,7 +135,6 @@ fn map_data(map: &Map) -> Option<&MapData> {
     match map {
         Map::Array(m)
         | Map::HashMap(m)
-        | Map::HashOfMaps(m)
         | Map::LruHashMap(m)
         | Map::PerCpuArray(m)
         | Map::RingBuf(m) => Some(m),
@@ -163,7 +170,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::SERVICES, sizes.frontends)
-            .map_max_entries(maps::SELECTION, sizes.services)
+            .map_max_entries(maps::SELECTION, sizes.selection_blocks)
+            .map_max_entries(maps::SVC_TABLE, sizes.services)
             .map_max_entries(maps::SVC_STATS, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
@@ -194,6 +202,7 @@ impl Datapath {
             layout_dir,
             logger,
             attached: BTreeSet::new(),
+            blocks: Blocks::new(sizes.selection_blocks),
             capacity: Capacity {
                 frontends: sizes.frontends,
                 services: sizes.services,
@@ -203,7 +212,7 @@ impl Datapath {
         dp.capacity = Capacity {
             frontends: dp.max_entries(maps::SERVICES)?,
             services: dp
-                .max_entries(maps::SELECTION)?
+                .max_entries(maps::SVC_TABLE)?
                 .min(dp.max_entries(maps::SVC_STATS)?),
             backends: dp.max_entries(maps::BACKENDS)?,
         };
@@ -257,78 +266,15 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })
     }
 
-    /// Reads what the service maps hold.
-    pub fn read_programmed(&self) -> Result<Programmed, DatapathError> {
-        read_programmed_from(
-            self.map(maps::SERVICES)?,
-            self.map(maps::SELECTION)?,
-            self.map(maps::BACKENDS)?,
-        )
+    /// Reads what the service maps hold, adopting the regions of the tables.
+    pub fn read_programmed(&mut self) -> Result<Programmed, DatapathError> {
+        let tables = self.read_tables()?;
+        read_programmed_with(self.map(maps::SERVICES)?, self.map(maps::BACKENDS)?, tables)
     }
 
-    /// Runs reconcile's operations in order, stopping at the first failure
-    /// (every prefix of a plan is a consistent state).
-    pub fn apply(&mut self, ops: &[Op]) -> Result<(), (usize, DatapathError)> {
-        for (i, op) in ops.iter().enumerate() {
-            self.apply_one(op).map_err(|e| (i, e))?;
-        }
-        Ok(())
-    }
-
-    fn apply_one(&mut self, op: &Op) -> Result<(), DatapathError> {
-        match op {
-            Op::DelService(key) => {
-                let mut m: HashMap<_, ServiceKey, ServiceValue> =
-                    HashMap::try_from(self.map_mut(maps::SERVICES)?)
-                        .map_err(map_err(maps::SERVICES))?;
-                ignore_missing(m.remove(key)).map_err(map_err(maps::SERVICES))
-            }
-            Op::SetService(key, value) => {
-                let mut m: HashMap<_, ServiceKey, ServiceValue> =
-                    HashMap::try_from(self.map_mut(maps::SERVICES)?)
-                        .map_err(map_err(maps::SERVICES))?;
-                m.insert(key, value, 0).map_err(map_err(maps::SERVICES))
-            }
-            Op::SetBackend(id, backend) => self.set_backend(*id, *backend),
-            Op::DelBackend(id) => self.set_backend(*id, Backend::default()),
-            Op::ResetSvcStats(id) => {
-                let mut m: PerCpuArray<_, SvcCounters> =
-                    PerCpuArray::try_from(self.map_mut(maps::SVC_STATS)?)
-                        .map_err(map_err(maps::SVC_STATS))?;
-                let cpus = aya::util::nr_cpus()
-                    .map_err(|(_, e)| map_err(maps::SVC_STATS)(MapError::IoError(e)))?;
-                let zero = PerCpuValues::try_from(vec![SvcCounters::default(); cpus])
-                    .map_err(|e| map_err(maps::SVC_STATS)(MapError::IoError(e)))?;
-                m.set(*id, zero, 0).map_err(map_err(maps::SVC_STATS))
-            }
-            Op::SetTable(id, table) => {
-                let blocks = table.to_blocks();
-                let len = u32::try_from(blocks.len()).unwrap_or(u32::MAX);
-                let mut inner = Array::<MapData, SelBlock>::create(len, BPF_F_INNER_MAP)
-                    .map_err(map_err(maps::SELECTION))?;
-                for (i, block) in (0u32..).zip(&blocks) {
-                    inner.set(i, block, 0).map_err(map_err(maps::SELECTION))?;
-                }
-                let mut outer: HashOfMaps<_, u32, Array<MapData, SelBlock>> =
-                    HashOfMaps::try_from(self.map_mut(maps::SELECTION)?)
-                        .map_err(map_err(maps::SELECTION))?;
-                outer
-                    .insert(id, &inner, 0)
-                    .map_err(map_err(maps::SELECTION))
-            }
-            Op::DelTable(id) => {
-                let mut outer: HashOfMaps<_, u32, Array<MapData, SelBlock>> =
-                    HashOfMaps::try_from(self.map_mut(maps::SELECTION)?)
-                        .map_err(map_err(maps::SELECTION))?;
-                ignore_missing(outer.remove(id)).map_err(map_err(maps::SELECTION))
-            }
-        }
-    }
-
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError> {
-        let mut m: Array<_, Backend> =
-            Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
-        m.set(id, backend, 0).map_err(map_err(maps::BACKENDS))
+    /// Blocks of `SELECTION` in use, and its capacity.
+    pub fn selection_usage(&self) -> (u32, u32) {
+        (self.blocks.used(), self.blocks.capacity())
     }
 
     /// Global counters, summed over CPUs, in `Counter` order.
@@ -407,61 +353,63 @@ impl Datapath {
     }
 }
 
-/// Reads what the service maps hold from the three maps.
-fn read_programmed_from(
+/// What the service maps hold, given the tables already read.
+fn read_programmed_with(
     services: &Map,
-    selection: &Map,
     backends: &Map,
+    tables: BTreeMap<u32, Table>,
 ) -> Result<Programmed, DatapathError> {
-    let mut out = Programmed::default();
+    let mut out = Programmed {
+        tables,
+        ..Programmed::default()
+    };
     let services: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(services).map_err(map_err(maps::SERVICES))?;
     for entry in services.iter() {
         let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
         out.services.insert(k, v);
     }
-    let selection: HashOfMaps<_, u32, Array<MapData, SelBlock>> =
-        HashOfMaps::try_from(selection).map_err(map_err(maps::SELECTION))?;
-    for svc_id in selection.keys() {
-        let svc_id = svc_id.map_err(map_err(maps::SELECTION))?;
-        let inner = selection
-            .get(&svc_id, 0)
-            .map_err(map_err(maps::SELECTION))?;
-        let blocks = inner
-            .iter()
-            .collect::<Result<Vec<SelBlock>, _>>()
-            .map_err(map_err(maps::SELECTION))?;
-        let table = Table::from_blocks(&blocks).ok_or(DatapathError::BadTable { svc_id })?;
-        out.tables.insert(svc_id, table);
-    }
-    let backends: Array<_, Backend> = Array::try_from(backends).map_err(map_err(maps::BACKENDS))?;
+    let backends_data = map_data(backends).ok_or(DatapathError::MissingMap {
+        name: maps::BACKENDS,
+    })?;
+    let len = backends_data
+        .info()
+        .map_err(map_err(maps::BACKENDS))?
+        .max_entries();
+    let all: Vec<Backend> = batch::read_array(backends_data.fd().as_fd(), 0, len)
+        .map_err(|e| map_err(maps::BACKENDS)(MapError::IoError(e)))?;
     for id in out
         .tables
         .values()
         .flat_map(|t| t.backends.iter().chain(&t.draining))
     {
-        if out.backends.contains_key(id) {
-            continue;
-        }
-        let b = backends.get(id, 0).map_err(map_err(maps::BACKENDS))?;
-        if b.is_set() {
-            out.backends.insert(*id, b);
+        if let Some(b) = all.get(*id as usize).filter(|b| b.is_set()) {
+            out.backends.insert(*id, *b);
         }
     }
     Ok(out)
 }
 
+/// Opens one of the maps pinned under `pin_root`.
+fn open_pinned(pin_root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+    let path = pin_root
+        .join(format!("v{PIN_LAYOUT_VERSION}"))
+        .join("maps")
+        .join(name);
+    MapData::from_pin(path).map_err(|source| DatapathError::Map { name, source })
+}
+
 /// Reads the service maps a running (or stopped) agent pinned under
 /// `pin_root`, without loading anything: for inspection commands.
 pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
-    let dir = pin_root.join(format!("v{PIN_LAYOUT_VERSION}")).join("maps");
-    let open = |name: &'static str| {
-        MapData::from_pin(dir.join(name)).map_err(|source| DatapathError::Map { name, source })
-    };
-    read_programmed_from(
-        &Map::HashMap(open(maps::SERVICES)?),
-        &Map::HashOfMaps(open(maps::SELECTION)?),
-        &Map::Array(open(maps::BACKENDS)?),
+    let (tables, _) = tables::read_tables_from(
+        &open_pinned(pin_root, maps::SVC_TABLE)?,
+        &open_pinned(pin_root, maps::SELECTION)?,
+    )?;
+    read_programmed_with(
+        &Map::HashMap(open_pinned(pin_root, maps::SERVICES)?),
+        &Map::Array(open_pinned(pin_root, maps::BACKENDS)?),
+        tables,
     )
 }
 
@@ -499,13 +447,75 @@ impl ConntrackHandle {
     }
 }
 
+/// Read-only handles on an agent's pinned service maps, for looking at single
+/// entries without reading everything (inspection, benchmarks).
+pub struct PinnedView {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    svc_table: Array<MapData, u32>,
+    selection: MapData,
+    backends: Array<MapData, Backend>,
+}
+
+impl PinnedView {
+    /// Opens the maps pinned under `pin_root`.
+    pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open_pinned(pin_root, maps::SERVICES)?))
+                .map_err(map_err(maps::SERVICES))?,
+            svc_table: Array::try_from(Map::Array(open_pinned(pin_root, maps::SVC_TABLE)?))
+                .map_err(map_err(maps::SVC_TABLE))?,
+            selection: open_pinned(pin_root, maps::SELECTION)?,
+            backends: Array::try_from(Map::Array(open_pinned(pin_root, maps::BACKENDS)?))
+                .map_err(map_err(maps::BACKENDS))?,
+        })
+    }
+
+    /// The selection table behind a frontend and its backends' addresses.
+    pub fn table_for(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<Option<(Table, Vec<std::net::SocketAddrV4>)>, DatapathError> {
+        let svc = match self.services.get(key, 0) {
+            Ok(v) => v,
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(map_err(maps::SERVICES)(e)),
+        };
+        let first = self
+            .svc_table
+            .get(&svc.svc_id, 0)
+            .map_err(map_err(maps::SVC_TABLE))?;
+        if first == 0 {
+            return Ok(None);
+        }
+        let io = |e: std::io::Error| map_err(maps::SELECTION)(MapError::IoError(e));
+        let fd = self.selection.fd().as_fd();
+        let header: Vec<SelBlock> = batch::read_array(fd, first, 1).map_err(io)?;
+        let bad = || DatapathError::BadTable { svc_id: svc.svc_id };
+        let h = header.first().ok_or_else(bad)?;
+        let len = proxy_common::sel_blocks(
+            h.w[proxy_common::SEL_HDR_COUNT],
+            h.w[proxy_common::SEL_HDR_DRAINING],
+            h.w[proxy_common::SEL_HDR_TABLE_SIZE],
+        );
+        let blocks: Vec<SelBlock> = batch::read_array(fd, first, len).map_err(io)?;
+        let table = Table::from_blocks(&blocks).ok_or_else(bad)?;
+        let addrs = table
+            .backends
+            .iter()
+            .map(|id| {
+                self.backends
+                    .get(id, 0)
+                    .map(|b| crate::reconcile::backend_sockaddr(&b))
+                    .map_err(map_err(maps::BACKENDS))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some((table, addrs)))
+    }
+}
+
 /// Every conntrack entry of the maps pinned under `pin_root` (inspection).
 pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-    let path = pin_root
-        .join(format!("v{PIN_LAYOUT_VERSION}"))
-        .join("maps")
-        .join(maps::CONNTRACK);
-    let data = MapData::from_pin(path).map_err(map_err(maps::CONNTRACK))?;
+    let data = open_pinned(pin_root, maps::CONNTRACK)?;
     let ct: HashMap<_, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(maps::CONNTRACK))?;
     ct.iter()
@@ -532,10 +542,18 @@ fn classifier<'a>(
         .map_err(|source| DatapathError::Program { name, source })
 }
 
+/// Whether a map error means "no such entry (or object)".
+fn is_missing(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
         other => other,
     }
 }

@@ -1,0 +1,116 @@
+//! Batched map access (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`), which
+//! aya 0.14 does not wrap: one syscall for thousands of elements where a
+//! Service sync would otherwise make one per element.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Elements per syscall: bounded so the kernel's per-call work stays short.
+const CHUNK: usize = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `keys[i] → values[i]` for every i.
+pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "keys and values differ in length",
+        ));
+    }
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: u32::try_from(k.len()).unwrap_or(u32::MAX),
+            map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+            ..BatchAttr::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        if attr.count as usize != k.len() {
+            return Err(io::Error::other(format!(
+                "batch update wrote {} of {} elements",
+                attr.count,
+                k.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads `count` consecutive elements of an array map from index `start`.
+pub fn read_array<V: Pod + Default + Clone>(
+    map: BorrowedFd<'_>,
+    start: u32,
+    count: u32,
+) -> io::Result<Vec<V>> {
+    let mut out: Vec<V> = Vec::with_capacity(count as usize);
+    let mut keys = vec![0u32; CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    // The kernel continues after the key in `in_batch`; none means "from the start".
+    let mut cursor: u32 = start.wrapping_sub(1);
+    let mut from_start = start == 0;
+    while out.len() < count as usize {
+        let want = (count as usize - out.len()).min(CHUNK);
+        let mut attr = BatchAttr {
+            in_batch: if from_start {
+                0
+            } else {
+                std::ptr::from_ref(&cursor) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut cursor) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(want).unwrap_or(u32::MAX),
+            map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+            ..BatchAttr::default()
+        };
+        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        out.extend_from_slice(&values[..attr.count as usize]);
+        from_start = false;
+        if done || attr.count == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
