@@ -104,16 +104,12 @@ impl Agent {
     /// Runs a batch against the maps; on failure rebuilds the reconciler from
     /// what the maps really hold so the next sync repairs it.
     fn apply(&mut self, batch: Batch, started: Instant, kind: &str, changes: usize) {
+        let planned = started.elapsed();
         for (svc, why) in &batch.refused {
             tracing::error!(service = %svc, "not programmed: {why}");
         }
         let applying = Instant::now();
         let result = self.dp.apply(&batch.ops);
-        tracing::debug!(
-            apply_ms = applying.elapsed().as_secs_f64() * 1e3,
-            operations = batch.ops.len(),
-            "applied"
-        );
         let ok = match result {
             Ok(report) if report.refused.is_empty() => true,
             Ok(report) => {
@@ -156,6 +152,8 @@ impl Agent {
             backends = maps.backends.len(),
             selection_bytes = u64::from(blocks) * 64,
             operations = batch.ops.len(),
+            plan_ms = planned.as_secs_f64() * 1e3,
+            apply_ms = applying.elapsed().as_secs_f64() * 1e3,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
@@ -207,6 +205,7 @@ impl Agent {
         let n = self.engine.desired().services.len();
         self.synced = true;
         self.apply(batch, started, "full", n);
+        release_freed_memory();
     }
 
     /// Applies what a store change touched.
@@ -216,12 +215,18 @@ impl Agent {
         }
         let started = Instant::now();
         let update = self.engine.update(&dirty);
+        let translated = started.elapsed();
         self.log_errors(&update.new_errors);
         if update.changes.is_empty() {
             return;
         }
         let n = update.changes.len();
         let batch = self.reconciler.changes(&update.changes);
+        tracing::debug!(
+            translate_us = translated.as_micros() as u64,
+            reconcile_us = (started.elapsed() - translated).as_micros() as u64,
+            "incremental update planned"
+        );
         self.apply(batch, started, "incremental", n);
     }
 
@@ -345,6 +350,15 @@ impl Agent {
             self.last_source_error = None;
         }
         self.health.source(None);
+    }
+}
+
+/// A full sync (and the list before it) allocates and frees a lot; glibc keeps
+/// freed memory mapped unless asked to give it back.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -160,16 +160,13 @@ pub fn build(backends: &[(SocketAddrV4, u32)], size: u32) -> Result<Vec<u16>, Ma
     turns.sort_by_key(|i| identity(&backends[*i].0));
 
     const EMPTY: u16 = u16::MAX;
-    let m = u64::from(size);
-    let perms: Vec<(u64, u64)> = turns
+    // Each backend walks its preference list offset, offset + skip, … (mod M):
+    // `pos` is where it stands; adding `skip` < M needs at most one subtraction.
+    let (mut pos, skips): (Vec<u32>, Vec<u32>) = turns
         .iter()
-        .map(|i| {
-            let (o, s) = permutation(&backends[*i].0, size);
-            (u64::from(o), u64::from(s))
-        })
-        .collect();
+        .map(|i| permutation(&backends[*i].0, size))
+        .unzip();
     let max_weight = turns.iter().map(|i| backends[*i].1).max().unwrap_or(1);
-    let mut next = vec![0u64; turns.len()];
     let mut credit = vec![0u32; turns.len()];
     let mut table = vec![EMPTY; size as usize];
     let mut filled = 0usize;
@@ -180,12 +177,14 @@ pub fn build(backends: &[(SocketAddrV4, u32)], size: u32) -> Result<Vec<u16>, Ma
                 continue;
             }
             credit[t] -= max_weight;
-            let (offset, skip) = perms[t];
             let slot = loop {
-                let c = ((offset + next[t] * skip) % m) as usize;
-                next[t] += 1;
-                if table[c] == EMPTY {
-                    break c;
+                let c = pos[t];
+                pos[t] += skips[t];
+                if pos[t] >= size {
+                    pos[t] -= size;
+                }
+                if table[c as usize] == EMPTY {
+                    break c as usize;
                 }
             };
             // `i` < MAX_BACKENDS, checked above.

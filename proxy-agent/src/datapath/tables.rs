@@ -36,6 +36,8 @@ pub struct Blocks {
     quarantine: VecDeque<(Instant, u32, u32)>,
     /// The region of each service's current table.
     regions: BTreeMap<u32, (u32, u32)>,
+    /// Sum of the regions' lengths.
+    used: u32,
 }
 
 impl Blocks {
@@ -50,12 +52,20 @@ impl Blocks {
             free,
             quarantine: VecDeque::new(),
             regions: BTreeMap::new(),
+            used: 0,
         }
     }
 
     /// Blocks in use by current tables.
     pub fn used(&self) -> u32 {
-        self.regions.values().map(|(_, len)| *len).sum()
+        self.used
+    }
+
+    fn set_region(&mut self, svc_id: u32, start: u32, len: u32) {
+        if let Some((_, old)) = self.regions.insert(svc_id, (start, len)) {
+            self.used -= old;
+        }
+        self.used += len;
     }
 
     pub fn capacity(&self) -> u32 {
@@ -77,7 +87,7 @@ impl Blocks {
         if fstart + flen > start + len {
             self.free.insert(start + len, fstart + flen - start - len);
         }
-        self.regions.insert(svc_id, (start, len));
+        self.set_region(svc_id, start, len);
         true
     }
 
@@ -124,7 +134,9 @@ impl Blocks {
     fn carry_quarantine(&mut self, old: &Blocks) {
         for &(at, start, len) in &old.quarantine {
             if self.adopt(u32::MAX, start, len) {
-                self.regions.remove(&u32::MAX);
+                if let Some((_, l)) = self.regions.remove(&u32::MAX) {
+                    self.used -= l;
+                }
                 self.quarantine.push_back((at, start, len));
             }
         }
@@ -138,6 +150,7 @@ impl Blocks {
     /// Gives a service's region back (into quarantine).
     fn release(&mut self, svc_id: u32, now: Instant) {
         if let Some((start, len)) = self.regions.remove(&svc_id) {
+            self.used -= len;
             self.quarantine.push_back((now, start, len));
         }
     }
@@ -314,7 +327,7 @@ impl Datapath {
         self.batch_update(maps::SVC_TABLE, &ids, &firsts)?;
         for (svc_id, start, len) in switches {
             self.blocks.release(svc_id, now);
-            self.blocks.regions.insert(svc_id, (start, len));
+            self.blocks.set_region(svc_id, start, len);
         }
         Ok(())
     }
@@ -394,8 +407,8 @@ mod tests {
         let a = b.alloc(40, t0).unwrap();
         let c = b.alloc(40, t0).unwrap();
         assert_eq!((a, c), (1, 41));
-        b.regions.insert(1, (a, 40));
-        b.regions.insert(2, (c, 40));
+        b.set_region(1, a, 40);
+        b.set_region(2, c, 40);
         assert!(b.alloc(30, t0).is_none(), "only 20 blocks left");
         b.release(1, t0);
         assert!(

@@ -254,6 +254,8 @@ pub type FrontendClaim = (bool, Ipv4Addr, u16, Protocol);
 #[derive(Clone, Debug, Default)]
 pub struct Claims {
     owners: BTreeMap<FrontendClaim, ServicePortName>,
+    /// The same, by owner.
+    owned: BTreeMap<ServicePortName, BTreeSet<FrontendClaim>>,
 }
 
 fn claim_of(f: &Frontend, protocol: Protocol) -> FrontendClaim {
@@ -285,6 +287,7 @@ impl Claims {
                 }
                 _ => {
                     self.owners.insert(key, id.clone());
+                    self.owned.entry(id.clone()).or_default().insert(key);
                     true
                 }
             }
@@ -300,10 +303,10 @@ impl Claims {
     /// Releases every frontend `id` owns, returning them.
     pub fn release(&mut self, id: &ServicePortName) -> Vec<FrontendClaim> {
         let mine: Vec<FrontendClaim> = self
-            .owners
-            .iter()
-            .filter(|(_, o)| *o == id)
-            .map(|(k, _)| *k)
+            .owned
+            .remove(id)
+            .unwrap_or_default()
+            .into_iter()
             .collect();
         for k in &mine {
             self.owners.remove(k);

@@ -399,17 +399,37 @@ fn control_plane_run(n: usize) -> Result<String> {
             if t0.elapsed() > std::time::Duration::from_secs(10) {
                 bail!("slice change {k} never reached the map");
             }
-            std::hint::spin_loop();
+            // Not a spin: on a 2-core machine a spinning poller would take a
+            // core from the agent and the API server it measures.
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         latencies.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     latencies.sort_by(f64::total_cmp);
-    let mut in_loop: Vec<f64> = agent
-        .log()
+    let log = agent.log();
+    let incremental: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("kind=\"incremental\""))
+        .collect();
+    let mut in_loop: Vec<f64> = incremental
+        .iter()
         .filter_map(|l| log_field(l, "elapsed_ms"))
         .collect();
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let mut slow: Vec<&&str> = incremental.iter().collect();
+        slow.sort_by(|a, b| {
+            log_field(b, "elapsed_ms")
+                .unwrap_or(0.0)
+                .total_cmp(&log_field(a, "elapsed_ms").unwrap_or(0.0))
+        });
+        for l in slow.iter().take(5) {
+            eprintln!("slow: {l}");
+        }
+        let lines: Vec<&str> = log.lines().collect();
+        for l in &lines[lines.len().saturating_sub(14)..] {
+            eprintln!("tail: {l}");
+        }
+    }
     in_loop.sort_by(f64::total_cmp);
     agent.stop();
     Ok(format!(
