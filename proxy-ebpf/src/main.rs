@@ -103,8 +103,11 @@ fn pod_ingress(ctx: &TcContext) -> Result<Done, Counter> {
 #[inline(always)]
 fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
     let now = conntrack::now();
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt)) {
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt))
         // SAFETY: entry is a valid map value pointer for this run.
+        && unsafe { (*entry).svc_id } == svc_id
+    {
+        // SAFETY: as above.
         let (backend_id, addr_be, port_be) = unsafe {
             (
                 (*entry).backend_id,
@@ -112,12 +115,13 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
                 (*entry).nat_port_be,
             )
         };
-        // The flow keeps its backend as long as that backend still exists at
-        // the same address (an id freed and reused elsewhere does not match).
-        if let Some(b) = select::lookup_backend(backend_id)
-            && b.addr_be == addr_be
-            && b.port_be == port_be
-        {
+        // A tracked flow keeps its backend for its whole life, even after the
+        // backend leaves the Service (not ready, terminating, scaled away):
+        // as with kube-proxy, a draining pod finishes its connections. Only a
+        // new connection attempt (a SYN reusing the tuple) whose backend is
+        // gone picks again. UDP flows to departed backends are removed by the
+        // agent. A flow tracked for another Service (address reused) starts anew.
+        if !pkt.tcp_syn_only || select::backend_is(backend_id, addr_be, port_be) {
             conntrack::touch(entry, now);
             nat::rewrite(ctx, pkt, Side::Dst, addr_be, port_be)?;
             stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);

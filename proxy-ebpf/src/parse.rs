@@ -22,6 +22,10 @@ pub const IP_DADDR_OFF: usize = ETH_LEN + 16;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// "More fragments" flag and fragment offset bits of the IPv4 `frags` field.
 const IP_FRAG_MASK: u16 = 0x3fff;
+/// Offset of the flags byte in the TCP header, and two of its bits.
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// The fields of an IPv4 TCP/UDP packet the datapath works with.
 /// Addresses and ports are raw network-byte-order values as they sit in the packet.
@@ -36,6 +40,8 @@ pub struct Packet {
     pub l4_off: usize,
     /// IPv4 total length.
     pub l3_len: u32,
+    /// TCP with SYN set and ACK clear: the first packet of a connection attempt.
+    pub tcp_syn_only: bool,
 }
 
 impl Packet {
@@ -138,20 +144,21 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Counter> {
         )
     };
     let l4_len = tot_len - ihl;
-    let (sport_be, dport_be) = if proto == proto::TCP {
+    let (sport_be, dport_be, tcp_syn_only) = if proto == proto::TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(Counter::MalformedL4)?;
         // SAFETY: bounds-checked against data_end.
-        let (sport, dport, doff) = unsafe {
+        let (sport, dport, doff, flags) = unsafe {
             (
                 u16::from_ne_bytes((*tcp).source),
                 u16::from_ne_bytes((*tcp).dest),
                 ((*tcp).doff() as usize) * 4,
+                *tcp.cast::<u8>().add(TCP_FLAGS_OFF),
             )
         };
         if doff < TcpHdr::LEN || doff > l4_len {
             return Err(Counter::MalformedL4);
         }
-        (sport, dport)
+        (sport, dport, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
     } else {
         let udp = ptr_at::<UdpHdr>(ctx, l4_off).ok_or(Counter::MalformedL4)?;
         // SAFETY: bounds-checked against data_end.
@@ -165,7 +172,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Counter> {
         if len < UdpHdr::LEN || len > l4_len {
             return Err(Counter::MalformedL4);
         }
-        (sport, dport)
+        (sport, dport, false)
     };
     Ok(Some(Packet {
         saddr_be,
@@ -175,5 +182,6 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Counter> {
         proto,
         l4_off,
         l3_len: tot_len as u32,
+        tcp_syn_only,
     }))
 }

@@ -99,8 +99,15 @@ pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Count
         .ok_or(Counter::BackendMissing)
 }
 
+/// Whether `backend_id` still names the backend at this address and port
+/// (ids are freed and reused).
+#[inline(always)]
+pub fn backend_is(backend_id: u32, addr_be: u32, port_be: u16) -> bool {
+    lookup_backend(backend_id).is_some_and(|b| b.addr_be == addr_be && b.port_be == port_be)
+}
+
 /// The backend with id `backend_id`, if that slot is set.
 #[inline(always)]
-pub fn lookup_backend(backend_id: u32) -> Option<Backend> {
+fn lookup_backend(backend_id: u32) -> Option<Backend> {
     BACKENDS.get(backend_id).filter(|b| b.is_set()).copied()
 }

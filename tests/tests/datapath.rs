@@ -9,7 +9,7 @@
     reason = "integration test: a failed unwrap is a test failure"
 )]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use proxy_agent::{datapath::Datapath, model::Protocol};
 use proxy_common::{Counter, maps::programs};
@@ -485,6 +485,87 @@ fn same_flow_keeps_its_backend_and_flows_spread() {
     }
     assert_eq!(seen.len(), 3, "all backends used: {seen:?}");
     assert!(seen.values().all(|n| *n >= 50), "roughly even: {seen:?}");
+}
+
+#[test]
+fn established_tcp_flow_outlives_its_backend_leaving() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 31], 80);
+    let backends = [
+        sa([10, 244, 1, 21], 8080),
+        sa([10, 244, 1, 22], 8080),
+        sa([10, 244, 1, 23], 8080),
+    ];
+    let program = |dp: &mut Datapath, set: &[SocketAddrV4]| {
+        fixture::program(dp, vec![fixture::service("drain", vip, Protocol::Tcp, set)]).unwrap();
+    };
+    program(&mut dp, &backends);
+    let syn = Frame::tcp_syn(sa(CLIENT, 50001), vip);
+    let chosen = packet::dst_of(&dp.test_run(INGRESS, &syn.build(), 1).unwrap().frame);
+    let ack = Frame {
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+        },
+        payload: b"more".to_vec(),
+        ..syn.clone()
+    };
+    let rest: Vec<SocketAddrV4> = backends.iter().copied().filter(|b| *b != chosen).collect();
+    let newcomer = sa([10, 244, 1, 29], 8080);
+
+    // The backend leaves (terminating, not ready, scaled away); later a new
+    // backend may even take its freed id. The flow stays where it is; new
+    // flows never go to the departed backend.
+    for (step, set) in [
+        ("backend left", rest.clone()),
+        (
+            "another backend took its place",
+            [rest.clone(), vec![newcomer]].concat(),
+        ),
+        ("no endpoints left", vec![]),
+    ] {
+        program(&mut dp, &set);
+        let before = counters(&dp);
+        let out = dp.test_run(INGRESS, &ack.build(), 1).unwrap();
+        assert_eq!(out.verdict, TCX_NEXT, "{step}");
+        assert_eq!(
+            out.frame,
+            ack.with_endpoints(ack.src, chosen).build(),
+            "{step}"
+        );
+        assert_eq!(
+            moved(&before, &counters(&dp)),
+            vec![(Counter::Established, 1)],
+            "{step}"
+        );
+        for port in 1..=50u16 {
+            let out = dp
+                .test_run(INGRESS, &Frame::tcp_syn(sa(CLIENT, port), vip).build(), 1)
+                .unwrap();
+            if set.is_empty() {
+                assert_eq!(
+                    out.verdict, TC_ACT_REDIRECT,
+                    "{step}: new flows are refused"
+                );
+            } else {
+                let to = packet::dst_of(&out.frame);
+                assert!(set.contains(&to), "{step}: new flow went to {to}");
+            }
+        }
+    }
+
+    // A new connection attempt reusing the tuple is a new flow: it does not
+    // go to the departed backend (here: refused, nothing is left).
+    let before = counters(&dp);
+    let out = dp.test_run(INGRESS, &syn.build(), 1).unwrap();
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        moved(&before, &counters(&dp)),
+        vec![(Counter::RejectNoEndpoints, 1)]
+    );
+    program(&mut dp, &[newcomer]);
+    let out = dp.test_run(INGRESS, &syn.build(), 1).unwrap();
+    assert_eq!(out.frame, syn.with_endpoints(syn.src, newcomer).build());
 }
 
 #[test]
