@@ -16,7 +16,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -115,6 +115,19 @@ where
     })
 }
 
+/// Drops what the agent never reads and what is often most of an object's
+/// size (server-side-apply field ownership, kubectl's last-applied copy), so
+/// the store holds tens of thousands of objects in less memory.
+fn slim<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Starts the three watchers; events arrive on the returned channel.
 pub fn watch(
     client: Client,
@@ -124,12 +137,17 @@ pub fn watch(
     // Bookmarks (on by default) keep resourceVersions fresh, so a reconnect
     // resumes instead of re-listing.
     let cfg = watcher::Config::default();
-    let services = watcher(Api::<Service>::all(client.clone()), cfg.clone()).default_backoff();
-    let slices = watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone()).default_backoff();
+    let services = watcher(Api::<Service>::all(client.clone()), cfg.clone())
+        .modify(slim)
+        .default_backoff();
+    let slices = watcher(Api::<EndpointSlice>::all(client.clone()), cfg.clone())
+        .modify(slim)
+        .default_backoff();
     let nodes = watcher(
         Api::<Node>::all(client),
         cfg.fields(&format!("metadata.name={node_name}")),
     )
+    .modify(slim)
     .default_backoff();
     let handles = vec![
         forward(Kind::Service, Object::Service, services, tx.clone()),
@@ -141,3 +159,43 @@ pub fn watch(
 
 /// How often an unchanged connection error is logged again.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+
+    use super::*;
+
+    #[test]
+    fn slim_keeps_what_translation_reads() {
+        let mut svc = Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("kubectl".into()),
+                    ..Default::default()
+                }]),
+                annotations: Some(BTreeMap::from([
+                    (LAST_APPLIED.to_owned(), "{\"big\": true}".to_owned()),
+                    ("ebpf-proxy.io/lb-algorithm".to_owned(), "random".to_owned()),
+                ])),
+                labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        slim(&mut svc);
+        assert_eq!(svc.metadata.managed_fields, None);
+        assert_eq!(
+            svc.metadata.annotations,
+            Some(BTreeMap::from([(
+                "ebpf-proxy.io/lb-algorithm".to_owned(),
+                "random".to_owned()
+            )]))
+        );
+        assert_eq!(svc.metadata.name.as_deref(), Some("web"));
+        assert!(svc.metadata.labels.is_some());
+    }
+}
