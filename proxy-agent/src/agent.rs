@@ -190,9 +190,13 @@ impl Agent {
         });
         let translated = started.elapsed();
         self.log_errors(&update.new_errors);
-        match self.dp.read_programmed() {
-            Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
-            Err(e) => tracing::error!("reading the maps before a full sync: {e}"),
+        // The first sync plans against the maps as read at load (nothing has
+        // written them since); later ones re-read them to catch drift.
+        if self.synced {
+            match self.dp.read_programmed() {
+                Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
+                Err(e) => tracing::error!("reading the maps before a full sync: {e}"),
+            }
         }
         let read = started.elapsed();
         let batch = self.reconciler.full(&self.engine.desired());
