@@ -78,6 +78,12 @@ fn machine() -> String {
 
 fn run() -> Result<String> {
     proxy_tests::netns::require_root()?;
+    // For working on the agent: the control-plane section alone.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("control-plane") {
+        let mut md = String::new();
+        control_plane_section(&mut md)?;
+        return Ok(md);
+    }
     let mut dp = Datapath::load(&LoadOptions {
         sizes: MapSizes::default(),
         pin_root: None,
@@ -254,11 +260,33 @@ fn control_plane_section(md: &mut String) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services × endpoints | start → synced (wall) | full sync (agent) | slice change → map p50 | p99 | max | agent in-loop p99 | agent RSS | selection tables |"
+        "Each size runs {CP_RUNS} times (a fresh namespace, API server and agent each time); the row is the \
+         run with the median start → synced time, and the range shows all runs: this 2-vCPU VM is noisy, \
+         and the fake API server shares its cores with the agent while it serves the lists.\n"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "| Services × endpoints | start → synced (wall) | range | full sync (agent) | slice change → map p50 | p99 | max | agent in-loop p99 | agent RSS | selection tables |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for n in [1_000usize, 10_000] {
-        let row = control_plane_run(n)?;
+        let mut runs = (0..CP_RUNS)
+            .map(|_| control_plane_run(n))
+            .collect::<Result<Vec<_>>>()?;
+        runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+        let (lo, hi) = (runs[0].wall_s, runs[runs.len() - 1].wall_s);
+        let r = &runs[runs.len() / 2];
+        let row = format!(
+            "| {n} × 10 | {:.2} s | {lo:.2}–{hi:.2} s | {:.0} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} MiB | {:.1} MiB |",
+            r.wall_s,
+            r.full_ms,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.in_loop_p99_ms,
+            r.rss_mib,
+            r.selection_mib,
+        );
         writeln!(md, "{row}")?;
         eprintln!("control plane at {n}: {row}");
     }
@@ -312,7 +340,22 @@ fn slice_json(i: usize, endpoints: &[Ipv4Addr]) -> serde_json::Value {
     })
 }
 
-fn control_plane_run(n: usize) -> Result<String> {
+/// Runs per control-plane size.
+const CP_RUNS: usize = 3;
+
+/// One control-plane run's numbers.
+struct CpRun {
+    wall_s: f64,
+    full_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    in_loop_p99_ms: f64,
+    rss_mib: f64,
+    selection_mib: f64,
+}
+
+fn control_plane_run(n: usize) -> Result<CpRun> {
     use proxy_agent::datapath::PinnedView;
     use proxy_tests::{
         cluster::{Agent, Cluster},
@@ -374,6 +417,15 @@ fn control_plane_run(n: usize) -> Result<String> {
     let full_ms = log_field(&full_line, "elapsed_ms").unwrap_or(f64::NAN);
     let selection = log_field(&full_line, "selection_bytes").unwrap_or(0.0);
     let rss = vm_rss_kib(agent.process.child.id());
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        eprintln!("full: {full_line}");
+        for l in log.lines().take_while(|l| !l.contains("kind=\"full\"")) {
+            eprintln!("startup: {l}");
+        }
+        for l in log.lines().filter(|l| l.contains("full sync planned")) {
+            eprintln!("planned: {l}");
+        }
+    }
 
     let view = PinnedView::open(&cluster.pin_root())?;
     let key = proxy_common::ServiceKey {
@@ -432,17 +484,16 @@ fn control_plane_run(n: usize) -> Result<String> {
     }
     in_loop.sort_by(f64::total_cmp);
     agent.stop();
-    Ok(format!(
-        "| {n} × 10 | {:.2} s | {:.0} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} MiB | {:.1} MiB |",
-        wall.as_secs_f64(),
+    Ok(CpRun {
+        wall_s: wall.as_secs_f64(),
         full_ms,
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or(f64::NAN),
-        percentile(&in_loop, 0.99),
-        rss as f64 / 1024.0,
-        selection / (1024.0 * 1024.0),
-    ))
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+        in_loop_p99_ms: percentile(&in_loop, 0.99),
+        rss_mib: rss as f64 / 1024.0,
+        selection_mib: selection / (1024.0 * 1024.0),
+    })
 }
 
 fn addresses(n: u32) -> Vec<(SocketAddrV4, u32)> {
