@@ -150,6 +150,9 @@ impl FakeApi {
                 return;
             };
             while let Ok((conn, _)) = listener.accept().await {
+                // As Go's net/http (the real API server): no Nagle delay, or
+                // a small watch event can wait for a delayed ACK (~40 ms).
+                let _ = conn.set_nodelay(true);
                 let shared = Arc::clone(&serving);
                 tokio::spawn(async move {
                     let _ = serve_connection(conn, shared).await;

@@ -151,7 +151,7 @@ fn run() -> Result<String> {
     let cases = [
         (
             "ClusterIP, established flow",
-            "data segment of a tracked flow: lookup, conntrack hit, backend check, DNAT",
+            "data segment of a tracked flow: lookup, conntrack hit (same svc id), DNAT",
             spec(programs::TC_POD_INGRESS, &established, bench_mode::SAME),
             Some(Counter::Established),
         ),
@@ -457,6 +457,14 @@ fn control_plane_run(n: usize) -> Result<CpRun> {
         }
         latencies.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let slowest: Vec<(usize, f64)> = {
+            let mut v: Vec<(usize, f64)> = latencies.iter().copied().enumerate().collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v.into_iter().take(3).collect()
+        };
+        eprintln!("slowest changes (index, ms): {slowest:?}");
+    }
     latencies.sort_by(f64::total_cmp);
     let log = agent.log();
     let incremental: Vec<&str> = log
@@ -478,8 +486,12 @@ fn control_plane_run(n: usize) -> Result<CpRun> {
             eprintln!("slow: {l}");
         }
         let lines: Vec<&str> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(14)..] {
-            eprintln!("tail: {l}");
+        let after = lines
+            .iter()
+            .position(|l| l.contains("kind=\"full\""))
+            .unwrap_or(0);
+        for l in lines.iter().skip(after).take(14) {
+            eprintln!("after full: {l}");
         }
     }
     in_loop.sort_by(f64::total_cmp);
