@@ -14,6 +14,11 @@ use crate::build::{cmd, run as run_cmd};
 /// Debian packages the project needs, with what each is for.
 const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "rustc with LLVM 22 for the eBPF build"),
+    // Only a Recommends of rustc-web, which --no-install-recommends skips.
+    (
+        "cargo-web",
+        "the cargo that goes with rustc-web, for the eBPF build",
+    ),
     ("rust-web-src", "library source for -Z build-std=core"),
     ("llvm-22-dev", "LLVM libraries bpf-linker links against"),
     ("bpftool", "inspecting maps and programs"),
@@ -61,6 +66,7 @@ pub fn run() -> Result<()> {
     }
     for (path, pkg) in [
         ("/usr/bin/rustc", "rustc-web"),
+        ("/usr/bin/cargo", "cargo-web"),
         ("/usr/lib/rustlib/src/rust/library/core", "rust-web-src"),
         ("/usr/lib/llvm-22/lib", "llvm-22-dev"),
     ] {
