@@ -107,8 +107,11 @@ struct RunArgs {
     /// (*.yaml, *.yml, *.json) instead of the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
-    /// Kubeconfig for the Kubernetes API [default: in-cluster configuration].
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
+    /// Kubeconfig for the Kubernetes API [default: $KUBECONFIG or
+    /// ~/.kube/config if present, else the in-cluster configuration].
+    // No `env = "KUBECONFIG"`: an operator's exported KUBECONFIG would then
+    // conflict with --manifests; kube-rs reads it anyway when this is unset.
+    #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     node: NodeArgs,

@@ -199,3 +199,33 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
     assert_eq!(svc["algorithm"], "maglev");
     assert_eq!(svc["maglev_table_size"], 1009);
 }
+
+#[test]
+fn an_exported_kubeconfig_does_not_conflict_with_manifests() {
+    // An invalid flag value stops `run` right after argument parsing, before
+    // anything touches the kernel: the error shows how far parsing got.
+    let out = Command::new(agent_binary().unwrap())
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .args([
+            "run",
+            "--manifests",
+            "/nonexistent/manifests",
+            "--maglev-max-table-size",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--maglev-max-table-size 4: must be a prime"),
+        "{stderr}"
+    );
+    // Both given explicitly is still a usage error.
+    let both = agent(&["run", "--manifests", "d", "--kubeconfig", "k"]);
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+}
