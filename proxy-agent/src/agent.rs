@@ -38,7 +38,7 @@ use crate::{
     kube_source::{self, Event, Kind, Object},
     manifests,
     reconcile::{Batch, Reconciler},
-    store::{Dirty, Stored},
+    store::{Dirty, Store, key_of},
     translate::{MaglevOptions, TranslateOptions},
 };
 
@@ -78,8 +78,8 @@ struct Agent {
     synced: bool,
     /// Kinds that have been listed completely at least once.
     listed: BTreeSet<Kind>,
-    /// Objects of a (re-)list in progress.
-    relists: BTreeMap<Kind, Vec<Object>>,
+    /// Objects of a (re-)list in progress, by kind.
+    relists: BTreeMap<Kind, Store>,
     last_source_error: Option<(String, Instant)>,
 }
 
@@ -120,10 +120,7 @@ impl Agent {
                     svc_ids = ?report.refused,
                     "service ports not (re)programmed: SELECTION is full; raise --selection-blocks"
                 );
-                match self.dp.read_programmed() {
-                    Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
-                    Err(e) => tracing::error!("re-reading the maps: {e}"),
-                }
+                self.mirror_maps();
                 true
             }
             Err((index, e)) => {
@@ -132,10 +129,7 @@ impl Agent {
                     "applying failed after {index} of {} operations: {e}; will resync",
                     batch.ops.len()
                 );
-                match self.dp.read_programmed() {
-                    Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
-                    Err(e) => tracing::error!("re-reading the maps: {e}"),
-                }
+                self.mirror_maps();
                 false
             }
         };
@@ -157,6 +151,14 @@ impl Agent {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
+    }
+
+    /// Rebuilds the reconciler from what the maps really hold.
+    fn mirror_maps(&mut self) {
+        match self.dp.read_programmed() {
+            Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
+            Err(e) => tracing::error!("reading the maps back: {e}"),
+        }
     }
 
     /// UDP has no connection to end: flows whose backend left their service
@@ -193,20 +195,19 @@ impl Agent {
         // The first sync plans against the maps as read at load (nothing has
         // written them since); later ones re-read them to catch drift.
         if self.synced {
-            match self.dp.read_programmed() {
-                Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
-                Err(e) => tracing::error!("reading the maps before a full sync: {e}"),
-            }
+            self.mirror_maps();
         }
         let read = started.elapsed();
-        let batch = self.reconciler.full(&self.engine.desired());
+        let desired = self.engine.desired();
+        let batch = self.reconciler.full(&desired);
         tracing::debug!(
             translate_ms = translated.as_secs_f64() * 1e3,
             read_maps_ms = (read - translated).as_secs_f64() * 1e3,
             plan_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
             "full sync planned"
         );
-        let n = self.engine.desired().services.len();
+        let n = desired.services.len();
+        drop(desired);
         self.synced = true;
         self.apply(batch, started, "full", n);
         release_freed_memory();
@@ -257,72 +258,31 @@ impl Agent {
 
     /// Applies one watch event to the store.
     fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
-        let origin = || Some("api".to_owned());
         match event {
-            Event::Apply(o) => dirty.merge(match o {
-                Object::Service(s) => self.engine.store.upsert_service(*s, origin()),
-                Object::Slice(s) => self.engine.store.upsert_slice(*s, origin()),
-                Object::Node(n) => self.engine.store.upsert_node(*n, origin()),
-            }),
+            Event::Apply(o) => dirty.merge(upsert(&mut self.engine.store, o)),
             Event::Delete(o) => dirty.merge(match o {
-                Object::Service(s) => self.engine.store.remove_service(&key(&s.metadata)),
-                Object::Slice(s) => self.engine.store.remove_slice(&key(&s.metadata)),
+                Object::Service(s) => self.engine.store.remove_service(&key_of(&s.metadata)),
+                Object::Slice(s) => self.engine.store.remove_slice(&key_of(&s.metadata)),
                 Object::Node(n) => self
                     .engine
                     .store
                     .remove_node(n.metadata.name.as_deref().unwrap_or_default()),
             }),
             Event::ListStart(kind) => {
-                self.relists.insert(kind, Vec::new());
+                self.relists.insert(kind, Store::default());
             }
             Event::ListItem(o) => {
-                let kind = match &o {
-                    Object::Service(_) => Kind::Service,
-                    Object::Slice(_) => Kind::Slice,
-                    Object::Node(_) => Kind::Node,
-                };
-                self.relists.entry(kind).or_default().push(o);
+                upsert(self.relists.entry(o.kind()).or_default(), o);
             }
             Event::ListDone(kind) => {
-                let items = self.relists.remove(&kind).unwrap_or_default();
+                let listed = self.relists.remove(&kind).unwrap_or_default();
                 let store = &mut self.engine.store;
                 let changed = match kind {
-                    Kind::Service => store.replace_services(
-                        items
-                            .into_iter()
-                            .filter_map(|o| match o {
-                                Object::Service(s) => Some(Stored {
-                                    object: *s,
-                                    origin: origin(),
-                                }),
-                                _ => None,
-                            })
-                            .collect(),
-                    ),
-                    Kind::Slice => store.replace_slices(
-                        items
-                            .into_iter()
-                            .filter_map(|o| match o {
-                                Object::Slice(s) => Some(Stored {
-                                    object: *s,
-                                    origin: origin(),
-                                }),
-                                _ => None,
-                            })
-                            .collect(),
-                    ),
-                    Kind::Node => store.replace_nodes(
-                        items
-                            .into_iter()
-                            .filter_map(|o| match o {
-                                Object::Node(n) => Some(Stored {
-                                    object: *n,
-                                    origin: origin(),
-                                }),
-                                _ => None,
-                            })
-                            .collect(),
-                    ),
+                    Kind::Service => {
+                        store.replace_services(listed.services.into_values().collect())
+                    }
+                    Kind::Slice => store.replace_slices(listed.slices.into_values().collect()),
+                    Kind::Node => store.replace_nodes(listed.nodes.into_values().collect()),
                 };
                 if self.listed.insert(kind) {
                     tracing::info!(kind = kind.name(), "initial list complete");
@@ -366,11 +326,14 @@ fn release_freed_memory() {
     }
 }
 
-fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> crate::store::Key {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+/// Puts a watched object into `store`.
+fn upsert(store: &mut Store, o: Object) -> Dirty {
+    let origin = Some("api".to_owned());
+    match o {
+        Object::Service(s) => store.upsert_service(*s, origin),
+        Object::Slice(s) => store.upsert_slice(*s, origin),
+        Object::Node(n) => store.upsert_node(*n, origin),
+    }
 }
 
 /// Watches the manifest directory; every change sends a unit on the channel.

@@ -44,7 +44,6 @@ pub struct Engine {
     /// Problems reported so far, by the Service they belong to (errors not tied
     /// to one Service, such as frontend conflicts, under the empty key).
     reported: BTreeMap<Key, Vec<ObjectError>>,
-    error_count: usize,
 }
 
 fn ports_of(desired: &BTreeMap<ServicePortName, ServicePlan>, key: &Key) -> Vec<ServicePortName> {
@@ -208,11 +207,6 @@ impl Engine {
         self.desired = desired;
     }
 
-    /// Every problem known now.
-    pub fn errors(&self) -> Vec<ObjectError> {
-        self.reported.values().flatten().cloned().collect()
-    }
-
     /// The problems of one Service: its translation's and those of slices
     /// labelled for it when it does not exist.
     fn errors_of(&self, key: &Key) -> Vec<ObjectError> {
@@ -277,9 +271,7 @@ impl Engine {
         let mut new_errors = Vec::new();
         for (key, now) in updates {
             let old = self.reported.remove(&key).unwrap_or_default();
-            self.error_count -= old.len();
             new_errors.extend(now.iter().filter(|e| !old.contains(e)).cloned());
-            self.error_count += now.len();
             if !now.is_empty() {
                 self.reported.insert(key, now);
             }
@@ -287,7 +279,7 @@ impl Engine {
         Update {
             changes,
             new_errors,
-            error_count: self.error_count,
+            error_count: self.reported.values().map(Vec::len).sum(),
         }
     }
 }

@@ -30,6 +30,16 @@ pub enum Object {
     Node(Box<Node>),
 }
 
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::Slice(_) => Kind::Slice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+}
+
 /// The kinds watched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {

@@ -263,6 +263,16 @@ pub fn frontend_keys(svc: &ServicePlan) -> Vec<ServiceKey> {
         .collect()
 }
 
+/// Builds a plan's Maglev table from its backends and weights.
+fn build_entries(plan: &ServicePlan) -> Result<Vec<u16>, maglev::MaglevError> {
+    let pairs: Vec<(SocketAddrV4, u32)> = plan
+        .internal_backends
+        .iter()
+        .map(|b| (*b, plan.weight(b)))
+        .collect();
+    maglev::build(&pairs, plan.maglev_table_size.unwrap_or(0))
+}
+
 /// Lowest-free id allocator over `1..limit`: ids below `high` that are free
 /// are kept in a set, so taking and giving back are O(log n).
 #[derive(Clone, Debug)]
@@ -534,12 +544,11 @@ impl Reconciler {
         }
     }
 
-    /// The Maglev entries of a plan's table when they can be reused from the
-    /// current table (same backends, weights and size).
-    fn reusable_entries(&self, plan: &ServicePlan) -> Option<Vec<u16>> {
-        let id = self.names.get(&plan.id)?;
-        let t = self.maps.tables.get(id)?;
-        let reusable = t.table_size == plan.maglev_table_size.unwrap_or(0)
+    /// The current table of a plan's service port, when it has the same
+    /// inputs (backends, weights, size), so its Maglev entries can be reused.
+    fn table_reusable(&self, plan: &ServicePlan) -> Option<&Table> {
+        let t = self.maps.tables.get(self.names.get(&plan.id)?)?;
+        let same = t.table_size == plan.maglev_table_size.unwrap_or(0)
             && t.backends.len() == plan.internal_backends.len()
             && plan
                 .internal_backends
@@ -547,11 +556,11 @@ impl Reconciler {
                 .zip(&t.backends)
                 .zip(&t.weights)
                 .all(|((b, id), w)| self.by_addr.get(b) == Some(id) && plan.weight(b) == *w);
-        reusable.then(|| t.entries.clone())
+        same.then_some(t)
     }
 
-    /// Builds the Maglev tables of a batch, on every core when there are many
-    /// (a cold sync of 10k Services builds 10k tables).
+    /// Builds the Maglev tables of a batch that cannot be reused, on every
+    /// core when there are many (a cold sync of 10k Services builds 10k tables).
     fn prebuild(
         &self,
         changes: &[(ServicePortName, Option<&ServicePlan>)],
@@ -559,19 +568,9 @@ impl Reconciler {
         let wanted: Vec<&ServicePlan> = changes
             .iter()
             .filter_map(|(_, p)| *p)
-            .filter(|p| p.maglev_table_size.unwrap_or(0) > 0 && self.reusable_entries(p).is_none())
+            .filter(|p| p.maglev_table_size.unwrap_or(0) > 0 && self.table_reusable(p).is_none())
             .collect();
-        let build = |p: &ServicePlan| {
-            let pairs: Vec<(SocketAddrV4, u32)> = p
-                .internal_backends
-                .iter()
-                .map(|b| (*b, p.weight(b)))
-                .collect();
-            (
-                p.id.clone(),
-                maglev::build(&pairs, p.maglev_table_size.unwrap_or(0)),
-            )
-        };
+        let build = |p: &ServicePlan| (p.id.clone(), build_entries(p));
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         if wanted.len() < 64 || threads < 2 {
             return wanted.into_iter().map(build).collect();
@@ -624,26 +623,12 @@ impl Reconciler {
         // built otherwise (usually already, in parallel), before any id is
         // allocated so a failure leaves nothing to undo.
         let table_size = plan.maglev_table_size.unwrap_or(0);
-        let weights: Vec<u32> = plan
-            .internal_backends
-            .iter()
-            .map(|b| plan.weight(b))
-            .collect();
         let built = match (prebuilt, table_size) {
             (Some(result), _) => result,
             (None, 0) => Ok(Vec::new()),
-            (None, _) => match self.reusable_entries(plan) {
-                Some(entries) => Ok(entries),
-                None => {
-                    let pairs: Vec<(SocketAddrV4, u32)> = plan
-                        .internal_backends
-                        .iter()
-                        .copied()
-                        .zip(weights.iter().copied())
-                        .collect();
-                    maglev::build(&pairs, table_size)
-                }
-            },
+            (None, _) => self
+                .table_reusable(plan)
+                .map_or_else(|| build_entries(plan), |t| Ok(t.entries.clone())),
         };
         let entries = match built {
             Ok(entries) => entries,
@@ -708,7 +693,11 @@ impl Reconciler {
                 hash_mode::FIVE_TUPLE
             },
             backends: ids,
-            weights,
+            weights: plan
+                .internal_backends
+                .iter()
+                .map(|b| plan.weight(b))
+                .collect(),
             draining,
             table_size,
             entries,

@@ -106,6 +106,11 @@ pub struct Store {
     slices_by_service: BTreeMap<Key, BTreeSet<String>>,
 }
 
+/// Keys of `map` that are not in `keep`.
+fn absent<K: Ord + Clone, V>(map: &BTreeMap<K, V>, keep: &BTreeSet<K>) -> Vec<K> {
+    map.keys().filter(|k| !keep.contains(*k)).cloned().collect()
+}
+
 /// The Service a slice is labelled for.
 pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
     slice
@@ -116,7 +121,8 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+/// The store key of an object: namespace ("default" when unset) and name.
+pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
     (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),
@@ -247,64 +253,58 @@ impl Store {
         }
     }
 
-    /// Makes the Services exactly `items` (a complete list), reporting what changed.
-    pub fn replace_services(&mut self, items: Vec<Stored<Service>>) -> Dirty {
-        let keep: BTreeSet<Key> = items.iter().map(|s| key_of(&s.object.metadata)).collect();
+    /// Makes one kind hold exactly `items`: removes what is not among them,
+    /// upserts the rest, reporting what changed.
+    fn replace<T, K: Ord>(
+        &mut self,
+        items: Vec<Stored<T>>,
+        key: fn(&T) -> K,
+        gone: fn(&Self, &BTreeSet<K>) -> Vec<K>,
+        remove: fn(&mut Self, &K) -> Dirty,
+        upsert: fn(&mut Self, T, Option<String>) -> Dirty,
+    ) -> Dirty {
+        let keep: BTreeSet<K> = items.iter().map(|s| key(&s.object)).collect();
         let mut dirty = Dirty::default();
-        let gone: Vec<Key> = self
-            .services
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            dirty.merge(self.remove_service(&k));
+        for k in gone(self, &keep) {
+            dirty.merge(remove(self, &k));
         }
         for s in items {
-            dirty.merge(self.upsert_service(s.object, s.origin));
+            dirty.merge(upsert(self, s.object, s.origin));
         }
         dirty
+    }
+
+    /// Makes the Services exactly `items` (a complete list), reporting what changed.
+    pub fn replace_services(&mut self, items: Vec<Stored<Service>>) -> Dirty {
+        self.replace(
+            items,
+            |s| key_of(&s.metadata),
+            |store, keep| absent(&store.services, keep),
+            Self::remove_service,
+            Self::upsert_service,
+        )
     }
 
     /// Makes the EndpointSlices exactly `items`, reporting what changed.
     pub fn replace_slices(&mut self, items: Vec<Stored<EndpointSlice>>) -> Dirty {
-        let keep: BTreeSet<Key> = items.iter().map(|s| key_of(&s.object.metadata)).collect();
-        let mut dirty = Dirty::default();
-        let gone: Vec<Key> = self
-            .slices
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            dirty.merge(self.remove_slice(&k));
-        }
-        for s in items {
-            dirty.merge(self.upsert_slice(s.object, s.origin));
-        }
-        dirty
+        self.replace(
+            items,
+            |s| key_of(&s.metadata),
+            |store, keep| absent(&store.slices, keep),
+            Self::remove_slice,
+            Self::upsert_slice,
+        )
     }
 
     /// Makes the Nodes exactly `items`, reporting what changed.
     pub fn replace_nodes(&mut self, items: Vec<Stored<Node>>) -> Dirty {
-        let keep: BTreeSet<String> = items
-            .iter()
-            .map(|n| n.object.metadata.name.clone().unwrap_or_default())
-            .collect();
-        let mut dirty = Dirty::default();
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            dirty.merge(self.remove_node(&k));
-        }
-        for n in items {
-            dirty.merge(self.upsert_node(n.object, n.origin));
-        }
-        dirty
+        self.replace(
+            items,
+            |n| n.metadata.name.clone().unwrap_or_default(),
+            |store, keep| absent(&store.nodes, keep),
+            |store, name| store.remove_node(name),
+            Self::upsert_node,
+        )
     }
 
     /// Makes this store hold exactly what `other` holds, reporting what that

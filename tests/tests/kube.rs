@@ -96,15 +96,20 @@ fn setup() -> Setup {
     }
 }
 
-fn start_agent(s: &Setup) -> Agent {
-    let mut agent = Agent::start_kube(
+/// The agent watching the fake API server, not waited for.
+fn spawn_agent(s: &Setup) -> Agent {
+    Agent::start_kube(
         &s.cluster.node,
         &s.kubeconfig,
         NODE,
         &s.cluster.pin_root(),
         &[],
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn start_agent(s: &Setup) -> Agent {
+    let mut agent = spawn_agent(s);
     agent
         .wait_for_log("kind=\"full\"", Duration::from_secs(20))
         .unwrap();
@@ -315,14 +320,7 @@ fn unreachable_api_server_leaves_the_datapath_serving() {
     // The API is down when the next agent starts: it adopts the pinned state,
     // serves it, and says it is not ready.
     s.api.set_unavailable(true);
-    let mut agent = Agent::start_kube(
-        &s.cluster.node,
-        &s.kubeconfig,
-        NODE,
-        &s.cluster.pin_root(),
-        &[],
-    )
-    .unwrap();
+    let mut agent = spawn_agent(&s);
     agent
         .wait_for_log("retrying with backoff", Duration::from_secs(10))
         .unwrap();

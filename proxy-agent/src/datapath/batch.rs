@@ -46,15 +46,22 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Writes `keys[i] → values[i]` for every i.
-pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
-    if keys.len() != values.len() {
+/// Writes `keys[i] → values[i·cpus .. (i+1)·cpus]` for every i: for per-CPU
+/// maps, one value per possible CPU (`V` a multiple of 8 bytes, as the
+/// kernel lays them out); `cpus` = 1 for other maps.
+pub fn update<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    cpus: usize,
+) -> io::Result<()> {
+    if cpus == 0 || keys.len() * cpus != values.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "keys and values differ in length",
+            "values are not one (per CPU) for every key",
         ));
     }
-    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * cpus)) {
         let mut attr = BatchAttr {
             keys: k.as_ptr() as u64,
             values: v.as_ptr() as u64,

@@ -25,8 +25,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, PIN_LAYOUT_VERSION, SelBlock, ServiceKey, ServiceValue,
-    SvcCounters, maps,
+    Backend, Counter, CtKey, CtValue, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue, SvcCounters,
+    maps,
 };
 
 pub use self::{
@@ -487,18 +487,13 @@ impl PinnedView {
         if first == 0 {
             return Ok(None);
         }
-        let io = |e: std::io::Error| map_err(maps::SELECTION)(MapError::IoError(e));
-        let fd = self.selection.fd().as_fd();
-        let header: Vec<SelBlock> = batch::read_array(fd, first, 1).map_err(io)?;
-        let bad = || DatapathError::BadTable { svc_id: svc.svc_id };
-        let h = header.first().ok_or_else(bad)?;
-        let len = proxy_common::sel_blocks(
-            h.w[proxy_common::SEL_HDR_COUNT],
-            h.w[proxy_common::SEL_HDR_DRAINING],
-            h.w[proxy_common::SEL_HDR_TABLE_SIZE],
-        );
-        let blocks: Vec<SelBlock> = batch::read_array(fd, first, len).map_err(io)?;
-        let table = Table::from_blocks(&blocks).ok_or_else(bad)?;
+        let capacity = self
+            .selection
+            .info()
+            .map_err(map_err(maps::SELECTION))?
+            .max_entries();
+        let (table, _) =
+            tables::read_table(self.selection.fd().as_fd(), svc.svc_id, first, capacity)?;
         let addrs = table
             .backends
             .iter()

@@ -10,11 +10,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{HashMap, MapError};
 use proxy_common::{
     Backend, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_TABLE_SIZE, SelBlock, ServiceKey,
     ServiceValue, SvcCounters, maps, sel_blocks,
@@ -183,9 +183,19 @@ impl Datapath {
         keys: &[K],
         values: &[V],
     ) -> Result<(), DatapathError> {
+        self.batch_update_per_cpu(name, keys, values, 1)
+    }
+
+    fn batch_update_per_cpu<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        keys: &[K],
+        values: &[V],
+        cpus: usize,
+    ) -> Result<(), DatapathError> {
         let map = self.map(name)?;
         let data = map_data(map).ok_or(DatapathError::MissingMap { name })?;
-        batch::update(data.fd().as_fd(), keys, values)
+        batch::update(data.fd().as_fd(), keys, values, cpus)
             .map_err(|e| map_err(name)(MapError::IoError(e)))
     }
 
@@ -247,16 +257,15 @@ impl Datapath {
             Op::ResetSvcStats(_) => {
                 let cpus = aya::util::nr_cpus()
                     .map_err(|(_, e)| map_err(maps::SVC_STATS)(MapError::IoError(e)))?;
-                let mut m: PerCpuArray<_, SvcCounters> =
-                    PerCpuArray::try_from(self.map_mut(maps::SVC_STATS)?)
-                        .map_err(map_err(maps::SVC_STATS))?;
-                for op in run {
-                    if let Op::ResetSvcStats(id) = op {
-                        let zero = PerCpuValues::try_from(vec![SvcCounters::default(); cpus])
-                            .map_err(|e| map_err(maps::SVC_STATS)(MapError::IoError(e)))?;
-                        m.set(*id, zero, 0).map_err(map_err(maps::SVC_STATS))?;
-                    }
-                }
+                let ids: Vec<u32> = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::ResetSvcStats(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                let zeros = vec![SvcCounters::default(); ids.len() * cpus];
+                self.batch_update_per_cpu(maps::SVC_STATS, &ids, &zeros, cpus)?;
             }
             Op::SetTable(..) => self.write_tables(run, now, report)?,
             Op::SetService(..) => {
@@ -351,6 +360,31 @@ impl Datapath {
     }
 }
 
+/// Reads the table of `svc_id` starting at block `first` of `SELECTION`
+/// (`capacity` blocks), returning it and its length in blocks.
+pub(super) fn read_table(
+    selection: BorrowedFd<'_>,
+    svc_id: u32,
+    first: u32,
+    capacity: u32,
+) -> Result<(Table, u32), DatapathError> {
+    let io = |e: std::io::Error| map_err(maps::SELECTION)(MapError::IoError(e));
+    let bad = || DatapathError::BadTable { svc_id };
+    let header: Vec<SelBlock> = batch::read_array(selection, first, 1).map_err(io)?;
+    let h = header.first().ok_or_else(bad)?;
+    let len = sel_blocks(
+        h.w[SEL_HDR_COUNT],
+        h.w[SEL_HDR_DRAINING],
+        h.w[SEL_HDR_TABLE_SIZE],
+    );
+    if u64::from(first) + u64::from(len) > u64::from(capacity) {
+        return Err(bad());
+    }
+    let raw: Vec<SelBlock> = batch::read_array(selection, first, len).map_err(io)?;
+    let table = Table::from_blocks(&raw).ok_or_else(bad)?;
+    Ok((table, len))
+}
+
 /// Reads the tables behind `SVC_TABLE` and the block usage they imply.
 pub(super) fn read_tables_from(
     svc_table: &aya::maps::MapData,
@@ -373,23 +407,9 @@ pub(super) fn read_tables_from(
         if first == 0 {
             continue;
         }
-        let bad = || DatapathError::BadTable { svc_id };
-        let header: Vec<SelBlock> =
-            batch::read_array(selection.fd().as_fd(), first, 1).map_err(io(maps::SELECTION))?;
-        let h = header.first().ok_or_else(bad)?;
-        let len = sel_blocks(
-            h.w[SEL_HDR_COUNT],
-            h.w[SEL_HDR_DRAINING],
-            h.w[SEL_HDR_TABLE_SIZE],
-        );
-        if u64::from(first) + u64::from(len) > u64::from(capacity) {
-            return Err(bad());
-        }
-        let raw: Vec<SelBlock> =
-            batch::read_array(selection.fd().as_fd(), first, len).map_err(io(maps::SELECTION))?;
-        let table = Table::from_blocks(&raw).ok_or_else(bad)?;
+        let (table, len) = read_table(selection.fd().as_fd(), svc_id, first, capacity)?;
         if !blocks.adopt(svc_id, first, len) {
-            return Err(bad());
+            return Err(DatapathError::BadTable { svc_id });
         }
         tables.insert(svc_id, table);
     }
