@@ -361,11 +361,15 @@ impl Reconciler {
                 *refs.entry(*id).or_insert(0) += 1;
             }
         }
-        let by_addr = maps
-            .backends
-            .iter()
-            .map(|(id, b)| (backend_sockaddr(b), *id))
-            .collect();
+        // An address held by a referenced id and by a stray one (left by an
+        // interrupted apply) keeps the referenced id; the stray one goes.
+        let mut by_addr: HashMap<SocketAddrV4, u32> = HashMap::new();
+        for (id, b) in &maps.backends {
+            let slot = by_addr.entry(backend_sockaddr(b)).or_insert(*id);
+            if !refs.contains_key(slot) {
+                *slot = *id;
+            }
+        }
         let svc_ids = Ids::new(cap.services, maps.tables.keys().copied());
         let backend_ids = Ids::new(cap.backends, maps.backends.keys().copied());
         Self {
@@ -943,6 +947,23 @@ mod tests {
         let maps = apply(maps, &ops);
         let mut again = Reconciler::new(maps.clone(), CAP);
         assert_eq!(again.full(&two).ops, vec![]);
+    }
+
+    #[test]
+    fn stray_backends_are_deleted_and_referenced_ids_kept() {
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        let desired = state(vec![svc("a", [10, 96, 0, 1], &["10.0.0.1:80"])]);
+        let mut maps = apply(Programmed::default(), &r.full(&desired).ops);
+        let (id, b) = maps.backends.iter().map(|(i, b)| (*i, *b)).next().unwrap();
+        // Left by interrupted applies: one unrelated, one with the same address.
+        maps.backends
+            .insert(50, backend_entry("10.0.0.9:80".parse().unwrap()));
+        maps.backends.insert(60, b);
+        let mut again = Reconciler::new(maps.clone(), CAP);
+        let ops = again.full(&desired).ops;
+        assert_eq!(ops, vec![Op::DelBackend(50), Op::DelBackend(60)]);
+        let maps = apply(maps, &ops);
+        assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![id]);
     }
 
     #[test]

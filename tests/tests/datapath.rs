@@ -11,8 +11,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4};
 
-use proxy_agent::{datapath::Datapath, model::Protocol};
-use proxy_common::{Counter, maps::programs};
+use proxy_agent::{datapath::Datapath, model::Protocol, reconcile::Op};
+use proxy_common::{Backend, Counter, maps::programs};
 use proxy_tests::{
     fixture::{self, TC_ACT_REDIRECT, TCX_DROP, TCX_NEXT, sa},
     packet::{self, Frame, L4},
@@ -566,6 +566,33 @@ fn established_tcp_flow_outlives_its_backend_leaving() {
     program(&mut dp, &[newcomer]);
     let out = dp.test_run(INGRESS, &syn.build(), 1).unwrap();
     assert_eq!(out.frame, syn.with_endpoints(syn.src, newcomer).build());
+}
+
+#[test]
+fn backends_no_table_refers_to_are_removed_by_a_full_sync() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 32], 80);
+    let backend = sa([10, 244, 1, 21], 8080);
+    let services = || vec![fixture::service("stray", vip, Protocol::Tcp, &[backend])];
+    fixture::program(&mut dp, services()).unwrap();
+    // What an apply interrupted after its backend phase leaves behind.
+    let stray = Backend {
+        addr_be: u32::from_ne_bytes([10, 244, 1, 99]),
+        port_be: 8080u16.to_be(),
+        flags: 0,
+        _pad: 0,
+    };
+    dp.apply(&[Op::SetBackend(77, stray)]).unwrap();
+    assert_eq!(
+        dp.read_programmed().unwrap().backends.get(&77),
+        Some(&stray)
+    );
+
+    let programmed = fixture::program(&mut dp, services()).unwrap();
+    assert!(!programmed.backends.contains_key(&77));
+    let read = dp.read_programmed().unwrap();
+    assert!(!read.backends.contains_key(&77), "stray backend deleted");
+    assert_eq!(read.backends.len(), 1);
 }
 
 #[test]

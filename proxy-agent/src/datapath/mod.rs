@@ -378,15 +378,10 @@ fn read_programmed_with(
         .max_entries();
     let all: Vec<Backend> = batch::read_array(backends_data.fd().as_fd(), 0, len)
         .map_err(|e| map_err(maps::BACKENDS)(MapError::IoError(e)))?;
-    for id in out
-        .tables
-        .values()
-        .flat_map(|t| t.backends.iter().chain(&t.draining))
-    {
-        if let Some(b) = all.get(*id as usize).filter(|b| b.is_set()) {
-            out.backends.insert(*id, *b);
-        }
-    }
+    // Every set entry, also those no table refers to (left by an interrupted
+    // apply): a full sync then deletes them.
+    out.backends
+        .extend((0u32..).zip(all).filter(|(_, b)| b.is_set()));
     Ok(out)
 }
 
