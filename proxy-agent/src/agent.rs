@@ -34,12 +34,14 @@ use crate::{
     datapath::{Datapath, LoadOptions},
     engine::Engine,
     health::{self, Health},
+    healthcheck::HealthChecks,
     ifaces::{self, IfaceMatcher, LinkWatcher},
     kube_source::{self, Event, Kind, Object},
     manifests,
+    model::NodePortMode,
     reconcile::{Batch, Reconciler},
     store::{Dirty, Store, key_of},
-    translate::{MaglevOptions, TranslateOptions},
+    translate::{Cidr, MaglevOptions, TranslateOptions},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -60,6 +62,14 @@ pub struct RunConfig {
     pub ext_ifaces: Vec<String>,
     pub load: LoadOptions,
     pub maglev: MaglevOptions,
+    /// `--nodeport-addresses`.
+    pub nodeport_cidrs: Vec<Cidr>,
+    /// `--nodeport-mode`.
+    pub nodeport_mode: NodePortMode,
+    /// `--snat-address`; `None`: the first address of the first external interface.
+    pub snat_address: Option<std::net::Ipv4Addr>,
+    /// `--snat-port-range`, inclusive.
+    pub snat_ports: (u16, u16),
     pub resync: Duration,
     pub healthz: Option<SocketAddr>,
 }
@@ -73,7 +83,11 @@ struct Agent {
     reconciler: Reconciler,
     engine: Engine,
     pods: IfaceMatcher,
+    exts: IfaceMatcher,
+    /// The datapath settings written to `CONFIG`.
+    node_config: proxy_common::NodeConfig,
     health: Arc<Health>,
+    health_checks: HealthChecks,
     /// The first full sync has been applied.
     synced: bool,
     /// Kinds that have been listed completely at least once.
@@ -86,19 +100,71 @@ struct Agent {
 impl Agent {
     /// Attaches to matching interfaces that are new, forgets vanished ones.
     fn sync_interfaces(&mut self) {
-        let matching = match ifaces::matching(&self.pods) {
-            Ok(m) => m,
-            Err(e) => {
+        let (pods, exts) = match (ifaces::matching(&self.pods), ifaces::matching(&self.exts)) {
+            (Ok(p), Ok(e)) => (p, e),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::error!("listing interfaces: {e}");
                 return;
             }
         };
-        for (ifindex, name) in &matching {
+        for (ifindex, name) in &pods {
+            if exts.contains(&(*ifindex, name.clone())) {
+                continue;
+            }
             if let Err(e) = self.dp.attach_pod_interface(*ifindex, name) {
                 tracing::error!("{e}");
             }
         }
-        self.dp.prune_links(&matching);
+        for (ifindex, name) in &exts {
+            if let Err(e) = self.dp.attach_ext_interface(*ifindex, name) {
+                tracing::error!("{e}");
+            }
+        }
+        self.update_node_config(&exts);
+        let mut keep = pods;
+        keep.extend(exts);
+        self.dp.prune_links(&keep);
+    }
+
+    /// Writes `CONFIG`: the SNAT address (given, or the first address of an
+    /// external interface) and port range, and whether external traffic is served.
+    fn update_node_config(&mut self, exts: &BTreeSet<(u32, String)>) {
+        let snat = self.cfg.snat_address.or_else(|| {
+            exts.iter()
+                .find_map(|(_, name)| ifaces::ipv4_addresses(name).ok()?.into_iter().next())
+        });
+        let config = proxy_common::NodeConfig {
+            snat_addr_be: snat.map_or(0, crate::reconcile::addr_be),
+            snat_port_min: self.cfg.snat_ports.0,
+            snat_port_max: self.cfg.snat_ports.1,
+            flags: if exts.is_empty() {
+                0
+            } else {
+                proxy_common::NODE_F_EXTERNAL
+            },
+            _pad: 0,
+        };
+        if config == self.node_config {
+            return;
+        }
+        match self.dp.set_config(&config) {
+            Ok(()) => {
+                tracing::info!(
+                    snat_address = ?snat,
+                    snat_ports = ?self.cfg.snat_ports,
+                    mode = ?self.cfg.nodeport_mode,
+                    external = !exts.is_empty(),
+                    "north-south settings"
+                );
+                if snat.is_none() && !exts.is_empty() {
+                    tracing::warn!(
+                        "no SNAT address (no --snat-address, external interfaces have no IPv4 address): external flows to remote backends are dropped unless DSR applies"
+                    );
+                }
+                self.node_config = config;
+            }
+            Err(e) => tracing::error!("writing CONFIG: {e}"),
+        }
     }
 
     /// Runs a batch against the maps; on failure rebuilds the reconciler from
@@ -156,7 +222,10 @@ impl Agent {
     /// Rebuilds the reconciler from what the maps really hold.
     fn mirror_maps(&mut self) {
         match self.dp.read_programmed() {
-            Ok(maps) => self.reconciler = Reconciler::new(maps, self.dp.capacity()),
+            Ok(maps) => {
+                self.reconciler =
+                    Reconciler::new(maps, self.dp.capacity()).with_mode(self.cfg.nodeport_mode);
+            }
             Err(e) => tracing::error!("reading the maps back: {e}"),
         }
     }
@@ -207,6 +276,7 @@ impl Agent {
             "full sync planned"
         );
         let n = desired.services.len();
+        self.health_checks.full(&desired);
         drop(desired);
         self.synced = true;
         self.apply(batch, started, "full", n);
@@ -226,6 +296,7 @@ impl Agent {
             return;
         }
         let n = update.changes.len();
+        self.health_checks.changes(&update.changes);
         let batch = self.reconciler.changes(&update.changes);
         tracing::debug!(
             translate_us = translated.as_micros() as u64,
@@ -361,10 +432,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             "no --pod-iface given: services are programmed but no traffic is translated"
         );
     }
-    if !cfg.ext_ifaces.is_empty() {
-        tracing::info!(
-            ifaces = ?cfg.ext_ifaces,
-            "--ext-iface: the north-south datapath (NodePort/LoadBalancer) is not implemented yet; ignored"
+    let exts = IfaceMatcher::new(&cfg.ext_ifaces).map_err(anyhow::Error::msg)?;
+    if cfg.snat_ports.0 == 0 || cfg.snat_ports.0 > cfg.snat_ports.1 {
+        anyhow::bail!(
+            "--snat-port-range {}-{}: expected FIRST-LAST with 0 < FIRST <= LAST",
+            cfg.snat_ports.0,
+            cfg.snat_ports.1
         );
     }
     let health = Health::new();
@@ -388,17 +461,25 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
     // The logger stays owned by the datapath; the event loop only polls its fd.
     let logger = dp.logger_mut().map(|l| l.as_raw_fd());
-    let reconciler = Reconciler::new(maps, dp.capacity());
+    let reconciler = Reconciler::new(maps, dp.capacity()).with_mode(cfg.nodeport_mode);
     let mut agent = Agent {
         engine: Engine::new(TranslateOptions {
             node_name: cfg.node_name.clone(),
             maglev: cfg.maglev,
+            nodeport_cidrs: cfg.nodeport_cidrs.clone(),
         }),
         cfg,
         dp,
         reconciler,
         pods,
+        exts,
+        // Never equal to a real one: the first interface sync writes CONFIG.
+        node_config: proxy_common::NodeConfig {
+            flags: u32::MAX,
+            ..proxy_common::NodeConfig::default()
+        },
         health,
+        health_checks: HealthChecks::default(),
         synced: false,
         listed: BTreeSet::new(),
         relists: BTreeMap::new(),

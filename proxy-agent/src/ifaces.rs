@@ -60,6 +60,35 @@ pub fn list() -> io::Result<BTreeSet<(u32, String)>> {
     Ok(out)
 }
 
+/// IPv4 addresses of interface `name`, in the order the kernel lists them
+/// (the primary address first).
+pub fn ipv4_addresses(name: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    // SAFETY: walking the list getifaddrs built; every pointer is checked for null.
+    unsafe {
+        while !cur.is_null() {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null()
+                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                && !ifa.ifa_name.is_null()
+                && CStr::from_ptr(ifa.ifa_name).to_bytes() == name.as_bytes()
+            {
+                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(out)
+}
+
 /// Interfaces of this namespace matching `matcher`.
 pub fn matching(matcher: &IfaceMatcher) -> io::Result<BTreeSet<(u32, String)>> {
     Ok(list()?
@@ -153,6 +182,12 @@ mod tests {
         assert!(m.matches("eth0"));
         assert!(!m.matches("eth1"));
         assert!(IfaceMatcher::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn loopback_has_its_address() {
+        let addrs = ipv4_addresses("lo").unwrap();
+        assert!(addrs.contains(&std::net::Ipv4Addr::LOCALHOST), "{addrs:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod datapath;
 pub mod engine;
 pub mod health;
+pub mod healthcheck;
 pub mod ifaces;
 pub mod kube_source;
 pub mod maglev;

@@ -7,9 +7,9 @@ use proxy_agent::{
     agent::{self, RunConfig, Source},
     datapath::{LoadOptions, MapSizes},
     maglev, manifests,
-    model::{Algorithm, DesiredState},
+    model::{Algorithm, DesiredState, NodePortMode},
     reconcile,
-    translate::{self, MaglevOptions, TranslateOptions},
+    translate::{self, Cidr, MaglevOptions, TranslateOptions},
 };
 use proxy_common::maps;
 
@@ -59,8 +59,43 @@ struct NodeArgs {
     /// This node's name [default: $NODE_NAME, else the hostname].
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// NodePorts listen on the node's addresses inside these CIDRs
+    /// (comma-separated, as kube-proxy's flag) [default: all of the Node's
+    /// InternalIP and ExternalIP addresses].
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    nodeport_addresses: Vec<Cidr>,
     #[command(flatten)]
     maglev: MaglevArgs,
+}
+
+impl NodeArgs {
+    /// Translation options from these flags.
+    fn translate_options(&self) -> anyhow::Result<TranslateOptions> {
+        Ok(TranslateOptions {
+            node_name: node_name(self.node_name.clone()),
+            maglev: self.maglev.options()?,
+            nodeport_cidrs: self.nodeport_addresses.clone(),
+        })
+    }
+}
+
+/// Parses `FIRST-LAST`.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let first: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: bad port {a:?}"))?;
+    let last: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: bad port {b:?}"))?;
+    if first == 0 || first > last {
+        return Err(format!("{s:?}: expected 0 < FIRST <= LAST"));
+    }
+    Ok((first, last))
 }
 
 #[derive(clap::Args)]
@@ -119,9 +154,24 @@ struct RunArgs {
     /// Matching interfaces that appear later are picked up.
     #[arg(long = "pod-iface", value_name = "IFACE")]
     pod_ifaces: Vec<String>,
-    /// External interface(s) for north-south traffic (NodePort/LoadBalancer), repeatable.
+    /// External interface(s) for north-south traffic (NodePort, LoadBalancer,
+    /// externalIPs): XDP, native where the driver supports it. Globs allowed, repeatable.
     #[arg(long = "ext-iface", value_name = "IFACE")]
     ext_ifaces: Vec<String>,
+    /// How external traffic reaches a backend on another node: 'snat' (the
+    /// backend sees this node's address; replies come back through it),
+    /// 'dsr' (the backend sees the client; its node answers directly) or
+    /// 'hybrid' (dsr for TCP, snat for UDP).
+    #[arg(long, value_enum, default_value = "snat")]
+    nodeport_mode: NodePortMode,
+    /// Address external flows are SNATed to [default: the first IPv4 address
+    /// of the first --ext-iface].
+    #[arg(long, value_name = "IPV4")]
+    snat_address: Option<std::net::Ipv4Addr>,
+    /// Source ports for SNAT, FIRST-LAST; keep it outside the node's
+    /// ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range, default_value = "61000-65535")]
+    snat_port_range: (u16, u16),
     /// Pin root on bpffs; maps and links live in <DIR>/v<layout>/. A bpffs is mounted here if none is.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
     bpffs: PathBuf,
@@ -245,13 +295,7 @@ fn print_plan(desired: &DesiredState, output: Output) -> anyhow::Result<()> {
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let (store, mut errors) = manifests::load_dir(&args.manifests)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.manifests.display()))?;
-    let t = translate::translate(
-        &store,
-        &TranslateOptions {
-            node_name: node_name(args.node.node_name),
-            maglev: args.node.maglev.options()?,
-        },
-    );
+    let t = translate::translate(&store, &args.node.translate_options()?);
     errors.extend(t.errors);
     for e in &errors {
         tracing::warn!("{e}");
@@ -348,9 +392,15 @@ fn maglev_cmd(args: MaglevCmd) -> anyhow::Result<()> {
                 args.bpffs.display()
             )
         })?;
+        // A ClusterIP, else an external frontend (NodePort, LoadBalancer, externalIP).
+        let external = proxy_common::ServiceKey {
+            scope: proxy_common::scope::EXTERNAL,
+            ..key
+        };
         let svc = programmed
             .services
             .get(&key)
+            .or_else(|| programmed.services.get(&external))
             .ok_or_else(|| anyhow::anyhow!("{frontend} is not a programmed frontend"))?;
         let table = programmed.tables.get(&svc.svc_id).ok_or_else(|| {
             anyhow::anyhow!("{frontend}: svc {} has no selection table", svc.svc_id)
@@ -406,7 +456,7 @@ fn maglev_cmd(args: MaglevCmd) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let maglev = args.node.maglev.options()?;
+    let opts = args.node.translate_options()?;
     let healthz = match args.healthz_bind_address.as_str() {
         "off" | "" => None,
         a => Some(a.parse().map_err(|_| {
@@ -422,9 +472,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = RunConfig {
         source,
         healthz,
-        node_name: node_name(args.node.node_name),
+        node_name: opts.node_name,
         pod_ifaces: args.pod_ifaces,
         ext_ifaces: args.ext_ifaces,
+        nodeport_cidrs: opts.nodeport_cidrs,
+        nodeport_mode: args.nodeport_mode,
+        snat_address: args.snat_address,
+        snat_ports: args.snat_port_range,
         load: LoadOptions {
             sizes: MapSizes {
                 frontends: args.max_frontends,
@@ -435,7 +489,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             pin_root: Some(args.bpffs),
         },
-        maglev,
+        maglev: opts.maglev,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     tracing::info!(node = %cfg.node_name, source = ?cfg.source, "starting");

@@ -45,6 +45,31 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How external frontends reach backends on other nodes (`--nodeport-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NodePortMode {
+    /// The entry node masquerades with its own address; replies come back through it.
+    #[default]
+    Snat,
+    /// Direct server return: the client's address is kept, the backend's
+    /// node answers the client itself.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP.
+    Hybrid,
+}
+
+impl NodePortMode {
+    /// Whether flows of `protocol` use DSR.
+    pub const fn dsr(self, protocol: Protocol) -> bool {
+        match self {
+            Self::Snat => false,
+            Self::Dsr => true,
+            Self::Hybrid => matches!(protocol, Protocol::Tcp),
+        }
+    }
+}
+
 /// Kind of a frontend address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum FrontendKind {
@@ -148,6 +173,13 @@ pub struct ServicePlan {
     pub algorithm: Algorithm,
     /// Maglev table size of the internal table (prime); `None` when no table is needed.
     pub maglev_table_size: Option<u32>,
+    /// Maglev table size of the external table, when external traffic has a
+    /// table of its own (its backends differ from the internal ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_maglev_table_size: Option<u32>,
+    /// Backends (of either list) running on this node. Sorted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub local_backends: Vec<SocketAddrV4>,
 }
 
 impl ServicePlan {
@@ -170,7 +202,22 @@ impl ServicePlan {
             backend_weights: BTreeMap::new(),
             algorithm: Algorithm::Maglev,
             maglev_table_size,
+            external_maglev_table_size: None,
+            local_backends: Vec::new(),
         }
+    }
+
+    /// Whether external frontends select from a table of their own: they
+    /// exist and their backends differ from the internal ones (a traffic
+    /// policy sets them apart). Otherwise every frontend shares one table.
+    pub fn has_external_table(&self) -> bool {
+        self.frontends.iter().any(|f| !f.kind.is_internal())
+            && self.external_backends != self.internal_backends
+    }
+
+    /// Whether a backend runs on this node.
+    pub fn is_local(&self, backend: &SocketAddrV4) -> bool {
+        self.local_backends.binary_search(backend).is_ok()
     }
 
     /// Weight of a backend (1 unless set).

@@ -6,12 +6,14 @@
 //!
 //! Order of operations, in phases (the datapath runs each phase as batches):
 //! 1. frontends that go away (a removed service stops matching first),
-//! 2. selection tables of removed services,
-//! 3. new backends,
-//! 4. counters of newly used svc ids reset,
-//! 5. selection tables: each written complete, then switched to atomically,
-//! 6. frontends: new ones and those changing service, all pointing at
+//! 2. new backends,
+//! 3. counters of newly used svc ids reset,
+//! 4. selection tables: each written complete, then switched to atomically,
+//! 5. frontends: new ones and those changing service, all pointing at
 //!    complete tables by now,
+//! 6. selection tables of removed services (after 5: a frontend that moves
+//!    to another table, say when an external table is folded into the
+//!    internal one, points at its old table until then),
 //! 7. backends nothing refers to any more.
 //!
 //! Capacity is planned, not discovered: the agent is the only writer of these
@@ -24,15 +26,15 @@ use std::{
 };
 
 use proxy_common::{
-    Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_DRAINING,
-    SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE,
-    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SelBlock, ServiceKey, ServiceValue, hash_mode, scope,
-    sel_backend_pos, sel_blocks, sel_entry_pos,
+    BACKEND_F_LOCAL, Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT,
+    SEL_HDR_DRAINING, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE,
+    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SVC_F_DSR, SelBlock, ServiceKey, ServiceValue, hash_mode,
+    scope, sel_backend_pos, sel_blocks, sel_entry_pos,
 };
 
 use crate::{
     maglev,
-    model::{DesiredState, ServicePlan, ServicePortName},
+    model::{DesiredState, NodePortMode, ServicePlan, ServicePortName},
 };
 
 /// A selection table as the agent writes it (see `proxy_common::SelBlock`).
@@ -239,38 +241,118 @@ pub fn backend_sockaddr(b: &Backend) -> SocketAddrV4 {
     )
 }
 
-fn backend_entry(addr: SocketAddrV4) -> Backend {
+fn backend_entry(addr: SocketAddrV4, local: bool) -> Backend {
     Backend {
         addr_be: addr_be(*addr.ip()),
         port_be: port_be(addr.port()),
-        flags: 0,
+        flags: if local { BACKEND_F_LOCAL } else { 0 },
         _pad: 0,
     }
 }
 
-/// Frontend keys of a service port the datapath serves today (ClusterIPs,
-/// from pods: the internal scope).
-pub fn frontend_keys(svc: &ServicePlan) -> Vec<ServiceKey> {
-    svc.frontends
+/// Names one selection table of a Service port: the one its ClusterIPs use
+/// (and its external frontends too, when they use the same backends), or the
+/// external frontends' own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub port: ServicePortName,
+    pub external: bool,
+}
+
+/// One selection table to program and the frontends that use it.
+#[derive(Clone, Debug)]
+pub struct Unit<'a> {
+    pub name: TableName,
+    pub plan: &'a ServicePlan,
+    /// Backends eligible for new flows.
+    pub backends: &'a [SocketAddrV4],
+    /// Maglev table size; `None` without a table.
+    pub table_size: Option<u32>,
+    /// Frontend keys and their `SVC_F_*` flags.
+    pub keys: BTreeMap<ServiceKey, u32>,
+}
+
+/// The tables a service port needs and their frontends, as the datapath
+/// serves them: ClusterIPs in the internal scope, NodePorts (on a known
+/// address), LoadBalancer IPs and externalIPs in the external scope.
+pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
+    let proto = plan.id.protocol.number();
+    let ext_flags = if mode.dsr(plan.id.protocol) {
+        SVC_F_DSR
+    } else {
+        0
+    };
+    let key = |f: &crate::model::Frontend, scope| ServiceKey {
+        addr_be: addr_be(f.address),
+        port_be: port_be(f.port),
+        proto,
+        scope,
+    };
+    let internal: BTreeMap<ServiceKey, u32> = plan
+        .frontends
         .iter()
         .filter(|f| f.kind.is_internal())
-        .map(|f| ServiceKey {
-            addr_be: addr_be(f.address),
-            port_be: port_be(f.port),
-            proto: svc.id.protocol.number(),
-            scope: scope::INTERNAL,
-        })
+        .map(|f| (key(f, scope::INTERNAL), 0))
+        .collect();
+    let external: BTreeMap<ServiceKey, u32> = plan
+        .frontends
+        .iter()
+        .filter(|f| !f.kind.is_internal() && !f.address.is_unspecified())
+        .map(|f| (key(f, scope::EXTERNAL), ext_flags))
+        .collect();
+    let unit = |external, backends, table_size, keys| Unit {
+        name: TableName {
+            port: plan.id.clone(),
+            external,
+        },
+        plan,
+        backends,
+        table_size,
+        keys,
+    };
+    if plan.has_external_table() {
+        vec![
+            unit(
+                false,
+                &plan.internal_backends[..],
+                plan.maglev_table_size,
+                internal,
+            ),
+            unit(
+                true,
+                &plan.external_backends[..],
+                plan.external_maglev_table_size,
+                external,
+            ),
+        ]
+    } else {
+        let mut keys = internal;
+        keys.extend(external);
+        vec![unit(
+            false,
+            &plan.internal_backends[..],
+            plan.maglev_table_size,
+            keys,
+        )]
+    }
+}
+
+/// Frontend keys of a service port, over all its tables.
+pub fn frontend_keys(plan: &ServicePlan, mode: NodePortMode) -> Vec<ServiceKey> {
+    units(plan, mode)
+        .into_iter()
+        .flat_map(|u| u.keys.into_keys())
         .collect()
 }
 
-/// Builds a plan's Maglev table from its backends and weights.
-fn build_entries(plan: &ServicePlan) -> Result<Vec<u16>, maglev::MaglevError> {
-    let pairs: Vec<(SocketAddrV4, u32)> = plan
-        .internal_backends
+/// Builds a unit's Maglev table from its backends and weights.
+fn build_entries(unit: &Unit) -> Result<Vec<u16>, maglev::MaglevError> {
+    let pairs: Vec<(SocketAddrV4, u32)> = unit
+        .backends
         .iter()
-        .map(|b| (*b, plan.weight(b)))
+        .map(|b| (*b, unit.plan.weight(b)))
         .collect();
-    maglev::build(&pairs, plan.maglev_table_size.unwrap_or(0))
+    maglev::build(&pairs, unit.table_size.unwrap_or(0))
 }
 
 /// Lowest-free id allocator over `1..limit`: ids below `high` that are free
@@ -324,8 +406,9 @@ impl Ids {
 #[derive(Clone, Debug)]
 pub struct Reconciler {
     cap: Capacity,
+    mode: NodePortMode,
     maps: Programmed,
-    names: BTreeMap<ServicePortName, u32>,
+    names: BTreeMap<TableName, u32>,
     keys_of: BTreeMap<u32, BTreeSet<ServiceKey>>,
     refs: HashMap<u32, u32>,
     by_addr: HashMap<SocketAddrV4, u32>,
@@ -374,6 +457,7 @@ impl Reconciler {
         let backend_ids = Ids::new(cap.backends, maps.backends.keys().copied());
         Self {
             cap,
+            mode: NodePortMode::default(),
             maps,
             names: BTreeMap::new(),
             keys_of,
@@ -384,14 +468,31 @@ impl Reconciler {
         }
     }
 
+    /// How external frontends reach remote backends (`--nodeport-mode`).
+    #[must_use]
+    pub fn with_mode(mut self, mode: NodePortMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
     /// What the maps hold once the planned operations have run.
     pub fn maps(&self) -> &Programmed {
         &self.maps
     }
 
-    /// The svc id of a programmed service port.
+    /// The svc id of a programmed service port (its internal table).
     pub fn svc_id(&self, name: &ServicePortName) -> Option<u32> {
-        self.names.get(name).copied()
+        self.table_id(name, false)
+    }
+
+    /// The svc id of one of a programmed service port's tables.
+    pub fn table_id(&self, name: &ServicePortName, external: bool) -> Option<u32> {
+        self.names
+            .get(&TableName {
+                port: name.clone(),
+                external,
+            })
+            .copied()
     }
 
     /// Plans everything: the maps end up holding exactly `desired`. Service
@@ -400,15 +501,16 @@ impl Reconciler {
     pub fn full(&mut self, desired: &DesiredState) -> Batch {
         let mut names = BTreeMap::new();
         let mut used = BTreeSet::new();
-        for svc in &desired.services {
-            let existing = frontend_keys(svc)
-                .iter()
+        for unit in desired.services.iter().flat_map(|s| units(s, self.mode)) {
+            let existing = unit
+                .keys
+                .keys()
                 .filter_map(|k| self.maps.services.get(k))
                 .map(|v| v.svc_id)
                 .find(|id| self.maps.tables.contains_key(id) && !used.contains(id));
             if let Some(id) = existing {
                 used.insert(id);
-                names.insert(svc.id.clone(), id);
+                names.insert(unit.name, id);
             }
         }
         self.names = names;
@@ -462,14 +564,26 @@ impl Reconciler {
         }
         let mut built = self.prebuild(changes);
         for (name, plan) in changes {
-            match plan {
-                Some(plan) if !frontend_keys(plan).is_empty() => {
-                    let prebuilt = built.remove(&plan.id);
-                    self.upsert(plan, prebuilt, &mut work);
-                }
-                _ => {
-                    if let Some(id) = self.names.remove(name) {
-                        self.remove_svc_id(id, &mut work);
+            let wanted: Vec<Unit> = plan
+                .map(|p| units(p, self.mode))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|u| !u.keys.is_empty())
+                .collect();
+            for external in [false, true] {
+                let table = TableName {
+                    port: name.clone(),
+                    external,
+                };
+                match wanted.iter().find(|u| u.name == table) {
+                    Some(unit) => {
+                        let prebuilt = built.remove(&table);
+                        self.upsert(unit, prebuilt, &mut work);
+                    }
+                    None => {
+                        if let Some(id) = self.names.remove(&table) {
+                            self.remove_svc_id(id, &mut work);
+                        }
                     }
                 }
             }
@@ -480,7 +594,6 @@ impl Reconciler {
             .filter(|k| !self.maps.services.contains_key(k))
             .map(|k| Op::DelService(*k))
             .collect();
-        ops.extend(work.del_tables.iter().map(|id| Op::DelTable(*id)));
         ops.extend(
             work.new_backends
                 .iter()
@@ -489,6 +602,7 @@ impl Reconciler {
         ops.append(&mut work.resets);
         ops.append(&mut work.tables);
         ops.append(&mut work.frontends);
+        ops.extend(work.del_tables.iter().map(|id| Op::DelTable(*id)));
         for id in &work.unref {
             if self.refs.get(id).copied().unwrap_or(0) == 0 && self.maps.backends.contains_key(id) {
                 self.drop_backend(*id);
@@ -548,18 +662,18 @@ impl Reconciler {
         }
     }
 
-    /// The current table of a plan's service port, when it has the same
-    /// inputs (backends, weights, size), so its Maglev entries can be reused.
-    fn table_reusable(&self, plan: &ServicePlan) -> Option<&Table> {
-        let t = self.maps.tables.get(self.names.get(&plan.id)?)?;
-        let same = t.table_size == plan.maglev_table_size.unwrap_or(0)
-            && t.backends.len() == plan.internal_backends.len()
-            && plan
-                .internal_backends
+    /// The current table of a unit, when it has the same inputs (backends,
+    /// weights, size), so its Maglev entries can be reused.
+    fn table_reusable(&self, unit: &Unit) -> Option<&Table> {
+        let t = self.maps.tables.get(self.names.get(&unit.name)?)?;
+        let same = t.table_size == unit.table_size.unwrap_or(0)
+            && t.backends.len() == unit.backends.len()
+            && unit
+                .backends
                 .iter()
                 .zip(&t.backends)
                 .zip(&t.weights)
-                .all(|((b, id), w)| self.by_addr.get(b) == Some(id) && plan.weight(b) == *w);
+                .all(|((b, id), w)| self.by_addr.get(b) == Some(id) && unit.plan.weight(b) == *w);
         same.then_some(t)
     }
 
@@ -568,22 +682,23 @@ impl Reconciler {
     fn prebuild(
         &self,
         changes: &[(ServicePortName, Option<&ServicePlan>)],
-    ) -> HashMap<ServicePortName, Result<Vec<u16>, maglev::MaglevError>> {
-        let wanted: Vec<&ServicePlan> = changes
+    ) -> HashMap<TableName, Result<Vec<u16>, maglev::MaglevError>> {
+        let wanted: Vec<Unit> = changes
             .iter()
             .filter_map(|(_, p)| *p)
-            .filter(|p| p.maglev_table_size.unwrap_or(0) > 0 && self.table_reusable(p).is_none())
+            .flat_map(|p| units(p, self.mode))
+            .filter(|u| u.table_size.unwrap_or(0) > 0 && self.table_reusable(u).is_none())
             .collect();
-        let build = |p: &ServicePlan| (p.id.clone(), build_entries(p));
+        let build = |u: &Unit| (u.name.clone(), build_entries(u));
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         if wanted.len() < 64 || threads < 2 {
-            return wanted.into_iter().map(build).collect();
+            return wanted.iter().map(build).collect();
         }
         let chunk = wanted.len().div_ceil(threads);
         std::thread::scope(|scope| {
             let handles: Vec<_> = wanted
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(|p| build(p)).collect::<Vec<_>>()))
+                .map(|part| scope.spawn(move || part.iter().map(&build).collect::<Vec<_>>()))
                 .collect();
             handles
                 .into_iter()
@@ -595,14 +710,15 @@ impl Reconciler {
     /// Plans one service port's new state.
     fn upsert(
         &mut self,
-        plan: &ServicePlan,
+        unit: &Unit,
         prebuilt: Option<Result<Vec<u16>, maglev::MaglevError>>,
         work: &mut Work,
     ) {
+        let plan = unit.plan;
         let name = plan.id.clone();
         let refuse = |work: &mut Work, why: String| work.refused.push((name.clone(), why));
-        let keys: BTreeSet<ServiceKey> = frontend_keys(plan).into_iter().collect();
-        let old_id = self.names.get(&plan.id).copied();
+        let keys: BTreeSet<ServiceKey> = unit.keys.keys().copied().collect();
+        let old_id = self.names.get(&unit.name).copied();
         let old_keys = old_id
             .and_then(|id| self.keys_of.get(&id))
             .cloned()
@@ -626,13 +742,13 @@ impl Reconciler {
         // The table: Maglev entries reused when their inputs did not change,
         // built otherwise (usually already, in parallel), before any id is
         // allocated so a failure leaves nothing to undo.
-        let table_size = plan.maglev_table_size.unwrap_or(0);
+        let table_size = unit.table_size.unwrap_or(0);
         let built = match (prebuilt, table_size) {
             (Some(result), _) => result,
             (None, 0) => Ok(Vec::new()),
             (None, _) => self
-                .table_reusable(plan)
-                .map_or_else(|| build_entries(plan), |t| Ok(t.entries.clone())),
+                .table_reusable(unit)
+                .map_or_else(|| build_entries(unit), |t| Ok(t.entries.clone())),
         };
         let entries = match built {
             Ok(entries) => entries,
@@ -643,10 +759,9 @@ impl Reconciler {
         };
 
         // Backend ids, allocating for new addresses.
-        let mut ids =
-            Vec::with_capacity(plan.internal_backends.len() + plan.draining_backends.len());
+        let mut ids = Vec::with_capacity(unit.backends.len() + plan.draining_backends.len());
         let mut allocated: Vec<(SocketAddrV4, u32)> = Vec::new();
-        for b in plan.internal_backends.iter().chain(&plan.draining_backends) {
+        for b in unit.backends.iter().chain(&plan.draining_backends) {
             let id = self
                 .by_addr
                 .get(b)
@@ -666,7 +781,7 @@ impl Reconciler {
             Some(id) => Some(id),
             None => self.svc_ids.take(),
         };
-        let fits = ids.len() == plan.internal_backends.len() + plan.draining_backends.len();
+        let fits = ids.len() == unit.backends.len() + plan.draining_backends.len();
         let Some(svc_id) = svc_id.filter(|_| fits) else {
             for (_, id) in allocated {
                 self.backend_ids.give_back(id);
@@ -688,7 +803,7 @@ impl Reconciler {
             refuse(work, why);
             return;
         };
-        let draining = ids.split_off(plan.internal_backends.len());
+        let draining = ids.split_off(unit.backends.len());
         let table = Table {
             algorithm: plan.algorithm.number(),
             hash_mode: if plan.session_affinity_timeout_seconds.is_some() {
@@ -697,23 +812,35 @@ impl Reconciler {
                 hash_mode::FIVE_TUPLE
             },
             backends: ids,
-            weights: plan
-                .internal_backends
-                .iter()
-                .map(|b| plan.weight(b))
-                .collect(),
+            weights: unit.backends.iter().map(|b| plan.weight(b)).collect(),
             draining,
             table_size,
             entries,
-            drop_when_empty: plan.internal_backends.is_empty() && plan.has_endpoints,
+            drop_when_empty: unit.backends.is_empty() && plan.has_endpoints,
         };
 
         // Commit to the mirror and collect operations.
         for (addr, id) in allocated {
-            let b = backend_entry(addr);
+            let b = backend_entry(addr, plan.is_local(&addr));
             self.maps.backends.insert(id, b);
             self.by_addr.insert(addr, id);
             work.new_backends.insert(id, b);
+        }
+        // A known address whose node changed (pod IPs are reused) gets its
+        // locality updated in place.
+        for (addr, id) in unit
+            .backends
+            .iter()
+            .chain(&plan.draining_backends)
+            .zip(table.backends.iter().chain(&table.draining))
+        {
+            let wanted = backend_entry(*addr, plan.is_local(addr));
+            if let Some(b) = self.maps.backends.get_mut(id)
+                && *b != wanted
+            {
+                *b = wanted;
+                work.new_backends.insert(*id, wanted);
+            }
         }
         for id in table.backends.iter().chain(&table.draining) {
             *self.refs.entry(*id).or_insert(0) += 1;
@@ -747,8 +874,11 @@ impl Reconciler {
                 work.dels.insert(*k);
             }
         }
-        let value = ServiceValue { svc_id, flags: 0 };
-        for k in &keys {
+        for (k, flags) in &unit.keys {
+            let value = ServiceValue {
+                svc_id,
+                flags: *flags,
+            };
             if self.maps.services.get(k) != Some(&value) {
                 if let Some(previous) = self.maps.services.insert(*k, value)
                     && let Some(set) = self.keys_of.get_mut(&previous.svc_id)
@@ -759,7 +889,7 @@ impl Reconciler {
             }
         }
         self.keys_of.insert(svc_id, keys);
-        self.names.insert(plan.id.clone(), svc_id);
+        self.names.insert(unit.name.clone(), svc_id);
     }
 }
 
@@ -906,7 +1036,7 @@ mod tests {
             assert_eq!(&maps, r.maps());
             assert_eq!(r.full(desired).ops, vec![], "nothing left to do");
             for s in &desired.services {
-                let v = maps.services[&frontend_keys(s)[0]];
+                let v = maps.services[&frontend_keys(s, NodePortMode::Snat)[0]];
                 let got: Vec<SocketAddrV4> = maps.tables[&v.svc_id]
                     .backends
                     .iter()
@@ -916,6 +1046,78 @@ mod tests {
             }
         }
         assert_eq!(maps, Programmed::default());
+    }
+
+    /// `web` with a NodePort on 192.168.1.10 (and one on an unknown node
+    /// address), backends .1 (local) and .2; `local_policy` narrows external
+    /// traffic to the local one.
+    fn node_port(local_policy: bool) -> ServicePlan {
+        let mut p = svc("web", [10, 96, 0, 1], &["10.0.0.1:80", "10.0.0.2:80"]);
+        for address in [Ipv4Addr::new(192, 168, 1, 10), Ipv4Addr::UNSPECIFIED] {
+            p.frontends.push(Frontend {
+                kind: FrontendKind::NodePort,
+                address,
+                port: 30080,
+            });
+        }
+        p.local_backends = vec!["10.0.0.1:80".parse().unwrap()];
+        p.external_backends = if local_policy {
+            p.local_backends.clone()
+        } else {
+            p.internal_backends.clone()
+        };
+        p.external_maglev_table_size = local_policy.then_some(101);
+        p
+    }
+
+    #[test]
+    fn external_frontends_share_or_get_their_own_table() {
+        let nodeport_key = ServiceKey {
+            addr_be: addr_be(Ipv4Addr::new(192, 168, 1, 10)),
+            port_be: port_be(30080),
+            proto: proxy_common::proto::TCP,
+            scope: scope::EXTERNAL,
+        };
+        for (mode, flags) in [(NodePortMode::Snat, 0), (NodePortMode::Dsr, SVC_F_DSR)] {
+            // Same backends: one table for every frontend.
+            let mut r = Reconciler::new(Programmed::default(), CAP).with_mode(mode);
+            let maps = apply(
+                Programmed::default(),
+                &r.full(&state(vec![node_port(false)])).ops,
+            );
+            assert_eq!(maps.services.len(), 2, "the unknown address is skipped");
+            assert_eq!(maps.tables.len(), 1);
+            let v = maps.services[&nodeport_key];
+            assert_eq!(v.flags, flags, "{mode:?}");
+            let locals: Vec<bool> = maps
+                .backends
+                .values()
+                .map(|b| b.flags & BACKEND_F_LOCAL != 0)
+                .collect();
+            assert_eq!(locals, [true, false]);
+
+            // externalTrafficPolicy Local: an external table of its own, with
+            // the local backend only; the ClusterIP keeps its table and id.
+            let cluster_key = frontend_keys(&node_port(false), mode)[0];
+            let cluster_id = maps.services[&cluster_key].svc_id;
+            let maps = apply(maps, &r.full(&state(vec![node_port(true)])).ops);
+            assert_eq!(maps.tables.len(), 2);
+            assert_eq!(maps.services[&cluster_key].svc_id, cluster_id);
+            let ext = maps.services[&nodeport_key];
+            assert_ne!(ext.svc_id, cluster_id);
+            assert_eq!(ext.flags, flags);
+            let ext_table = &maps.tables[&ext.svc_id];
+            assert_eq!(ext_table.backends.len(), 1);
+            assert_eq!(ext_table.table_size, 101);
+            assert_eq!(maps.tables[&cluster_id].backends.len(), 2);
+            assert_eq!(r.table_id(&node_port(true).id, true), Some(ext.svc_id));
+
+            // And back: the external table goes, its frontend rejoins.
+            let maps = apply(maps, &r.full(&state(vec![node_port(false)])).ops);
+            assert_eq!(maps.tables.len(), 1);
+            assert_eq!(maps.services[&nodeport_key].svc_id, cluster_id);
+            assert_eq!(r.full(&state(vec![node_port(false)])).ops, vec![]);
+        }
     }
 
     #[test]
@@ -928,7 +1130,7 @@ mod tests {
             svc("b", [10, 96, 0, 2], &["10.0.0.1:80"]),
         ]);
         let ops = r.full(&two).ops;
-        let key_a = frontend_keys(&two.services[0])[0];
+        let key_a = frontend_keys(&two.services[0], NodePortMode::Snat)[0];
         assert_eq!(
             r.maps().services[&key_a],
             maps.services[&key_a],
@@ -957,7 +1159,7 @@ mod tests {
         let (id, b) = maps.backends.iter().map(|(i, b)| (*i, *b)).next().unwrap();
         // Left by interrupted applies: one unrelated, one with the same address.
         maps.backends
-            .insert(50, backend_entry("10.0.0.9:80".parse().unwrap()));
+            .insert(50, backend_entry("10.0.0.9:80".parse().unwrap(), false));
         maps.backends.insert(60, b);
         let mut again = Reconciler::new(maps.clone(), CAP);
         let ops = again.full(&desired).ops;
@@ -996,7 +1198,7 @@ mod tests {
         assert!(batch.refused[0].1.contains("BACKENDS map full"));
         let maps2 = apply(maps.clone(), &batch.ops);
         assert_eq!(&maps2, r.maps());
-        let key_a = frontend_keys(&second.services[0])[0];
+        let key_a = frontend_keys(&second.services[0], NodePortMode::Snat)[0];
         let id_a = maps2.services[&key_a].svc_id;
         assert_eq!(maps2.tables[&id_a], maps.tables[&id_a]);
         assert_eq!(maps2.services.len(), 2);
@@ -1017,7 +1219,7 @@ mod tests {
     }
 
     #[test]
-    fn removal_happens_before_additions_and_ids_wait_a_batch() {
+    fn frontends_go_first_tables_after_and_ids_wait_a_batch() {
         let mut r = Reconciler::new(Programmed::default(), CAP);
         let a = state(vec![svc("a", [10, 96, 0, 1], &["10.0.0.1:80"])]);
         let maps = apply(Programmed::default(), &r.full(&a).ops);
@@ -1029,9 +1231,18 @@ mod tests {
             .unwrap();
         let last_del = ops
             .iter()
-            .rposition(|o| matches!(o, Op::DelService(_) | Op::DelTable(_)))
+            .rposition(|o| matches!(o, Op::DelService(_)))
             .unwrap();
         assert!(last_del < first_set, "{ops:?}");
+        let last_frontend = ops
+            .iter()
+            .rposition(|o| matches!(o, Op::SetService(..)))
+            .unwrap();
+        let del_table = ops
+            .iter()
+            .position(|o| matches!(o, Op::DelTable(_)))
+            .unwrap();
+        assert!(last_frontend < del_table, "{ops:?}");
         assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
         let new_id = ops.iter().find_map(|o| match o {
             Op::SetTable(id, _) => Some(*id),

@@ -75,6 +75,34 @@ counters! {
     /// Endpoints exist, but none this traffic may use (a Local traffic policy
     /// on a node without local endpoints): dropped, as kube-proxy does.
     NoLocalEndpoints = 13, "no_local_endpoints", Dropped;
+    /// A packet of an external flow was translated and sent straight on to a
+    /// backend on another node (XDP_TX or redirect after a FIB lookup).
+    Forwarded = 14, "forwarded", Handled;
+    /// A translated packet to a remote backend was handed to the kernel to
+    /// forward (the FIB lookup needs a neighbour entry or a slow path).
+    ForwardedByKernel = 15, "forwarded_by_kernel", Handled;
+    /// A reply of a SNATed external flow was translated back and sent to the client.
+    SnatReply = 16, "snat_reply", Handled;
+    /// A reply of an external flow to a local backend got the frontend as its source.
+    ExternalReply = 17, "external_reply", Handled;
+    /// A reply of a DSR flow got the service address as its source on the
+    /// backend's node and went straight to the client.
+    DsrReply = 18, "dsr_reply", Handled;
+    /// A packet carrying the DSR option taught this (backend's) node a flow.
+    DsrLearned = 19, "dsr_learned", Handled;
+    /// No free SNAT port for a new external flow: dropped.
+    SnatPortsExhausted = 20, "snat_ports_exhausted", Failed;
+    /// The DSR option does not fit (IPv4 options already present, or the
+    /// packet would exceed the MTU): dropped.
+    DsrNoRoom = 21, "dsr_no_room", Dropped;
+    /// An external packet to a Service without endpoints: dropped (the XDP
+    /// path does not build ICMP rejects).
+    NoEndpointsExternal = 22, "no_endpoints_external", Dropped;
+    /// Growing the packet for the DSR option failed.
+    AdjustFailed = 23, "adjust_failed", Failed;
+    /// XDP left an external packet untouched for TC: the next hop's MAC is
+    /// not known yet (TC has the kernel resolve it).
+    DeferredToTc = 24, "deferred_to_tc", Passed;
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub mod maps;
 pub use counters::{Counter, Verdict};
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// IANA protocol numbers used by the datapath.
 pub mod proto {
@@ -63,6 +63,15 @@ pub struct ServiceValue {
     /// `SVC_F_*` flags.
     pub flags: u32,
 }
+
+/// Service flag (external frontends): new flows to a backend on another node
+/// go by direct server return (the client's address is kept, the service
+/// address travels in an IPv4 option, the backend's node answers the client
+/// itself). Without it they are SNATed to this node's address.
+pub const SVC_F_DSR: u32 = 1;
+
+/// Backend flag: the endpoint runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1;
 
 /// A backend: one endpoint address:port. Value of the `BACKENDS` array,
 /// indexed by backend id (id 0 is never used, so an all-zero slot means "free").
@@ -237,13 +246,64 @@ pub struct CtValue {
     pub state: u8,
     /// FORWARD: id of the chosen backend in `BACKENDS`.
     pub backend_id: u32,
-    /// Service port the flow belongs to.
+    /// Service port the flow belongs to (0: learned from a DSR option).
     pub svc_id: u32,
     /// `bpf_ktime_get_coarse_ns` when the entry was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_coarse_ns` of the last packet, refreshed at most once per second.
     pub last_seen_ns: u64,
+    /// `CT_F_SNAT` flows only. FORWARD: the node address the client's source
+    /// becomes; REPLY: the client address the destination is restored to.
+    pub peer_addr_be: u32,
+    /// Port counterpart of `peer_addr_be`, network byte order.
+    pub peer_port_be: u16,
+    /// Explicit padding.
+    pub _pad: u16,
 }
+
+/// Conntrack flag: the flow came from outside the node (NodePort,
+/// LoadBalancer, externalIP). Its replies are translated where they leave
+/// the backend pod (`tc_pod_ingress`), not where they reach a client pod.
+pub const CT_F_EXTERNAL: u8 = 1;
+/// Conntrack flag: the client's source is translated too (SNAT to this
+/// node's address); replies come back through this node.
+pub const CT_F_SNAT: u8 = 2;
+/// Conntrack flag: direct server return. FORWARD (entry node): packets carry
+/// the service address to the backend's node. REPLY (backend's node):
+/// learned from that option; replies go straight to the client.
+pub const CT_F_DSR: u8 = 4;
+/// Conntrack flag (FORWARD): the backend is on another node; packets are
+/// sent on with a FIB lookup.
+pub const CT_F_REMOTE: u8 = 8;
+
+/// IPv4 option carrying the service address to the backend's node under DSR:
+/// `[type, length, port (2, network order), address (4, network order)]`.
+/// The type has the copy bit set (copied into fragments), class 0, number
+/// 26, the value Cilium uses for the same purpose.
+pub const DSR_OPT_TYPE: u8 = 0x9a;
+/// Length of the DSR option in bytes (a multiple of 4: no padding needed).
+pub const DSR_OPT_LEN: u8 = 8;
+
+/// This node's settings for the datapath: the single element of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// Address external flows to remote backends are SNATed to, network byte order.
+    pub snat_addr_be: u32,
+    /// First port of the SNAT range (host byte order).
+    pub snat_port_min: u16,
+    /// Last port of the SNAT range (host byte order).
+    pub snat_port_max: u16,
+    /// `NODE_F_*` flags.
+    pub flags: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Node flag: external traffic is served here: `tc_pod_ingress` looks up
+/// replies of external flows (local backends, DSR) for packets that are not
+/// addressed to a service.
+pub const NODE_F_EXTERNAL: u32 = 1;
 
 /// Per-service counters: value of the per-CPU `SVC_STATS` array, indexed by svc id.
 #[repr(C)]
@@ -308,6 +368,8 @@ mod pod {
     unsafe impl aya::Pod for super::SvcCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BenchFrame {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeConfig {}
 }
 
 #[cfg(test)]
@@ -331,10 +393,11 @@ mod tests {
             size_of::<CtValue>(),
             offset_of!(CtValue, last_seen_ns),
             size_of::<SvcCounters>(),
+            size_of::<NodeConfig>(),
             Counter::COUNT,
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 3);
-        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 32, 24, 32, 14]);
+        assert_eq!(PIN_LAYOUT_VERSION, 4);
+        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 25]);
     }
 
     #[test]

@@ -22,10 +22,18 @@ pub const STATS: &str = "STATS";
 /// Per-CPU array: svc id → [`crate::SvcCounters`]. Written by the datapath.
 pub const SVC_STATS: &str = "SVC_STATS";
 
+/// Array of one [`crate::NodeConfig`]: this node's settings. Written by the agent.
+pub const CONFIG: &str = "CONFIG";
+
 /// Every map the agent pins.
 pub const PINNED: &[&str] = &[
-    SERVICES, SELECTION, SVC_TABLE, BACKENDS, CONNTRACK, STATS, SVC_STATS,
+    SERVICES, SELECTION, SVC_TABLE, BACKENDS, CONNTRACK, STATS, SVC_STATS, CONFIG,
 ];
+
+/// Default SNAT port range for external flows to remote backends: above
+/// Linux's default ephemeral range (32768–60999), so it never collides with
+/// the node's own connections.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 
 /// Default capacity of `SERVICES` (frontends).
 pub const DEFAULT_MAX_FRONTENDS: u32 = 65_536;
@@ -45,4 +53,12 @@ pub mod programs {
     pub const TC_POD_INGRESS: &str = "tc_pod_ingress";
     /// TC egress on pod-facing interfaces: reverse NAT of replies to clients.
     pub const TC_POD_EGRESS: &str = "tc_pod_egress";
+    /// XDP on external interfaces: NodePort, LoadBalancer and externalIP
+    /// frontends, SNAT replies, DSR option learning.
+    pub const XDP_EXT: &str = "xdp_ext";
+    /// XDP that passes everything, for the peer of a veth running `xdp_ext`.
+    pub const XDP_PASS: &str = "xdp_pass";
+    /// TC ingress on external interfaces: the same as `xdp_ext`, for what XDP
+    /// leaves to it (unresolved next hops) or where XDP cannot attach.
+    pub const TC_EXT_INGRESS: &str = "tc_ext_ingress";
 }

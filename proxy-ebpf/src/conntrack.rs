@@ -9,6 +9,7 @@
 //! The map is an LRU, so a full table evicts the least recently used flows
 //! instead of refusing new ones.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{Backend, Counter, CtKey, CtValue, ct_dir};
 
@@ -70,16 +71,25 @@ pub fn touch(entry: *mut CtValue, now: u64) {
     }
 }
 
-/// Records a new flow from client `pkt` (to the frontend) DNATed to `backend`.
+/// A new flow: what `create` records.
+pub struct NewFlow<'a> {
+    /// The client's packet, as it arrived (addressed to the frontend).
+    pub pkt: &'a Packet,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub backend: &'a Backend,
+    /// `CT_F_*` flags of both entries.
+    pub flags: u8,
+    /// Whether the backend's replies come back through this node (there is
+    /// a REPLY entry to write).
+    pub replies_here: bool,
+    pub now: u64,
+}
+
+/// The REPLY key of a flow from `pkt`'s client to `backend`, as the backend answers.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    svc_id: u32,
-    backend_id: u32,
-    backend: &Backend,
-    now: u64,
-) -> Result<(), Counter> {
-    let reply = CtKey {
+fn reply_key_to(pkt: &Packet, backend: &Backend) -> CtKey {
+    CtKey {
         saddr_be: backend.addr_be,
         daddr_be: pkt.saddr_be,
         sport_be: backend.port_be,
@@ -87,28 +97,145 @@ pub fn create(
         proto: pkt.proto,
         dir: ct_dir::REPLY,
         _pad: 0,
-    };
-    let reply_val = CtValue {
-        nat_addr_be: pkt.daddr_be,
-        nat_port_be: pkt.dport_be,
-        flags: 0,
+    }
+}
+
+/// The REPLY entry's value for a flow (frontend restored as the source).
+#[inline(always)]
+fn reply_value(f: &NewFlow) -> CtValue {
+    CtValue {
+        nat_addr_be: f.pkt.daddr_be,
+        nat_port_be: f.pkt.dport_be,
+        flags: f.flags,
         state: 0,
-        backend_id,
-        svc_id,
-        created_ns: now,
-        last_seen_ns: now,
-    };
+        backend_id: f.backend_id,
+        svc_id: f.svc_id,
+        created_ns: f.now,
+        last_seen_ns: f.now,
+        peer_addr_be: 0,
+        peer_port_be: 0,
+        _pad: 0,
+    }
+}
+
+/// Records a new flow from client `pkt` (to the frontend) DNATed to `backend`.
+#[inline(always)]
+pub fn create(f: &NewFlow) -> Result<(), Counter> {
+    let reply_val = reply_value(f);
     // Reply entry first: once the forward entry exists, packets of this flow may
     // reach the backend and its answer must already find its translation.
-    CONNTRACK
-        .insert(reply, reply_val, 0)
-        .map_err(|_| Counter::CtInsertFailed)?;
+    if f.replies_here {
+        CONNTRACK
+            .insert(reply_key_to(f.pkt, f.backend), reply_val, 0)
+            .map_err(|_| Counter::CtInsertFailed)?;
+    }
     let fwd_val = CtValue {
-        nat_addr_be: backend.addr_be,
-        nat_port_be: backend.port_be,
+        nat_addr_be: f.backend.addr_be,
+        nat_port_be: f.backend.port_be,
         ..reply_val
     };
     CONNTRACK
-        .insert(forward_key(pkt), fwd_val, 0)
+        .insert(forward_key(f.pkt), fwd_val, 0)
+        .map_err(|_| Counter::CtInsertFailed)
+}
+
+/// How many ports a new SNAT flow tries before giving up.
+const SNAT_TRIES: u32 = 16;
+
+/// Records a new external flow SNATed to `snat_addr_be` on a port of
+/// `[port_min, port_max]` that no other flow to the same backend uses (the
+/// REPLY key is inserted with `BPF_NOEXIST`, so two CPUs never share a
+/// port). Returns the port, network byte order.
+#[inline(always)]
+pub fn create_snat(
+    f: &NewFlow,
+    snat_addr_be: u32,
+    port_min: u16,
+    port_max: u16,
+) -> Result<u16, Counter> {
+    let range = u32::from(port_max.saturating_sub(port_min)) + 1;
+    let start = proxy_common::hash::flow_hash(
+        f.pkt.saddr_be,
+        f.pkt.daddr_be,
+        f.pkt.sport_be,
+        f.pkt.dport_be,
+        f.pkt.proto,
+    );
+    let mut reply_val = reply_value(f);
+    reply_val.peer_addr_be = f.pkt.saddr_be;
+    reply_val.peer_port_be = f.pkt.sport_be;
+    let mut key = CtKey {
+        saddr_be: f.backend.addr_be,
+        daddr_be: snat_addr_be,
+        sport_be: f.backend.port_be,
+        dport_be: 0,
+        proto: f.pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    let mut i = 0;
+    let mut found = None;
+    while i < SNAT_TRIES {
+        let port = port_min.wrapping_add((start.wrapping_add(i) % range) as u16);
+        key.dport_be = port.to_be();
+        if CONNTRACK
+            .insert(key, reply_val, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            found = Some(key.dport_be);
+            break;
+        }
+        i += 1;
+    }
+    let port_be = found.ok_or(Counter::SnatPortsExhausted)?;
+    let fwd_val = CtValue {
+        nat_addr_be: f.backend.addr_be,
+        nat_port_be: f.backend.port_be,
+        peer_addr_be: snat_addr_be,
+        peer_port_be: port_be,
+        ..reply_val
+    };
+    CONNTRACK
+        .insert(forward_key(f.pkt), fwd_val, 0)
+        .map_err(|_| Counter::CtInsertFailed)?;
+    Ok(port_be)
+}
+
+/// Records what a DSR option taught this (the backend's) node: replies from
+/// the backend `pkt` is addressed to go back to its client with the service
+/// address `svc_addr_be:svc_port_be` as their source.
+#[inline(always)]
+pub fn learn_dsr(
+    pkt: &Packet,
+    svc_addr_be: u32,
+    svc_port_be: u16,
+    now: u64,
+) -> Result<(), Counter> {
+    let key = CtKey {
+        saddr_be: pkt.daddr_be,
+        daddr_be: pkt.saddr_be,
+        sport_be: pkt.dport_be,
+        dport_be: pkt.sport_be,
+        proto: pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    if let Some(entry) = lookup(&key)
+        // SAFETY: a valid map value pointer for this run.
+        && unsafe { (*entry).nat_addr_be == svc_addr_be && (*entry).nat_port_be == svc_port_be }
+    {
+        touch(entry, now);
+        return Ok(());
+    }
+    let value = CtValue {
+        nat_addr_be: svc_addr_be,
+        nat_port_be: svc_port_be,
+        flags: proxy_common::CT_F_EXTERNAL | proxy_common::CT_F_DSR,
+        created_ns: now,
+        last_seen_ns: now,
+        ..CtValue::default()
+    };
+    CONNTRACK
+        .insert(key, value, 0)
         .map_err(|_| Counter::CtInsertFailed)
 }

@@ -6,14 +6,23 @@
 //! - `tc_pod_egress`, on the same interfaces, sees what is delivered to pods:
 //!   parse → conntrack reply lookup → reverse NAT.
 //!
-//! Everything that is not a service's traffic returns `TCX_NEXT` untouched, so
-//! programs attached after ours (a CNI's) keep working.
+//! - `xdp_ext`, on external interfaces, sees what arrives from outside the
+//!   node: NodePort/LoadBalancer/externalIP frontends, SNAT replies and DSR
+//!   options (see `external.rs`).
+//!
+//! Everything that is not a service's traffic returns `TCX_NEXT` (or
+//! `XDP_PASS`) untouched, so programs attached after ours (a CNI's) keep working.
 #![no_std]
 #![no_main]
 
 mod bench;
 mod conntrack;
 mod csum;
+mod ctx;
+mod dsr;
+mod external;
+mod fib;
+mod lookup;
 mod maps;
 mod nat;
 mod parse;
@@ -22,14 +31,22 @@ mod select;
 mod stats;
 
 use aya_ebpf::{
-    bindings::tcx_action_base::{TCX_DROP, TCX_NEXT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{
+        bpf_redir_neigh,
+        tcx_action_base::{TCX_DROP, TCX_NEXT},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{Counter, ServiceKey, Verdict, scope};
+use proxy_common::{CT_F_DSR, CT_F_EXTERNAL, Counter, NODE_F_EXTERNAL, Verdict, scope};
 
-use crate::{maps::SERVICES, nat::Side, parse::Packet, stats::SvcEvent};
+use crate::{
+    conntrack::NewFlow, ctx::Ctx, fib::Route, maps::CONFIG, nat::Side, parse::Packet,
+    stats::SvcEvent,
+};
 
 /// Frontend → backend: DNAT of pods' packets to service frontends.
 #[classifier]
@@ -41,6 +58,83 @@ pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_pod_egress(ctx: TcContext) -> i32 {
     finish(&ctx, pod_egress(&ctx))
+}
+
+/// North-south: external frontends, SNAT replies, DSR options.
+#[xdp]
+pub fn xdp_ext(ctx: XdpContext) -> u32 {
+    match external::handle(&ctx) {
+        Ok(external::Done::NotOurs) => XDP_PASS,
+        Ok(external::Done::Pass(counter)) => {
+            stats::count(counter);
+            XDP_PASS
+        }
+        Ok(external::Done::Send(counter, route)) => {
+            stats::count(counter);
+            match route {
+                Route::Out { ifindex, .. } if ifindex == Ctx::ingress_ifindex(&ctx) => XDP_TX,
+                // SAFETY: helper with plain arguments.
+                Route::Out { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as u32 },
+                // `external` leaves unresolved next hops to TC.
+                _ => XDP_PASS,
+            }
+        }
+        Err(reason) => {
+            stats::count(reason);
+            match reason.verdict() {
+                Verdict::Failed => {
+                    warn!(&ctx, "packet dropped, reason {}", reason as u32);
+                    XDP_DROP
+                }
+                Verdict::Dropped => XDP_DROP,
+                Verdict::Passed | Verdict::Handled => XDP_PASS,
+            }
+        }
+    }
+}
+
+/// Passes everything. For the far end of a veth whose near end runs
+/// `xdp_ext`: frames XDP sends into a veth (XDP_TX, redirect) are only
+/// received when the peer has an XDP program of its own.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// North-south where XDP does not finish the job: packets XDP left to TC
+/// (next hop unresolved), or every packet where XDP is not attached.
+#[classifier]
+pub fn tc_ext_ingress(ctx: TcContext) -> i32 {
+    let done = external::handle(&ctx).map(|d| match d {
+        external::Done::NotOurs => Done::NotOurs,
+        external::Done::Pass(counter) => Done::Translated(counter),
+        external::Done::Send(counter, route) => Done::Redirected(counter, tc_send(route)),
+    });
+    finish(&ctx, done)
+}
+
+/// Sends a packet prepared for `route` from TC.
+#[inline(always)]
+fn tc_send(route: Route) -> i32 {
+    match route {
+        // SAFETY: helper with plain arguments.
+        Route::Out { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Route::NoNeigh { ifindex, nh_be } => {
+            let mut nh = bpf_redir_neigh {
+                nh_family: 2, // AF_INET
+                __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                    ipv4_nh: nh_be,
+                },
+            };
+            // SAFETY: `nh` is a valid next-hop description of the size given.
+            unsafe {
+                bpf_redirect_neigh(ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+                    as i32
+            }
+        }
+        // `external::out` sends only the two above; anything else goes on.
+        Route::TooBig | Route::Kernel => TCX_NEXT,
+    }
 }
 
 /// How a handled packet leaves the program.
@@ -85,17 +179,47 @@ fn pod_ingress(ctx: &TcContext) -> Result<Done, Counter> {
     let Some(pkt) = parse::parse(ctx)? else {
         return Ok(Done::NotOurs);
     };
-    let key = ServiceKey {
-        addr_be: pkt.daddr_be,
-        port_be: pkt.dport_be,
-        proto: pkt.proto,
-        scope: scope::INTERNAL,
-    };
-    // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
-        return Ok(Done::NotOurs);
+    let Some(svc) = lookup::service(&pkt, scope::INTERNAL) else {
+        return external_reply(ctx, &pkt);
     };
     dnat(ctx, &pkt, svc.svc_id)
+}
+
+/// A pod's packet to a non-service address may be a backend's reply to an
+/// external client (a local backend of a NodePort, or a DSR flow): its source
+/// becomes the frontend again, and it goes straight to the client.
+#[inline(always)]
+fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
+    if CONFIG.get(0).is_none_or(|c| c.flags & NODE_F_EXTERNAL == 0) {
+        return Ok(Done::NotOurs);
+    }
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key(pkt)) else {
+        return Ok(Done::NotOurs);
+    };
+    // SAFETY: a valid map value pointer for this run; copied out.
+    let v = unsafe { *entry };
+    if v.flags & CT_F_EXTERNAL == 0 {
+        return Ok(Done::NotOurs);
+    }
+    conntrack::touch(entry, conntrack::now());
+    // The route from the translated source: sent straight out, not through
+    // the kernel's input path (which refuses a node address as the source of
+    // a packet from a pod, and may filter the reverse path of a DSR reply).
+    let flow = fib::flow_of(ctx, v.nat_addr_be, pkt.daddr_be, pkt.proto);
+    let route = fib::lookup(ctx, &flow);
+    nat::rewrite(ctx, pkt, Side::Src, v.nat_addr_be, v.nat_port_be)?;
+    if v.svc_id != 0 {
+        stats::service(v.svc_id, pkt.l3_len, SvcEvent::Packet);
+    }
+    let counter = if v.flags & CT_F_DSR != 0 {
+        Counter::DsrReply
+    } else {
+        Counter::ExternalReply
+    };
+    Ok(match external::out(ctx, route, counter) {
+        external::Done::Send(counter, route) => Done::Redirected(counter, tc_send(route)),
+        _ => Done::Translated(counter),
+    })
 }
 
 /// Sends a packet addressed to a frontend of `svc_id` to its backend: the
@@ -134,7 +258,15 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         let action = reject::reject(ctx, pkt)?;
         return Ok(Done::Redirected(Counter::RejectNoEndpoints, action));
     };
-    conntrack::create(pkt, svc_id, backend_id, &backend, now)?;
+    conntrack::create(&NewFlow {
+        pkt,
+        svc_id,
+        backend_id,
+        backend: &backend,
+        flags: 0,
+        replies_here: true,
+        now,
+    })?;
     nat::rewrite(ctx, pkt, Side::Dst, backend.addr_be, backend.port_be)?;
     stats::service(svc_id, pkt.l3_len, SvcEvent::NewFlow);
     Ok(Done::Translated(Counter::NewFlow))

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, SelBlock, ServiceKey, ServiceValue, SvcCounters,
+    Backend, Counter, CtKey, CtValue, NodeConfig, SelBlock, ServiceKey, ServiceValue, SvcCounters,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -40,3 +40,8 @@ pub static STATS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
 /// Per-CPU counters per svc id. Written by the datapath, reset by the agent on id reuse.
 #[btf_map]
 pub static SVC_STATS: PerCpuArray<SvcCounters, 65_536> = PerCpuArray::new();
+
+/// This node's settings (one element): SNAT address and ports, `NODE_F_*`.
+/// Written by the agent at start.
+#[btf_map]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();

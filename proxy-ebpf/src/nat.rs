@@ -7,13 +7,13 @@
 //! `CHECKSUM_COMPLETE`'s `skb->csum` is kept in step. UDP's "no checksum" (0) is
 //! left as is (`BPF_F_MARK_MANGLED_0`).
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
-};
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use proxy_common::{Counter, proto};
 
-use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, ptr_at};
+use crate::{
+    ctx::Ctx,
+    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, ptr_at},
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub enum Side {
 /// Rewrites one side of `pkt` to `addr_be:port_be` and fixes the checksums.
 #[inline(always)]
 pub fn rewrite(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     pkt: &Packet,
     side: Side,
     addr_be: u32,
@@ -59,7 +59,7 @@ pub fn rewrite(
             u64::from(port_be),
             mangled0 | 2,
         )
-        .map_err(|_| Counter::CsumFailed)?;
+        .map_err(|()| Counter::CsumFailed)?;
     }
     if old_addr != addr_be {
         ctx.l4_csum_replace(
@@ -68,9 +68,9 @@ pub fn rewrite(
             u64::from(addr_be),
             u64::from(BPF_F_PSEUDO_HDR) | mangled0 | 4,
         )
-        .map_err(|_| Counter::CsumFailed)?;
+        .map_err(|()| Counter::CsumFailed)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(addr_be), 4)
-            .map_err(|_| Counter::CsumFailed)?;
+            .map_err(|()| Counter::CsumFailed)?;
     }
     Ok(())
 }

@@ -6,9 +6,10 @@
 //! untouched (the kernel drops what is really broken), and the reason is
 //! counted. Nothing in here writes to the packet.
 
-use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{Counter, proto};
+
+use crate::ctx::Ctx;
 
 /// Length of the Ethernet header.
 pub const ETH_LEN: usize = EthHdr::LEN;
@@ -70,7 +71,7 @@ impl Packet {
 
 /// Pointer to a `T` at `off` in the linear packet data, if it lies entirely inside.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Ctx, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
@@ -82,19 +83,19 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 /// Makes the first `need` bytes linear (directly accessible), pulling them in
 /// only when they are not already. A packet shorter than `need` is `short`.
 #[inline(always)]
-fn ensure_linear(ctx: &TcContext, need: usize, short: Counter) -> Result<(), Counter> {
+fn ensure_linear(ctx: &impl Ctx, need: usize, short: Counter) -> Result<(), Counter> {
     if ctx.data() + need <= ctx.data_end() {
         return Ok(());
     }
     if (ctx.len() as usize) < need {
         return Err(short);
     }
-    ctx.pull_data(need as u32).map_err(|_| Counter::PullFailed)
+    ctx.pull_data(need as u32).map_err(|()| Counter::PullFailed)
 }
 
 /// Parses an Ethernet frame carrying IPv4 TCP or UDP.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Counter> {
+pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Ok(None);
     };

@@ -1,14 +1,20 @@
 //! Loading the datapath for BPF_PROG_TEST_RUN fixtures and programming it with
 //! the agent's own reconcile and datapath code.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use anyhow::{Result, anyhow};
 use proxy_agent::{
     datapath::{Datapath, LoadOptions, MapSizes},
-    model::{DesiredState, Frontend, FrontendKind, Protocol, ServicePlan, ServicePortName},
+    model::{
+        DesiredState, Frontend, FrontendKind, NodePortMode, Protocol, ServicePlan, ServicePortName,
+    },
     reconcile::{Programmed, Reconciler},
 };
+use proxy_common::Counter;
 
 /// `TCX_NEXT`: continue, untouched or translated.
 pub const TCX_NEXT: i32 = -1;
@@ -16,6 +22,12 @@ pub const TCX_NEXT: i32 = -1;
 pub const TCX_DROP: i32 = 2;
 /// `TC_ACT_REDIRECT`.
 pub const TC_ACT_REDIRECT: i32 = 7;
+/// `XDP_DROP`.
+pub const XDP_DROP: i32 = 1;
+/// `XDP_PASS`.
+pub const XDP_PASS: i32 = 2;
+/// `XDP_TX`.
+pub const XDP_TX: i32 = 3;
 
 /// Loads an unpinned datapath with small maps.
 pub fn load() -> Result<Datapath> {
@@ -59,9 +71,18 @@ pub fn service(
 
 /// Programs `services` into `dp` through reconcile, as the agent does.
 pub fn program(dp: &mut Datapath, services: Vec<ServicePlan>) -> Result<Programmed> {
+    program_with_mode(dp, services, NodePortMode::Snat)
+}
+
+/// As [`program`], with external frontends in `mode`.
+pub fn program_with_mode(
+    dp: &mut Datapath,
+    services: Vec<ServicePlan>,
+    mode: NodePortMode,
+) -> Result<Programmed> {
     let mut services = services;
     services.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut reconciler = Reconciler::new(dp.read_programmed()?, dp.capacity());
+    let mut reconciler = Reconciler::new(dp.read_programmed()?, dp.capacity()).with_mode(mode);
     let batch = reconciler.full(&DesiredState { services });
     if !batch.refused.is_empty() {
         return Err(anyhow!("refused: {:?}", batch.refused));
@@ -71,7 +92,122 @@ pub fn program(dp: &mut Datapath, services: Vec<ServicePlan>) -> Result<Programm
     Ok(reconciler.maps().clone())
 }
 
+/// A NodePort service port for fixtures: a ClusterIP `cluster_ip` and a
+/// NodePort `node_port` on `node_addr`, both to `backends`; `local` lists
+/// those on this node.
+pub fn node_port(
+    name: &str,
+    cluster_ip: SocketAddrV4,
+    node_port: SocketAddrV4,
+    protocol: Protocol,
+    backends: &[SocketAddrV4],
+    local: &[SocketAddrV4],
+) -> ServicePlan {
+    let mut plan = service(name, cluster_ip, protocol, backends);
+    plan.frontends.push(Frontend {
+        kind: FrontendKind::NodePort,
+        address: *node_port.ip(),
+        port: node_port.port(),
+    });
+    plan.external_backends = plan.internal_backends.clone();
+    plan.local_backends = local.to_vec();
+    plan.local_backends.sort();
+    plan
+}
+
 /// Shorthand for an address:port.
 pub fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
+
+pub fn counters(dp: &Datapath) -> Result<BTreeMap<Counter, u64>> {
+    Ok(dp.counters()?.into_iter().collect())
+}
+
+/// Counters that changed between two snapshots.
+pub fn moved(
+    before: &BTreeMap<Counter, u64>,
+    after: &BTreeMap<Counter, u64>,
+) -> Vec<(Counter, u64)> {
+    after
+        .iter()
+        .filter_map(|(c, v)| {
+            let d = v - before.get(c).copied().unwrap_or(0);
+            (d > 0).then_some((*c, d))
+        })
+        .collect()
+}
+
+/// What a fixture expects to come out.
+pub enum Out {
+    /// Exactly this frame.
+    Frame(Vec<u8>),
+    /// The input, unchanged.
+    Untouched,
+}
+
+pub struct Case {
+    pub name: &'static str,
+    pub program: &'static str,
+    pub input: Vec<u8>,
+    pub out: Out,
+    pub verdict: i32,
+    /// The counter that must move by exactly one (and nothing else); `None`: nothing moves.
+    pub counter: Option<Counter>,
+}
+
+/// Runs fixtures; every failure is collected and reported at the end.
+pub fn run_cases(dp: &mut Datapath, cases: Vec<Case>) {
+    run_cases_on(dp, cases, None);
+}
+
+/// As [`run_cases`], with XDP frames arriving on interface `ifindex`.
+pub fn run_cases_on(dp: &mut Datapath, cases: Vec<Case>, ifindex: Option<u32>) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let Ok(before) = counters(dp) else {
+            failures.push(format!("{}: cannot read counters", case.name));
+            continue;
+        };
+        let result = match dp.test_run_on(case.program, &case.input, 1, ifindex) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{}: test run failed: {e}", case.name));
+                continue;
+            }
+        };
+        let after = counters(dp).unwrap_or_default();
+        let mut problems = Vec::new();
+        if result.verdict != case.verdict {
+            problems.push(format!("verdict {} != {}", result.verdict, case.verdict));
+        }
+        let expected = match &case.out {
+            Out::Frame(f) => f.clone(),
+            Out::Untouched => case.input.clone(),
+        };
+        if result.frame != expected {
+            problems.push(format!(
+                "frame differs\n  got:  {:02x?}\n  want: {:02x?}",
+                result.frame, expected
+            ));
+        }
+        if matches!(case.out, Out::Frame(_))
+            && let Err(e) = crate::packet::verify_checksums(&result.frame)
+        {
+            problems.push(format!("checksum: {e}"));
+        }
+        let want: Vec<(Counter, u64)> = case.counter.map(|c| (c, 1)).into_iter().collect();
+        let got = moved(&before, &after);
+        if got != want {
+            problems.push(format!("counters moved {got:?}, expected {want:?}"));
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}:\n  {}", case.name, problems.join("\n  ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "fixtures failed:\n{}",
+        failures.join("\n")
+    );
 }

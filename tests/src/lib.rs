@@ -11,3 +11,4 @@ pub mod fake_api;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod twonode;

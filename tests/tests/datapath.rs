@@ -14,92 +14,14 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use proxy_agent::{datapath::Datapath, model::Protocol, reconcile::Op};
 use proxy_common::{Backend, Counter, maps::programs};
 use proxy_tests::{
-    fixture::{self, TC_ACT_REDIRECT, TCX_DROP, TCX_NEXT, sa},
+    fixture::{
+        self, Case, Out, TC_ACT_REDIRECT, TCX_DROP, TCX_NEXT, counters, moved, run_cases, sa,
+    },
     packet::{self, Frame, L4},
 };
 
 const INGRESS: &str = programs::TC_POD_INGRESS;
 const EGRESS: &str = programs::TC_POD_EGRESS;
-
-fn counters(dp: &Datapath) -> BTreeMap<Counter, u64> {
-    dp.counters().unwrap().into_iter().collect()
-}
-
-/// Counters that changed between two snapshots.
-fn moved(before: &BTreeMap<Counter, u64>, after: &BTreeMap<Counter, u64>) -> Vec<(Counter, u64)> {
-    after
-        .iter()
-        .filter_map(|(c, v)| {
-            let d = v - before.get(c).copied().unwrap_or(0);
-            (d > 0).then_some((*c, d))
-        })
-        .collect()
-}
-
-/// What a fixture expects to come out.
-enum Out {
-    /// Exactly this frame.
-    Frame(Vec<u8>),
-    /// The input, unchanged.
-    Untouched,
-}
-
-struct Case {
-    name: &'static str,
-    program: &'static str,
-    input: Vec<u8>,
-    out: Out,
-    verdict: i32,
-    /// The counter that must move by exactly one (and nothing else); `None`: nothing moves.
-    counter: Option<Counter>,
-}
-
-fn run_cases(dp: &mut Datapath, cases: Vec<Case>) {
-    let mut failures = Vec::new();
-    for case in cases {
-        let before = counters(dp);
-        let result = match dp.test_run(case.program, &case.input, 1) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(format!("{}: test run failed: {e}", case.name));
-                continue;
-            }
-        };
-        let after = counters(dp);
-        let mut problems = Vec::new();
-        if result.verdict != case.verdict {
-            problems.push(format!("verdict {} != {}", result.verdict, case.verdict));
-        }
-        let expected = match &case.out {
-            Out::Frame(f) => f.clone(),
-            Out::Untouched => case.input.clone(),
-        };
-        if result.frame != expected {
-            problems.push(format!(
-                "frame differs\n  got:  {:02x?}\n  want: {:02x?}",
-                result.frame, expected
-            ));
-        }
-        if matches!(case.out, Out::Frame(_))
-            && let Err(e) = packet::verify_checksums(&result.frame)
-        {
-            problems.push(format!("checksum: {e}"));
-        }
-        let want: Vec<(Counter, u64)> = case.counter.map(|c| (c, 1)).into_iter().collect();
-        let got = moved(&before, &after);
-        if got != want {
-            problems.push(format!("counters moved {got:?}, expected {want:?}"));
-        }
-        if !problems.is_empty() {
-            failures.push(format!("{}:\n  {}", case.name, problems.join("\n  ")));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "fixtures failed:\n{}",
-        failures.join("\n")
-    );
-}
 
 const CLIENT: [u8; 4] = [10, 244, 1, 2];
 
@@ -460,7 +382,7 @@ fn same_flow_keeps_its_backend_and_flows_spread() {
         payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         ..syn.clone()
     };
-    let before = counters(&dp);
+    let before = counters(&dp).unwrap();
     for i in 0..50 {
         let f = if i % 2 == 0 { &syn } else { &ack };
         let out = dp.test_run(INGRESS, &f.build(), 1).unwrap();
@@ -472,7 +394,7 @@ fn same_flow_keeps_its_backend_and_flows_spread() {
         assert_eq!(out.frame, f.with_endpoints(f.src, chosen).build());
     }
     assert_eq!(
-        moved(&before, &counters(&dp)),
+        moved(&before, &counters(&dp).unwrap()),
         vec![(Counter::Established, 50)]
     );
 
@@ -525,7 +447,7 @@ fn established_tcp_flow_outlives_its_backend_leaving() {
         ("no endpoints left", vec![]),
     ] {
         program(&mut dp, &set);
-        let before = counters(&dp);
+        let before = counters(&dp).unwrap();
         let out = dp.test_run(INGRESS, &ack.build(), 1).unwrap();
         assert_eq!(out.verdict, TCX_NEXT, "{step}");
         assert_eq!(
@@ -534,7 +456,7 @@ fn established_tcp_flow_outlives_its_backend_leaving() {
             "{step}"
         );
         assert_eq!(
-            moved(&before, &counters(&dp)),
+            moved(&before, &counters(&dp).unwrap()),
             vec![(Counter::Established, 1)],
             "{step}"
         );
@@ -556,11 +478,11 @@ fn established_tcp_flow_outlives_its_backend_leaving() {
 
     // A new connection attempt reusing the tuple is a new flow: it does not
     // go to the departed backend (here: refused, nothing is left).
-    let before = counters(&dp);
+    let before = counters(&dp).unwrap();
     let out = dp.test_run(INGRESS, &syn.build(), 1).unwrap();
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_eq!(
-        moved(&before, &counters(&dp)),
+        moved(&before, &counters(&dp).unwrap()),
         vec![(Counter::RejectNoEndpoints, 1)]
     );
     program(&mut dp, &[newcomer]);

@@ -21,12 +21,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue, SvcCounters,
-    maps,
+    Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue,
+    SvcCounters, maps,
 };
 
 pub use self::{
@@ -192,8 +192,14 @@ impl Datapath {
         for name in [
             maps::programs::TC_POD_INGRESS,
             maps::programs::TC_POD_EGRESS,
+            maps::programs::TC_EXT_INGRESS,
         ] {
             classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        for name in [maps::programs::XDP_EXT, maps::programs::XDP_PASS] {
+            xdp(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
@@ -279,15 +285,7 @@ impl Datapath {
 
     /// Global counters, summed over CPUs, in `Counter` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.map(maps::STATS)?).map_err(map_err(maps::STATS))?;
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let values = m.get(&(*c as u32), 0).map_err(map_err(maps::STATS))?;
-                Ok((*c, values.iter().sum()))
-            })
-            .collect()
+        sum_counters(&PerCpuArray::try_from(self.map(maps::STATS)?).map_err(map_err(maps::STATS))?)
     }
 
     /// Counters of one service port, summed over CPUs.
@@ -324,6 +322,13 @@ impl Datapath {
             .map_err(map_err(maps::CONNTRACK))
     }
 
+    /// This node's datapath settings.
+    pub fn set_config(&mut self, config: &NodeConfig) -> Result<(), DatapathError> {
+        let mut m: Array<_, NodeConfig> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        m.set(0, config, 0).map_err(map_err(maps::CONFIG))
+    }
+
     /// Runs a program once on `frame` with BPF_PROG_TEST_RUN, returning the
     /// verdict and the output frame.
     pub fn test_run(
@@ -332,18 +337,49 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutput, DatapathError> {
-        let prog = classifier(&mut self.ebpf, program)?;
+        self.test_run_on(program, frame, repeat, None)
+    }
+
+    /// As [`Datapath::test_run`], with the frame arriving on interface
+    /// `ifindex` (XDP programs: `xdp_md.ingress_ifindex`, looked up in the
+    /// caller's network namespace).
+    pub fn test_run_on(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: Option<u32>,
+    ) -> Result<TestRunOutput, DatapathError> {
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut xdp_md = [0u8; 24];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DatapathError::Program {
-                name: program,
-                source,
-            })?;
+        let err = |source| DatapathError::Program {
+            name: program,
+            source,
+        };
+        let result = match self.ebpf.program_mut(program) {
+            Some(Program::SchedClassifier(p)) => p.test_run(opts).map_err(err)?,
+            Some(Program::Xdp(p)) => {
+                if let Some(index) = ifindex {
+                    // The kernel wants data_end to be the frame's length.
+                    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+                    xdp_md[4..8].copy_from_slice(&len.to_ne_bytes());
+                    xdp_md[12..16].copy_from_slice(&index.to_ne_bytes());
+                    opts.ctx_in = Some(&xdp_md);
+                }
+                p.test_run(opts).map_err(err)?
+            }
+            Some(_) => {
+                return Err(DatapathError::Bench(format!(
+                    "{program}: not a TC or XDP program"
+                )));
+            }
+            None => return Err(DatapathError::MissingProgram { name: program }),
+        };
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutput {
             verdict: result.return_value as i32,
@@ -513,6 +549,24 @@ pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, D
         .map_err(map_err(maps::CONNTRACK))
 }
 
+/// Global counters of a running (or stopped) agent's pinned `STATS`, summed over CPUs.
+pub fn read_pinned_counters(pin_root: &Path) -> Result<Vec<(Counter, u64)>, DatapathError> {
+    let data = open_pinned(pin_root, maps::STATS)?;
+    sum_counters(&PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::STATS))?)
+}
+
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    m: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Counter, u64)>, DatapathError> {
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let values = m.get(&(*c as u32), 0).map_err(map_err(maps::STATS))?;
+            Ok((*c, values.iter().sum()))
+        })
+        .collect()
+}
+
 /// Result of one BPF_PROG_TEST_RUN.
 #[derive(Clone, Debug)]
 pub struct TestRunOutput {
@@ -520,6 +574,13 @@ pub struct TestRunOutput {
     pub frame: Vec<u8>,
     /// Kernel-measured average time per run.
     pub duration_ns: u64,
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn classifier<'a>(

@@ -91,6 +91,43 @@ impl Default for MaglevOptions {
 pub struct TranslateOptions {
     pub node_name: String,
     pub maglev: MaglevOptions,
+    /// `--nodeport-addresses`: NodePorts listen on the node addresses inside
+    /// these CIDRs; empty: on all of the node's addresses.
+    pub nodeport_cidrs: Vec<Cidr>,
+}
+
+/// An IPv4 CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))?;
+        Ok(Self { addr, prefix })
+    }
 }
 
 /// What translation needs to know about this node, from its Node object.
@@ -433,8 +470,14 @@ fn service_plans(
     let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let node_addresses = if node.addresses.is_empty() {
         vec![Ipv4Addr::UNSPECIFIED]
-    } else {
+    } else if opts.nodeport_cidrs.is_empty() {
         node.addresses.clone()
+    } else {
+        node.addresses
+            .iter()
+            .copied()
+            .filter(|a| opts.nodeport_cidrs.iter().any(|c| c.contains(*a)))
+            .collect()
     };
     let policies = Policies {
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -556,6 +599,13 @@ fn service_plans(
         };
         let internal = eligible(&cat.internal);
         let external = eligible(&cat.external);
+        let mut local_backends: Vec<SocketAddrV4> = endpoints
+            .iter()
+            .filter(|e| e.local)
+            .map(|e| e.addr)
+            .collect();
+        local_backends.sort();
+        local_backends.dedup();
         let mut draining: Vec<SocketAddrV4> = cat
             .internal
             .iter()
@@ -604,6 +654,21 @@ fn service_plans(
         add(FrontendKind::ExternalIP, &external_ips, number);
         frontends.sort();
         frontends.dedup();
+        let separate_external =
+            frontends.iter().any(|f| !f.kind.is_internal()) && external != internal;
+        let external_maglev_table_size = (separate_external
+            && !external.is_empty()
+            && (algorithm == Algorithm::Maglev || weighted))
+            .then(|| {
+                // Problems with the requested size were reported for the internal table.
+                table_size(
+                    requested_size,
+                    opts.maglev,
+                    external.len(),
+                    &port_name,
+                    &mut Vec::new(),
+                )
+            });
         plans.push(ServicePlan {
             id: ServicePortName {
                 namespace: namespace.to_owned(),
@@ -622,6 +687,8 @@ fn service_plans(
             backend_weights,
             algorithm,
             maglev_table_size,
+            external_maglev_table_size,
+            local_backends,
         });
     }
     Ok((plans, problems))

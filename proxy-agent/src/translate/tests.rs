@@ -537,6 +537,79 @@ status:
 }
 
 #[test]
+fn nodeport_addresses_filter_local_backends_and_external_table() {
+    let yaml = format!(
+        "{NODE_A}apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: ns}}\nspec: {{type: NodePort, clusterIP: 10.96.0.12, externalTrafficPolicy: Local, ports: [{{name: p, port: 80, nodePort: 30082}}]}}\n{}",
+        slice_for(
+            "np",
+            &[
+                (1, "node-a", None, true),
+                (2, "node-b", None, true),
+                (3, "node-b", None, true)
+            ]
+        )
+    );
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    load_str(&yaml, "t.yaml", &mut store, &mut errors);
+    assert_eq!(errors, vec![]);
+    let opts = |cidrs: &[&str]| TranslateOptions {
+        node_name: "node-a".into(),
+        nodeport_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        ..TranslateOptions::default()
+    };
+    let node_ports = |cidrs: &[&str]| -> Vec<String> {
+        translate(&store, &opts(cidrs)).desired.services[0]
+            .frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| f.address.to_string())
+            .collect()
+    };
+    assert_eq!(node_ports(&[]), ["192.168.1.10", "203.0.113.10"]);
+    assert_eq!(node_ports(&["192.168.0.0/16"]), ["192.168.1.10"]);
+    assert_eq!(
+        node_ports(&["203.0.113.10/32", "10.0.0.0/8"]),
+        ["203.0.113.10"]
+    );
+    assert_eq!(node_ports(&["10.0.0.0/8"]), Vec::<String>::new());
+
+    let plan = &translate(&store, &opts(&[])).desired.services[0];
+    assert_eq!(
+        addrs(&plan.local_backends),
+        [1],
+        "endpoints with this nodeName"
+    );
+    assert_eq!(addrs(&plan.internal_backends), [1, 2, 3]);
+    assert_eq!(
+        addrs(&plan.external_backends),
+        [1],
+        "Local: this node's only"
+    );
+    assert!(plan.has_external_table());
+    assert_eq!(plan.maglev_table_size, Some(307), "100 x 3, next prime");
+    assert_eq!(
+        plan.external_maglev_table_size,
+        Some(101),
+        "its own size: 100 x 1"
+    );
+}
+
+#[test]
+fn cidr_parsing() {
+    let c: Cidr = "10.1.0.0/16".parse().unwrap();
+    assert!(c.contains(Ipv4Addr::new(10, 1, 200, 3)));
+    assert!(!c.contains(Ipv4Addr::new(10, 2, 0, 1)));
+    let all: Cidr = "0.0.0.0/0".parse().unwrap();
+    assert!(all.contains(Ipv4Addr::new(203, 0, 113, 1)));
+    let host: Cidr = "192.168.1.10".parse().unwrap();
+    assert_eq!(host.prefix, 32);
+    for bad in ["10.0.0.0/33", "nope/8", "10.0.0.0/x", "::1/128"] {
+        assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn nodeport_without_node_object_listens_on_any_address() {
     let yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: ns}}\nspec: {{type: NodePort, clusterIP: 10.96.0.11, ports: [{{name: p, port: 80, nodePort: 30081}}]}}\n{}",

@@ -1,0 +1,196 @@
+//! The packet access the parse and NAT code need, for both hooks: TC (an skb)
+//! and XDP (a bare frame). One parser and one rewriter serve both.
+//!
+//! XDP has no checksum helpers: the incremental updates are done here in
+//! place (RFC 1624). XDP frames arrive from a wire with complete checksums;
+//! the TC side keeps the kernel helpers, which also keep `CHECKSUM_PARTIAL`
+//! and `CHECKSUM_COMPLETE` skbs consistent.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_MARK_MANGLED_0, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
+    helpers::generated::{bpf_skb_adjust_room, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::parse::ETH_LEN;
+
+/// Length of an IPv4 header without options.
+const IP_LEN: usize = 20;
+
+/// A packet under one of our programs.
+pub trait Ctx {
+    /// Whether this is an XDP frame (no skb yet).
+    const XDP: bool;
+    /// The program's context pointer, for helpers.
+    fn raw(&self) -> *mut c_void;
+    /// Index of the interface the packet arrived on.
+    fn ingress_ifindex(&self) -> u32;
+    /// Inserts `len` bytes right after a 20-byte IPv4 header; the Ethernet
+    /// and IPv4 headers keep their content (the caller fixes the IPv4 fields).
+    fn grow_l3(&self, len: u32) -> Result<(), ()>;
+    /// Start of the linear data.
+    fn data(&self) -> usize;
+    /// End of the linear data.
+    fn data_end(&self) -> usize;
+    /// Whole packet length.
+    fn len(&self) -> u32;
+    /// Makes the first `len` bytes linear.
+    fn pull_data(&self, len: u32) -> Result<(), ()>;
+    /// `bpf_l3_csum_replace`: `size` is 2 or 4.
+    fn l3_csum_replace(&self, off: usize, from: u64, to: u64, size: u64) -> Result<(), ()>;
+    /// `bpf_l4_csum_replace`: the low 4 bits of `flags` are the size (2 or 4),
+    /// `BPF_F_MARK_MANGLED_0` leaves a 0 (UDP without checksum) alone.
+    fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Result<(), ()>;
+}
+
+impl Ctx for TcContext {
+    const XDP: bool = false;
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading this program's own context.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn grow_l3(&self, len: u32) -> Result<(), ()> {
+        // SAFETY: this program's own context; the kernel validates the request.
+        let rc = unsafe { bpf_skb_adjust_room(self.skb.skb, len as i32, BPF_ADJ_ROOM_NET, 0) };
+        if rc == 0 { Ok(()) } else { Err(()) }
+    }
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn pull_data(&self, len: u32) -> Result<(), ()> {
+        TcContext::pull_data(self, len).map(|_| ()).map_err(|_| ())
+    }
+    #[inline(always)]
+    fn l3_csum_replace(&self, off: usize, from: u64, to: u64, size: u64) -> Result<(), ()> {
+        TcContext::l3_csum_replace(self, off, from, to, size).map_err(|_| ())
+    }
+    #[inline(always)]
+    fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Result<(), ()> {
+        TcContext::l4_csum_replace(self, off, from, to, flags).map_err(|_| ())
+    }
+}
+
+/// Applies the change of one 16- or 32-bit value from `from` to `to` (raw,
+/// as stored in the packet) to the checksum at `off` (RFC 1624, eqn. 3).
+#[inline(always)]
+fn replace_in_place(
+    ctx: &XdpContext,
+    off: usize,
+    from: u64,
+    to: u64,
+    size: u64,
+    keep_zero: bool,
+) -> Result<(), ()> {
+    let start = ctx.data();
+    if start + off + 2 > ctx.data_end() {
+        return Err(());
+    }
+    let field = (start + off) as *mut [u8; 2];
+    // SAFETY: bounds-checked against data_end above.
+    let old = u16::from_ne_bytes(unsafe { *field });
+    if keep_zero && old == 0 {
+        return Ok(());
+    }
+    let words = |v: u64| -> u32 {
+        if size == 4 {
+            u32::from(v as u16) + u32::from((v >> 16) as u16)
+        } else {
+            u32::from(v as u16)
+        }
+    };
+    let not_words = |v: u64| -> u32 {
+        if size == 4 {
+            u32::from(!(v as u16)) + u32::from(!((v >> 16) as u16))
+        } else {
+            u32::from(!(v as u16))
+        }
+    };
+    let sum = u32::from(!old) + not_words(from) + words(to);
+    let mut new = crate::csum::fold(sum);
+    if keep_zero && new == 0 {
+        new = 0xffff;
+    }
+    // SAFETY: as above.
+    unsafe { *field = new.to_ne_bytes() };
+    Ok(())
+}
+
+impl Ctx for XdpContext {
+    const XDP: bool = true;
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading this program's own context.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn grow_l3(&self, len: u32) -> Result<(), ()> {
+        const HDRS: usize = ETH_LEN + IP_LEN;
+        let start = XdpContext::data(self);
+        if start + HDRS > XdpContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: bounds-checked above; copied before the head moves.
+        let headers = unsafe { *(start as *const [u8; HDRS]) };
+        // SAFETY: this program's own context.
+        if unsafe { bpf_xdp_adjust_head(self.as_ptr().cast(), -(len as i32)) } != 0 {
+            return Err(());
+        }
+        let start = XdpContext::data(self);
+        if start + HDRS > XdpContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: bounds-checked against the new data_end.
+        unsafe { *(start as *mut [u8; HDRS]) = headers };
+        Ok(())
+    }
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    #[inline(always)]
+    fn pull_data(&self, _len: u32) -> Result<(), ()> {
+        // An XDP frame is all linear (multi-buffer frames are not accepted).
+        Err(())
+    }
+    #[inline(always)]
+    fn l3_csum_replace(&self, off: usize, from: u64, to: u64, size: u64) -> Result<(), ()> {
+        replace_in_place(self, off, from, to, size, false)
+    }
+    #[inline(always)]
+    fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Result<(), ()> {
+        // BPF_F_PSEUDO_HDR changes nothing for a complete checksum.
+        let keep_zero = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
+        replace_in_place(self, off, from, to, flags & 0xf, keep_zero)
+    }
+}

@@ -1,0 +1,260 @@
+//! North-south traffic on external interfaces: NodePort, LoadBalancer and
+//! externalIP frontends. The same code runs in XDP (`xdp_ext`, before an skb
+//! exists) and in TC (`tc_ext_ingress`, for what XDP hands on, or where XDP
+//! cannot attach).
+//!
+//! - A packet to an external frontend follows its flow or selects a backend
+//!   from the frontend's table (only local endpoints under
+//!   `externalTrafficPolicy: Local`), is DNATed, and then:
+//!   - local backend: goes up the stack, already translated; the backend's
+//!     replies are translated back in `tc_pod_ingress`;
+//!   - remote backend, DSR (`SVC_F_DSR`): keeps the client's address, carries
+//!     the frontend in an IPv4 option (on TCP SYNs and every UDP datagram),
+//!     and leaves at once after a FIB lookup; the backend's node answers the
+//!     client itself;
+//!   - remote backend, SNAT: the source becomes this node's address and a
+//!     port no other flow to that backend uses; leaves after a FIB lookup.
+//! - A reply to a SNATed flow (addressed to the SNAT address) is translated
+//!   back and sent to the client the same way.
+//! - A packet with the DSR option (this node hosts the backend) teaches
+//!   conntrack the flow, then goes up the stack untouched.
+//!
+//! When the next hop's MAC is unknown, XDP leaves the packet untouched for
+//! TC, which has the kernel resolve it (`bpf_redirect_neigh`).
+
+use proxy_common::{
+    BACKEND_F_LOCAL, CT_F_DSR, CT_F_EXTERNAL, CT_F_REMOTE, CT_F_SNAT, Counter, CtValue,
+    DSR_OPT_LEN, SVC_F_DSR, ServiceValue, proto, scope,
+};
+
+use crate::{
+    conntrack::{self, NewFlow},
+    ctx::Ctx,
+    dsr,
+    fib::{self, Route},
+    lookup,
+    maps::CONFIG,
+    nat::{self, Side},
+    parse::{self, Packet},
+    select,
+    stats::{self, SvcEvent},
+};
+
+/// How a handled packet leaves.
+pub enum Done {
+    /// Not ours: passed on untouched.
+    NotOurs,
+    /// Goes up the stack (translated or not); the counter names the path.
+    Pass(Counter),
+    /// Translated and prepared for `route` (`Route::Out` or `Route::NoNeigh`):
+    /// the program sends it there.
+    Send(Counter, Route),
+}
+
+/// Handles one packet arriving on an external interface.
+#[inline(always)]
+pub fn handle(ctx: &impl Ctx) -> Result<Done, Counter> {
+    let Some(pkt) = parse::parse(ctx)? else {
+        return Ok(Done::NotOurs);
+    };
+    if let Some(svc) = lookup::service(&pkt, scope::EXTERNAL) {
+        return frontend(ctx, &pkt, &svc);
+    }
+    if let Some(cfg) = CONFIG.get(0)
+        && cfg.snat_addr_be != 0
+        && pkt.daddr_be == cfg.snat_addr_be
+        && let Some(entry) = conntrack::lookup(&conntrack::reply_key(&pkt))
+    {
+        // SAFETY: a valid map value pointer for this run; copied out.
+        let v = unsafe { *entry };
+        if v.flags & CT_F_SNAT != 0 {
+            return snat_reply(ctx, &pkt, entry, &v);
+        }
+    }
+    if let Some((addr_be, port_be)) = dsr::option(ctx, &pkt) {
+        conntrack::learn_dsr(&pkt, addr_be, port_be, conntrack::now())?;
+        return Ok(Done::Pass(Counter::DsrLearned));
+    }
+    Ok(Done::NotOurs)
+}
+
+/// Where a client's packet goes once translated, looked up before anything
+/// changes: `None` when XDP should leave it to TC (next hop unknown).
+#[inline(always)]
+fn route_for<C: Ctx>(ctx: &C, pkt: &Packet, v: &CtValue, option: bool) -> Option<Route> {
+    let saddr_be = if v.flags & CT_F_SNAT != 0 {
+        v.peer_addr_be
+    } else {
+        pkt.saddr_be
+    };
+    let mut flow = fib::flow_of(ctx, saddr_be, v.nat_addr_be, pkt.proto);
+    if option {
+        flow.tot_len = flow.tot_len.wrapping_add(u16::from(DSR_OPT_LEN));
+    }
+    let route = fib::lookup(ctx, &flow);
+    match route {
+        Route::NoNeigh { .. } if C::XDP => None,
+        r => Some(r),
+    }
+}
+
+/// A packet to an external frontend.
+#[inline(always)]
+fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Counter> {
+    let now = conntrack::now();
+    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt)) {
+        // SAFETY: a valid map value pointer for this run; copied out.
+        let v = unsafe { *entry };
+        // As in `tc_pod_ingress`: a tracked flow keeps its backend; only a
+        // SYN reusing the tuple of a flow whose backend is gone picks again.
+        if v.svc_id == svc.svc_id
+            && (!pkt.tcp_syn_only || select::backend_is(v.backend_id, v.nat_addr_be, v.nat_port_be))
+        {
+            return send(ctx, pkt, &v, SvcEvent::Packet, Counter::Established, || {
+                conntrack::touch(entry, now);
+                Ok(v.peer_port_be)
+            });
+        }
+    }
+    let Some((backend_id, backend)) = select::select(svc.svc_id, pkt)? else {
+        stats::service(svc.svc_id, pkt.l3_len, SvcEvent::Rejected);
+        return Err(Counter::NoEndpointsExternal);
+    };
+    let mut v = CtValue {
+        nat_addr_be: backend.addr_be,
+        nat_port_be: backend.port_be,
+        flags: CT_F_EXTERNAL,
+        ..CtValue::default()
+    };
+    let local = backend.flags & BACKEND_F_LOCAL != 0;
+    if !local {
+        v.flags |= CT_F_REMOTE;
+        if svc.flags & SVC_F_DSR != 0 && dsr::fits(pkt) {
+            v.flags |= CT_F_DSR;
+        } else {
+            let cfg = CONFIG.get(0).ok_or(Counter::SnatPortsExhausted)?;
+            if cfg.snat_addr_be == 0 {
+                return Err(Counter::SnatPortsExhausted);
+            }
+            v.flags |= CT_F_SNAT;
+            v.peer_addr_be = cfg.snat_addr_be;
+        }
+    }
+    let flow = NewFlow {
+        pkt,
+        svc_id: svc.svc_id,
+        backend_id,
+        backend: &backend,
+        flags: v.flags,
+        // Under DSR the reply never comes back here: no REPLY entry.
+        replies_here: v.flags & CT_F_DSR == 0,
+        now,
+    };
+    send(ctx, pkt, &v, SvcEvent::NewFlow, Counter::NewFlow, || {
+        if v.flags & CT_F_SNAT != 0 {
+            let cfg = CONFIG.get(0).ok_or(Counter::SnatPortsExhausted)?;
+            conntrack::create_snat(&flow, v.peer_addr_be, cfg.snat_port_min, cfg.snat_port_max)
+        } else {
+            conntrack::create(&flow).map(|()| 0)
+        }
+    })
+}
+
+/// Whether a client's packet carries the DSR option.
+#[inline(always)]
+fn with_option(pkt: &Packet, v: &CtValue) -> bool {
+    v.flags & CT_F_DSR != 0 && (pkt.tcp_syn_only || pkt.proto == proto::UDP)
+}
+
+/// Where a flow's packet goes.
+#[derive(Clone, Copy)]
+enum Next {
+    /// Up the stack, to a local backend.
+    Local,
+    /// To a remote backend, by this route.
+    Remote(Route),
+    /// XDP leaves it to TC (next hop unresolved).
+    Defer,
+    /// The DSR option does not fit the route's MTU.
+    NoRoom,
+}
+
+/// Where a flow's packet goes, decided before anything changes.
+#[inline(always)]
+fn next(ctx: &impl Ctx, pkt: &Packet, v: &CtValue) -> Next {
+    if v.flags & CT_F_REMOTE == 0 {
+        return Next::Local;
+    }
+    let option = with_option(pkt, v);
+    match route_for(ctx, pkt, v, option) {
+        Some(Route::TooBig) if option => Next::NoRoom,
+        Some(r) => Next::Remote(r),
+        None => Next::Defer,
+    }
+}
+
+/// Translates a client's packet as its flow says and sends it on. Where it
+/// goes is decided first: nothing is recorded (`commit`, which returns the
+/// flow's SNAT port) for a packet XDP leaves to TC, which decides anew.
+#[inline(always)]
+fn send(
+    ctx: &impl Ctx,
+    pkt: &Packet,
+    v: &CtValue,
+    event: SvcEvent,
+    local: Counter,
+    commit: impl FnOnce() -> Result<u16, Counter>,
+) -> Result<Done, Counter> {
+    let route = match next(ctx, pkt, v) {
+        Next::Local => None,
+        Next::Remote(r) => Some(r),
+        Next::Defer => return Ok(Done::Pass(Counter::DeferredToTc)),
+        Next::NoRoom => return Err(Counter::DsrNoRoom),
+    };
+    let snat_port_be = commit()?;
+    let option = with_option(pkt, v);
+    stats::service(v.svc_id, pkt.l3_len, event);
+    nat::rewrite(ctx, pkt, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
+    let Some(route) = route else {
+        return Ok(Done::Pass(local));
+    };
+    if v.flags & CT_F_SNAT != 0 {
+        nat::rewrite(ctx, pkt, Side::Src, v.peer_addr_be, snat_port_be)?;
+    }
+    if option {
+        // The option names the frontend the client addressed.
+        dsr::insert(ctx, pkt.daddr_be, pkt.dport_be)?;
+    }
+    Ok(out(ctx, route, Counter::Forwarded))
+}
+
+/// The packet leaves by `route` if it can; otherwise the kernel forwards it.
+#[inline(always)]
+pub fn out(ctx: &impl Ctx, route: Route, counter: Counter) -> Done {
+    match route {
+        Route::Out { .. } | Route::NoNeigh { .. } if fib::prepare(ctx) => {
+            Done::Send(counter, route)
+        }
+        _ => Done::Pass(Counter::ForwardedByKernel),
+    }
+}
+
+/// A backend's reply to a SNATed flow: back to the client, from the frontend.
+#[inline(always)]
+fn snat_reply<C: Ctx>(
+    ctx: &C,
+    pkt: &Packet,
+    entry: *mut CtValue,
+    v: &CtValue,
+) -> Result<Done, Counter> {
+    let flow = fib::flow_of(ctx, v.nat_addr_be, v.peer_addr_be, pkt.proto);
+    let route = fib::lookup(ctx, &flow);
+    if C::XDP && matches!(route, Route::NoNeigh { .. }) {
+        return Ok(Done::Pass(Counter::DeferredToTc));
+    }
+    conntrack::touch(entry, conntrack::now());
+    stats::service(v.svc_id, pkt.l3_len, SvcEvent::Packet);
+    nat::rewrite(ctx, pkt, Side::Src, v.nat_addr_be, v.nat_port_be)?;
+    nat::rewrite(ctx, pkt, Side::Dst, v.peer_addr_be, v.peer_port_be)?;
+    Ok(out(ctx, route, Counter::SnatReply))
+}

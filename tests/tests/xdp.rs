@@ -1,0 +1,468 @@
+//! XDP fixtures for north-south traffic (`xdp_ext`) through BPF_PROG_TEST_RUN:
+//! exact output frames, verdicts and counters, as in `datapath.rs`.
+//!
+//! The FIB lookups the program makes run against a network namespace this
+//! test creates: node1's external interface `ext0` (192.168.50.1/24) with
+//! permanent neighbours for node2 (192.168.50.2) and the client
+//! (192.168.50.100), and node2's pod CIDR 10.1.2.0/24 routed via node2.
+//!
+//! Needs root (BPF, namespaces). Runs in CI, which is root.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context as _, Result};
+use proxy_agent::model::{NodePortMode, Protocol};
+use proxy_common::{
+    Counter, DSR_OPT_LEN, DSR_OPT_TYPE, NODE_F_EXTERNAL, NodeConfig, maps::programs,
+};
+use proxy_tests::{
+    fixture::{self, Case, Out, TCX_NEXT, XDP_DROP, XDP_PASS, XDP_TX, run_cases_on, sa},
+    netns::{Netns, sweep_stale, unique_prefix},
+    packet::{CLIENT_MAC, Frame, L4, NODE_MAC},
+};
+
+const XDP: &str = programs::XDP_EXT;
+const POD_INGRESS: &str = programs::TC_POD_INGRESS;
+/// Node2's MAC on the shared segment.
+const NODE2_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+const NODE1: [u8; 4] = [192, 168, 50, 1];
+const NODE2: [u8; 4] = [192, 168, 50, 2];
+const CLIENT: [u8; 4] = [192, 168, 50, 100];
+const SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Node1's view of the network, in a namespace of its own.
+fn fixture_net() -> Result<Netns> {
+    fixture::load()?; // fails early, with its message, without root or BPF
+    sweep_stale();
+    let ns = Netns::new(&format!("{}-xdpfix", unique_prefix()))?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.ip(&[
+        "link",
+        "add",
+        "ext0",
+        "address",
+        &mac(NODE_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext0p",
+    ])?;
+    ns.ip(&["link", "set", "ext0", "up"])?;
+    ns.ip(&["link", "set", "ext0p", "up"])?;
+    ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "ext0"])?;
+    for (ip, m) in [("192.168.50.2", NODE2_MAC), ("192.168.50.100", CLIENT_MAC)] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &mac(m),
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "10.1.2.0/24",
+        "via",
+        "192.168.50.2",
+        "dev",
+        "ext0",
+    ])?;
+    Ok(ns)
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index).context("no ext0")
+}
+
+fn raw(ip: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(ip)
+}
+
+/// The SNAT port the datapath picks first for a flow (the hash of its tuple
+/// placed in the range), network byte order as the kernel computes it.
+fn first_snat_port(client: SocketAddrV4, frontend: SocketAddrV4, proto: u8) -> u16 {
+    let h = proxy_common::hash::flow_hash(
+        raw(client.ip().octets()),
+        raw(frontend.ip().octets()),
+        client.port().to_be(),
+        frontend.port().to_be(),
+        proto,
+    );
+    let range = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
+    SNAT_PORTS.0 + (h % range) as u16
+}
+
+fn dsr_option(frontend: SocketAddrV4) -> Vec<u8> {
+    let mut o = vec![DSR_OPT_TYPE, DSR_OPT_LEN];
+    o.extend_from_slice(&frontend.port().to_be_bytes());
+    o.extend_from_slice(&frontend.ip().octets());
+    o
+}
+
+/// As the entry node sends a frame on to node2 or back to the client: MACs
+/// from the FIB, one hop less.
+fn routed(f: &Frame, to_mac: [u8; 6]) -> Frame {
+    Frame {
+        src_mac: NODE_MAC,
+        dst_mac: to_mac,
+        ttl: f.ttl - 1,
+        ..f.clone()
+    }
+}
+
+fn from_client(src: SocketAddrV4, dst: SocketAddrV4, l4: L4) -> Frame {
+    Frame {
+        l4,
+        payload: if matches!(l4, L4::Udp { .. }) {
+            b"query".to_vec()
+        } else {
+            vec![]
+        },
+        ..Frame::tcp_syn(src, dst)
+    }
+}
+
+const SYN: L4 = L4::Tcp {
+    syn: true,
+    ack: false,
+};
+const ACK: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+};
+const UDP: L4 = L4::Udp { zero_csum: false };
+
+#[test]
+fn xdp_nodeport_paths() {
+    let ns = fixture_net().unwrap();
+    ns.run(|| {
+        let ext0 = ifindex("ext0")?;
+        let mut dp = fixture::load()?;
+        let remote = sa([10, 1, 2, 5], 8080);
+        let remote_dns = sa([10, 1, 2, 7], 5353);
+        let local = sa([10, 1, 1, 5], 8080);
+        let np = sa(NODE1, 30080);
+        let np_dns = sa(NODE1, 30053);
+        let np_local = sa(NODE1, 30090);
+        let np_no_local = sa(NODE1, 30091);
+        let np_empty = sa(NODE1, 30092);
+        let mut no_local = fixture::node_port(
+            "no-local",
+            sa([10, 96, 0, 4], 80),
+            np_no_local,
+            Protocol::Tcp,
+            &[remote],
+            &[],
+        );
+        // externalTrafficPolicy Local, no endpoint on this node.
+        no_local.external_backends.clear();
+        fixture::program_with_mode(
+            &mut dp,
+            vec![
+                fixture::node_port(
+                    "web",
+                    sa([10, 96, 0, 1], 80),
+                    np,
+                    Protocol::Tcp,
+                    &[remote],
+                    &[],
+                ),
+                fixture::node_port(
+                    "dns",
+                    sa([10, 96, 0, 2], 53),
+                    np_dns,
+                    Protocol::Udp,
+                    &[remote_dns],
+                    &[],
+                ),
+                fixture::node_port(
+                    "local",
+                    sa([10, 96, 0, 3], 80),
+                    np_local,
+                    Protocol::Tcp,
+                    &[local],
+                    &[local],
+                ),
+                no_local,
+                fixture::node_port(
+                    "empty",
+                    sa([10, 96, 0, 5], 80),
+                    np_empty,
+                    Protocol::Tcp,
+                    &[],
+                    &[],
+                ),
+            ],
+            NodePortMode::Hybrid,
+        )?;
+        dp.set_config(&NodeConfig {
+            snat_addr_be: raw(NODE1),
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.1,
+            flags: NODE_F_EXTERNAL,
+            _pad: 0,
+        })?;
+
+        let c1 = sa(CLIENT, 40001);
+        let syn = from_client(c1, np, SYN);
+        let ack = from_client(c1, np, ACK);
+        let c2 = sa(CLIENT, 40002);
+        let query = from_client(c2, np_dns, UDP);
+        let snat_port = first_snat_port(c2, np_dns, 17);
+        let answer = Frame {
+            src_mac: NODE2_MAC,
+            dst_mac: NODE_MAC,
+            ..from_client(remote_dns, sa(NODE1, snat_port), UDP)
+        };
+        let c3 = sa(CLIENT, 40003);
+        let with_options = Frame {
+            ip_options: vec![0x94, 0x04, 0x00, 0x00],
+            ..from_client(c3, np, SYN)
+        };
+        let c3_port = first_snat_port(c3, np, 6);
+        let c4 = sa(CLIENT, 40004);
+        let to_local = from_client(c4, np_local, SYN);
+        let local_reply = Frame {
+            l4: L4::Tcp {
+                syn: true,
+                ack: true,
+            },
+            ..from_client(local, c4, SYN)
+        };
+        // Node1 as the backend's node: a DSR-marked SYN from node2's NodePort.
+        let c5 = sa(CLIENT, 40005);
+        let node2_np = sa(NODE2, 30080);
+        let learned = Frame {
+            ip_options: dsr_option(node2_np),
+            ..from_client(c5, local, SYN)
+        };
+        let dsr_reply = Frame {
+            l4: L4::Tcp {
+                syn: true,
+                ack: true,
+            },
+            ..from_client(local, c5, SYN)
+        };
+        let mut truncated = syn.build();
+        truncated.truncate(14 + 12);
+
+        let cases = vec![
+            Case {
+                name: "tcp syn to a nodeport, remote backend, dsr: DNAT + option, out again",
+                program: XDP,
+                input: syn.build(),
+                out: Out::Frame(
+                    Frame {
+                        ip_options: dsr_option(np),
+                        ..routed(&syn.with_endpoints(c1, remote), NODE2_MAC)
+                    }
+                    .build(),
+                ),
+                verdict: XDP_TX,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "the flow's next packet: DNAT only, no option",
+                program: XDP,
+                input: ack.build(),
+                out: Out::Frame(routed(&ack.with_endpoints(c1, remote), NODE2_MAC).build()),
+                verdict: XDP_TX,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "udp to a nodeport in hybrid mode: SNAT to the node, out again",
+                program: XDP,
+                input: query.build(),
+                out: Out::Frame(
+                    routed(
+                        &query.with_endpoints(sa(NODE1, snat_port), remote_dns),
+                        NODE2_MAC,
+                    )
+                    .build(),
+                ),
+                verdict: XDP_TX,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "the backend's answer to the SNAT address goes back to the client",
+                program: XDP,
+                input: answer.build(),
+                out: Out::Frame(routed(&answer.with_endpoints(np_dns, c2), CLIENT_MAC).build()),
+                verdict: XDP_TX,
+                counter: Some(Counter::SnatReply),
+            },
+            Case {
+                name: "a syn with ip options of its own: no room for dsr, SNAT instead",
+                program: XDP,
+                input: with_options.build(),
+                out: Out::Frame(
+                    routed(
+                        &with_options.with_endpoints(sa(NODE1, c3_port), remote),
+                        NODE2_MAC,
+                    )
+                    .build(),
+                ),
+                verdict: XDP_TX,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "local backend: DNAT, up the stack",
+                program: XDP,
+                input: to_local.build(),
+                out: Out::Frame(to_local.with_endpoints(c4, local).build()),
+                verdict: XDP_PASS,
+                counter: Some(Counter::NewFlow),
+            },
+            Case {
+                name: "the local backend's reply gets the nodeport as its source",
+                program: POD_INGRESS,
+                input: local_reply.build(),
+                out: Out::Frame(local_reply.with_endpoints(np_local, c4).build()),
+                verdict: TCX_NEXT,
+                counter: Some(Counter::ExternalReply),
+            },
+            Case {
+                name: "a dsr option for a local backend is learned, the packet goes on untouched",
+                program: XDP,
+                input: learned.build(),
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: Some(Counter::DsrLearned),
+            },
+            Case {
+                name: "the dsr flow's reply leaves with the service address as its source",
+                program: POD_INGRESS,
+                input: dsr_reply.build(),
+                out: Out::Frame(dsr_reply.with_endpoints(node2_np, c5).build()),
+                verdict: TCX_NEXT,
+                counter: Some(Counter::DsrReply),
+            },
+            Case {
+                name: "external traffic policy local without a local endpoint: dropped",
+                program: XDP,
+                input: from_client(sa(CLIENT, 40006), np_no_local, SYN).build(),
+                out: Out::Untouched,
+                verdict: XDP_DROP,
+                counter: Some(Counter::NoLocalEndpoints),
+            },
+            Case {
+                name: "a nodeport without endpoints: dropped and counted",
+                program: XDP,
+                input: from_client(sa(CLIENT, 40007), np_empty, SYN).build(),
+                out: Out::Untouched,
+                verdict: XDP_DROP,
+                counter: Some(Counter::NoEndpointsExternal),
+            },
+            Case {
+                name: "the node's own port (not a nodeport): untouched",
+                program: XDP,
+                input: from_client(sa(CLIENT, 40008), sa(NODE1, 22), SYN).build(),
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: None,
+            },
+            Case {
+                name: "a clusterip from outside: not an external frontend, untouched",
+                program: XDP,
+                input: from_client(sa(CLIENT, 40009), sa([10, 96, 0, 1], 80), SYN).build(),
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: None,
+            },
+            Case {
+                name: "truncated ipv4 header: untouched, counted",
+                program: XDP,
+                input: truncated,
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: Some(Counter::MalformedIp),
+            },
+        ];
+        run_cases_on(&mut dp, cases, Some(ext0));
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn xdp_snat_ports_never_collide() {
+    let ns = fixture_net().unwrap();
+    ns.run(|| {
+        let ext0 = ifindex("ext0")?;
+        let mut dp = fixture::load()?;
+        let remote = sa([10, 1, 2, 9], 80);
+        let np = sa(NODE1, 30100);
+        fixture::program_with_mode(
+            &mut dp,
+            vec![fixture::node_port(
+                "web",
+                sa([10, 96, 1, 1], 80),
+                np,
+                Protocol::Tcp,
+                &[remote],
+                &[],
+            )],
+            NodePortMode::Snat,
+        )?;
+        // A 4-port range: the fifth flow finds no port.
+        dp.set_config(&NodeConfig {
+            snat_addr_be: raw(NODE1),
+            snat_port_min: 62_000,
+            snat_port_max: 62_003,
+            flags: NODE_F_EXTERNAL,
+            _pad: 0,
+        })?;
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..4u16 {
+            let out = dp.test_run_on(
+                XDP,
+                &from_client(sa(CLIENT, 41000 + i), np, SYN).build(),
+                1,
+                Some(ext0),
+            )?;
+            assert_eq!(out.verdict, XDP_TX);
+            let src_port = u16::from_be_bytes([out.frame[34], out.frame[35]]);
+            assert_eq!(&out.frame[26..30], &NODE1, "SNATed to the node");
+            assert!((62_000..=62_003).contains(&src_port), "{src_port}");
+            assert!(ports.insert(src_port), "port {src_port} given twice");
+        }
+        let out = dp.test_run_on(
+            XDP,
+            &from_client(sa(CLIENT, 41100), np, SYN).build(),
+            1,
+            Some(ext0),
+        )?;
+        assert_eq!(out.verdict, XDP_DROP, "no free port: dropped");
+        let exhausted = dp
+            .counters()?
+            .into_iter()
+            .find(|(c, _)| *c == Counter::SnatPortsExhausted)
+            .map(|(_, n)| n);
+        assert_eq!(exhausted, Some(1));
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn dsr_option_layout() {
+    // The option as documented: type, length, port, address, network order.
+    let o = dsr_option(SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 1), 30080));
+    assert_eq!(o, vec![0x9a, 8, 0x75, 0x80, 192, 168, 50, 1]);
+}
