@@ -103,6 +103,9 @@ counters! {
     /// XDP left an external packet untouched for TC: the next hop's MAC is
     /// not known yet (TC has the kernel resolve it).
     DeferredToTc = 24, "deferred_to_tc", Passed;
+    /// An ICMP error about a translated flow was translated back (its quote,
+    /// and where needed its addresses) for the flow's client.
+    IcmpTranslated = 25, "icmp_translated", Handled;
 }
 
 #[cfg(test)]

@@ -397,7 +397,7 @@ mod tests {
             Counter::COUNT,
         ];
         assert_eq!(PIN_LAYOUT_VERSION, 4);
-        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 25]);
+        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 26]);
     }
 
     #[test]

@@ -54,6 +54,22 @@ pub fn reply_key(pkt: &Packet) -> CtKey {
     }
 }
 
+/// Key of the REPLY entry of the flow an ICMP error quotes: the quote is the
+/// packet as it left towards the backend, the REPLY entry is keyed by the
+/// backend's answer.
+#[inline(always)]
+pub fn reply_key_of_quote(e: &crate::icmp::IcmpError) -> CtKey {
+    CtKey {
+        saddr_be: e.daddr_be,
+        daddr_be: e.saddr_be,
+        sport_be: e.dport_be,
+        dport_be: e.sport_be,
+        proto: e.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    }
+}
+
 /// Looks up an entry.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {

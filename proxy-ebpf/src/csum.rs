@@ -15,6 +15,13 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// A checksum after one 16-bit word it covers changed from `old` to `new`
+/// (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')). Raw (in-packet) byte order.
+#[inline(always)]
+pub fn update16(csum: u16, old: u16, new: u16) -> u16 {
+    fold(u32::from(!csum) + u32::from(!old) + u32::from(new))
+}
+
 /// Adds the 16-bit words of `bytes` (even length) to `sum`.
 #[inline(always)]
 pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {

@@ -21,6 +21,11 @@ use crate::parse::ETH_LEN;
 const IP_LEN: usize = 20;
 
 /// A packet under one of our programs.
+///
+/// `data`/`data_end` are read from the context every time (volatile): a
+/// packet pointer the compiler kept from before a helper call is invalid
+/// afterwards, and one it spills as a 32-bit value (it knows the context
+/// field is 32 bits) is refused by the verifier.
 pub trait Ctx {
     /// Whether this is an XDP frame (no skb yet).
     const XDP: bool;
@@ -65,11 +70,13 @@ impl Ctx for TcContext {
     }
     #[inline(always)]
     fn data(&self) -> usize {
-        TcContext::data(self)
+        // SAFETY: reading this program's own context.
+        unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data) as usize }
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+        // SAFETY: reading this program's own context.
+        unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data_end) as usize }
     }
     #[inline(always)]
     fn len(&self) -> u32 {
@@ -168,11 +175,13 @@ impl Ctx for XdpContext {
     }
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        // SAFETY: reading this program's own context.
+        unsafe { core::ptr::read_volatile(&raw const (*self.ctx).data) as usize }
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: reading this program's own context.
+        unsafe { core::ptr::read_volatile(&raw const (*self.ctx).data_end) as usize }
     }
     #[inline(always)]
     fn len(&self) -> u32 {

@@ -31,8 +31,8 @@ use crate::{
     conntrack::{self, NewFlow},
     ctx::Ctx,
     dsr,
-    fib::{self, Route},
-    lookup,
+    fib::{self, Route, Via},
+    icmp, lookup,
     maps::CONFIG,
     nat::{self, Side},
     parse::{self, Packet},
@@ -46,7 +46,7 @@ pub enum Done {
     NotOurs,
     /// Goes up the stack (translated or not); the counter names the path.
     Pass(Counter),
-    /// Translated and prepared for `route` (`Route::Out` or `Route::NoNeigh`):
+    /// Translated and prepared for `route` (`Via::Out` or `Via::NoNeigh`):
     /// the program sends it there.
     Send(Counter, Route),
 }
@@ -55,7 +55,7 @@ pub enum Done {
 #[inline(always)]
 pub fn handle(ctx: &impl Ctx) -> Result<Done, Counter> {
     let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(Done::NotOurs);
+        return icmp_to_snat_client(ctx);
     };
     if let Some(svc) = lookup::service(&pkt, scope::EXTERNAL) {
         return frontend(ctx, &pkt, &svc);
@@ -93,7 +93,7 @@ fn route_for<C: Ctx>(ctx: &C, pkt: &Packet, v: &CtValue, option: bool) -> Option
     }
     let route = fib::lookup(ctx, &flow);
     match route {
-        Route::NoNeigh { .. } if C::XDP => None,
+        r if C::XDP && r.via == Via::NoNeigh => None,
         r => Some(r),
     }
 }
@@ -187,7 +187,7 @@ fn next(ctx: &impl Ctx, pkt: &Packet, v: &CtValue) -> Next {
     }
     let option = with_option(pkt, v);
     match route_for(ctx, pkt, v, option) {
-        Some(Route::TooBig) if option => Next::NoRoom,
+        Some(r) if option && r.via == Via::TooBig => Next::NoRoom,
         Some(r) => Next::Remote(r),
         None => Next::Defer,
     }
@@ -232,7 +232,7 @@ fn send(
 #[inline(always)]
 pub fn out(ctx: &impl Ctx, route: Route, counter: Counter) -> Done {
     match route {
-        Route::Out { .. } | Route::NoNeigh { .. } if fib::prepare(ctx) => {
+        r if matches!(r.via, Via::Out | Via::NoNeigh) && fib::prepare(ctx) => {
             Done::Send(counter, route)
         }
         _ => Done::Pass(Counter::ForwardedByKernel),
@@ -249,7 +249,7 @@ fn snat_reply<C: Ctx>(
 ) -> Result<Done, Counter> {
     let flow = fib::flow_of(ctx, v.nat_addr_be, v.peer_addr_be, pkt.proto);
     let route = fib::lookup(ctx, &flow);
-    if C::XDP && matches!(route, Route::NoNeigh { .. }) {
+    if C::XDP && route.via == Via::NoNeigh {
         return Ok(Done::Pass(Counter::DeferredToTc));
     }
     conntrack::touch(entry, conntrack::now());
@@ -257,4 +257,48 @@ fn snat_reply<C: Ctx>(
     nat::rewrite(ctx, pkt, Side::Src, v.nat_addr_be, v.nat_port_be)?;
     nat::rewrite(ctx, pkt, Side::Dst, v.peer_addr_be, v.peer_port_be)?;
     Ok(out(ctx, route, Counter::SnatReply))
+}
+
+/// An ICMP error addressed to the SNAT address about a SNATed flow (a hop
+/// towards the backend could not take the packet): back to the client, its
+/// quote showing what the client sent (client → frontend).
+#[inline(always)]
+fn icmp_to_snat_client<C: Ctx>(ctx: &C) -> Result<Done, Counter> {
+    let Some(e) = icmp::parse(ctx) else {
+        return Ok(Done::NotOurs);
+    };
+    if CONFIG
+        .get(0)
+        .is_none_or(|c| c.snat_addr_be == 0 || c.snat_addr_be != e.outer_daddr_be)
+    {
+        return Ok(Done::NotOurs);
+    }
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key_of_quote(&e)) else {
+        return Ok(Done::NotOurs);
+    };
+    // SAFETY: a valid map value pointer for this run; copied out.
+    let v = unsafe { *entry };
+    if v.flags & CT_F_SNAT == 0 {
+        return Ok(Done::NotOurs);
+    }
+    let from_backend = e.outer_saddr_be == e.daddr_be;
+    let saddr_be = if from_backend {
+        v.nat_addr_be
+    } else {
+        e.outer_saddr_be
+    };
+    let route = fib::lookup(
+        ctx,
+        &fib::flow_of(ctx, saddr_be, v.peer_addr_be, proto::ICMP),
+    );
+    if C::XDP && route.via == Via::NoNeigh {
+        return Ok(Done::Pass(Counter::DeferredToTc));
+    }
+    icmp::rewrite_inner(ctx, &e, Side::Src, v.peer_addr_be, v.peer_port_be)?;
+    icmp::rewrite_inner(ctx, &e, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
+    icmp::rewrite_outer(ctx, &e, Side::Dst, v.peer_addr_be)?;
+    if from_backend {
+        icmp::rewrite_outer(ctx, &e, Side::Src, v.nat_addr_be)?;
+    }
+    Ok(out(ctx, route, Counter::IcmpTranslated))
 }

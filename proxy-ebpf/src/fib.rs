@@ -9,6 +9,8 @@
 //! TC when the next hop's MAC is not known yet (TC can have the kernel
 //! resolve it, `bpf_redirect_neigh`; XDP cannot).
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as fib_lookup};
 
 use crate::{
@@ -21,17 +23,44 @@ const RET_SUCCESS: i64 = 0;
 const RET_NO_NEIGH: i64 = 7;
 const RET_FRAG_NEEDED: i64 = 8;
 
-/// Where a packet goes, from a FIB lookup.
-#[derive(Clone, Copy)]
-pub enum Route {
+/// A lookup request on an 8-byte boundary (stack accesses must be aligned).
+#[repr(C, align(8))]
+union Request {
+    p: bpf_fib_lookup,
+    w: [u64; 8],
+}
+
+/// How a packet leaves, from a FIB lookup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Via {
     /// Out of `ifindex`; the frame already carries the next hop's MACs.
-    Out { ifindex: u32 },
+    Out,
     /// Out of `ifindex` via next hop `nh_be`, whose MAC is not known yet.
-    NoNeigh { ifindex: u32, nh_be: u32 },
+    NoNeigh,
     /// Larger than the route's MTU.
     TooBig,
     /// Anything else (local delivery, no route, forwarding off): the kernel decides.
     Kernel,
+}
+
+/// Where a packet goes. A plain struct with every field always set, not an
+/// enum with payloads: payload bits a variant leaves undefined may be
+/// compiled into reads of uninitialised registers, which the verifier refuses.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub via: Via,
+    pub ifindex: u32,
+    pub nh_be: u32,
+}
+
+impl Route {
+    const fn to(via: Via) -> Self {
+        Self {
+            via,
+            ifindex: 0,
+            nh_be: 0,
+        }
+    }
 }
 
 /// The addresses a packet will have when it is sent.
@@ -45,25 +74,35 @@ pub struct Flow {
 }
 
 /// Looks up the route of `flow` as if it arrived on this packet's interface.
-/// For `Route::Out` the frame's MACs are set for the next hop already (the
+/// For `Via::Out` the frame's MACs are set for the next hop already (the
 /// kernel rewrites them anyway if the packet ends up forwarded by it).
 #[inline(always)]
 pub fn lookup(ctx: &impl Ctx, flow: &Flow) -> Route {
-    // SAFETY: a zeroed lookup request is valid; fields are filled below.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = flow.proto;
-    p.__bindgen_anon_1.tot_len = flow.tot_len;
-    p.__bindgen_anon_2.tos = flow.tos;
-    p.__bindgen_anon_3.ipv4_src = flow.saddr_be;
-    p.__bindgen_anon_4.ipv4_dst = flow.daddr_be;
-    p.ifindex = ctx.ingress_ifindex();
+    let mut req = Request { w: [0; 8] };
+    let p = &raw mut req.p;
+    // SAFETY: `p` points at our own 8-byte aligned request. Volatile stores
+    // of each field: the compiler may not merge them into wider stores at
+    // unaligned stack offsets, which the verifier refuses.
+    unsafe {
+        let mut i = 0;
+        while i < 8 {
+            write_volatile(&raw mut req.w[i], 0);
+            i += 1;
+        }
+        write_volatile(&raw mut (*p).family, AF_INET);
+        write_volatile(&raw mut (*p).l4_protocol, flow.proto);
+        write_volatile(&raw mut (*p).__bindgen_anon_1.tot_len, flow.tot_len);
+        write_volatile(&raw mut (*p).ifindex, ctx.ingress_ifindex());
+        write_volatile(&raw mut (*p).__bindgen_anon_2.tos, flow.tos);
+        write_volatile(&raw mut (*p).__bindgen_anon_3.ipv4_src, flow.saddr_be);
+        write_volatile(&raw mut (*p).__bindgen_anon_4.ipv4_dst, flow.daddr_be);
+    }
     // SAFETY: `p` is a valid, writable lookup request of the size given.
-    let rc = unsafe { fib_lookup(ctx.raw(), &raw mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe { fib_lookup(ctx.raw(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
     match rc {
         RET_SUCCESS => {
             let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-                return Route::Kernel;
+                return Route::to(Via::Kernel);
             };
             // Byte by byte: the MACs sit at 2-byte offsets on the stack, and
             // the verifier refuses wider unaligned stack reads.
@@ -72,22 +111,31 @@ pub fn lookup(ctx: &impl Ctx, flow: &Flow) -> Route {
             while i < 6 {
                 // SAFETY: in-bounds reads of the lookup result.
                 unsafe {
-                    macs[i] = core::ptr::read_volatile(&raw const p.dmac[i]);
-                    macs[6 + i] = core::ptr::read_volatile(&raw const p.smac[i]);
+                    macs[i] = read_volatile(&raw const (*p).dmac[i]);
+                    macs[6 + i] = read_volatile(&raw const (*p).smac[i]);
                 }
                 i += 1;
             }
             // SAFETY: bounds-checked against data_end.
             unsafe { *eth = macs };
-            Route::Out { ifindex: p.ifindex }
+            Route {
+                via: Via::Out,
+                // SAFETY: reading our own request back.
+                ifindex: unsafe { read_volatile(&raw const (*p).ifindex) },
+                nh_be: 0,
+            }
         }
-        RET_NO_NEIGH => Route::NoNeigh {
-            ifindex: p.ifindex,
-            // SAFETY: the kernel wrote the next hop into ipv4_dst.
-            nh_be: unsafe { p.__bindgen_anon_4.ipv4_dst },
+        // SAFETY: reading our own request back; the kernel wrote the next
+        // hop into ipv4_dst.
+        RET_NO_NEIGH => unsafe {
+            Route {
+                via: Via::NoNeigh,
+                ifindex: read_volatile(&raw const (*p).ifindex),
+                nh_be: read_volatile(&raw const (*p).__bindgen_anon_4.ipv4_dst),
+            }
         },
-        RET_FRAG_NEEDED => Route::TooBig,
-        _ => Route::Kernel,
+        RET_FRAG_NEEDED => Route::to(Via::TooBig),
+        _ => Route::to(Via::Kernel),
     }
 }
 

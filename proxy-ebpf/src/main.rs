@@ -22,6 +22,7 @@ mod ctx;
 mod dsr;
 mod external;
 mod fib;
+mod icmp;
 mod lookup;
 mod maps;
 mod nat;
@@ -44,7 +45,12 @@ use aya_log_ebpf::{debug, warn};
 use proxy_common::{CT_F_DSR, CT_F_EXTERNAL, Counter, NODE_F_EXTERNAL, Verdict, scope};
 
 use crate::{
-    conntrack::NewFlow, ctx::Ctx, fib::Route, maps::CONFIG, nat::Side, parse::Packet,
+    conntrack::NewFlow,
+    ctx::Ctx,
+    fib::{Route, Via},
+    maps::CONFIG,
+    nat::Side,
+    parse::Packet,
     stats::SvcEvent,
 };
 
@@ -71,12 +77,12 @@ pub fn xdp_ext(ctx: XdpContext) -> u32 {
         }
         Ok(external::Done::Send(counter, route)) => {
             stats::count(counter);
-            match route {
-                Route::Out { ifindex, .. } if ifindex == Ctx::ingress_ifindex(&ctx) => XDP_TX,
+            match route.via {
+                Via::Out if route.ifindex == Ctx::ingress_ifindex(&ctx) => XDP_TX,
                 // SAFETY: helper with plain arguments.
-                Route::Out { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as u32 },
+                Via::Out => unsafe { bpf_redirect(route.ifindex, 0) as u32 },
                 // `external` leaves unresolved next hops to TC.
-                _ => XDP_PASS,
+                Via::NoNeigh | Via::TooBig | Via::Kernel => XDP_PASS,
             }
         }
         Err(reason) => {
@@ -116,24 +122,28 @@ pub fn tc_ext_ingress(ctx: TcContext) -> i32 {
 /// Sends a packet prepared for `route` from TC.
 #[inline(always)]
 fn tc_send(route: Route) -> i32 {
-    match route {
+    match route.via {
         // SAFETY: helper with plain arguments.
-        Route::Out { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        Route::NoNeigh { ifindex, nh_be } => {
+        Via::Out => unsafe { bpf_redirect(route.ifindex, 0) as i32 },
+        Via::NoNeigh => {
             let mut nh = bpf_redir_neigh {
                 nh_family: 2, // AF_INET
                 __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-                    ipv4_nh: nh_be,
+                    ipv4_nh: route.nh_be,
                 },
             };
             // SAFETY: `nh` is a valid next-hop description of the size given.
             unsafe {
-                bpf_redirect_neigh(ifindex, &raw mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
-                    as i32
+                bpf_redirect_neigh(
+                    route.ifindex,
+                    &raw mut nh,
+                    size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                ) as i32
             }
         }
         // `external::out` sends only the two above; anything else goes on.
-        Route::TooBig | Route::Kernel => TCX_NEXT,
+        Via::TooBig | Via::Kernel => TCX_NEXT,
     }
 }
 
@@ -275,7 +285,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
 #[inline(always)]
 fn pod_egress(ctx: &TcContext) -> Result<Done, Counter> {
     let Some(pkt) = parse::parse(ctx)? else {
-        return Ok(Done::NotOurs);
+        return icmp_to_client(ctx);
     };
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(&pkt)) else {
         return Ok(Done::NotOurs);
@@ -287,6 +297,26 @@ fn pod_egress(ctx: &TcContext) -> Result<Done, Counter> {
     nat::rewrite(ctx, &pkt, Side::Src, addr_be, port_be)?;
     stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
     Ok(Done::Translated(Counter::ReplyNat))
+}
+
+/// An ICMP error on its way to a pod about a packet that pod sent to a
+/// service (the quote shows the backend): the quote gets the frontend back,
+/// and an error from the backend itself the frontend as its source.
+#[inline(always)]
+fn icmp_to_client(ctx: &TcContext) -> Result<Done, Counter> {
+    let Some(e) = icmp::parse(ctx) else {
+        return Ok(Done::NotOurs);
+    };
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key_of_quote(&e)) else {
+        return Ok(Done::NotOurs);
+    };
+    // SAFETY: a valid map value pointer for this run; copied out.
+    let v = unsafe { *entry };
+    icmp::rewrite_inner(ctx, &e, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
+    if e.outer_saddr_be == e.daddr_be {
+        icmp::rewrite_outer(ctx, &e, Side::Src, v.nat_addr_be)?;
+    }
+    Ok(Done::Translated(Counter::IcmpTranslated))
 }
 
 #[cfg(not(test))]

@@ -194,14 +194,29 @@ pub fn icmp_port_unreachable(original: &[u8], from: Ipv4Addr) -> Vec<u8> {
     let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, from.octets(), client).expect("header");
     // Like the kernel's own ICMP errors: no DF, id 0.
     ip.dont_fragment = false;
-    ip.set_payload_len(icmp.header_len() + quote.len())
-        .expect("fits");
     ip.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
     ip.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
+    let macs = (
+        original[0..6].try_into().expect("mac"),
+        original[6..12].try_into().expect("mac"),
+    );
+    icmp_frame(macs, ip, &icmp, quote)
+}
+
+/// An Ethernet frame carrying an ICMP message: `ip` (payload length set
+/// here, checksum computed), `icmp`, then `quote`.
+fn icmp_frame(
+    macs: ([u8; 6], [u8; 6]),
+    mut ip: Ipv4Header,
+    icmp: &Icmpv4Header,
+    quote: &[u8],
+) -> Vec<u8> {
+    ip.set_payload_len(icmp.header_len() + quote.len())
+        .expect("fits");
     ip.header_checksum = ip.calc_header_checksum();
     let eth = Ethernet2Header {
-        source: original[0..6].try_into().expect("mac"),
-        destination: original[6..12].try_into().expect("mac"),
+        source: macs.0,
+        destination: macs.1,
         ether_type: EtherType::IPV4,
     };
     let mut out = Vec::new();
@@ -210,6 +225,32 @@ pub fn icmp_port_unreachable(original: &[u8], from: Ipv4Addr) -> Vec<u8> {
     out.extend_from_slice(&icmp.to_bytes());
     out.extend_from_slice(quote);
     out
+}
+
+/// An ICMP "fragmentation needed" (next-hop MTU `mtu`) from `from` to `to`,
+/// quoting the first `quote_len` bytes of the IPv4 packet in `quoted` (an
+/// Ethernet frame), as a router sends it; MACs `macs` (source, destination).
+pub fn icmp_frag_needed(
+    macs: ([u8; 6], [u8; 6]),
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    mtu: u16,
+    quoted: &[u8],
+    quote_len: usize,
+    ttl: u8,
+) -> Vec<u8> {
+    let ip_in = &quoted[14..];
+    let quote = &ip_in[..quote_len.min(ip_in.len())];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu,
+        }),
+        quote,
+    );
+    let mut ip =
+        Ipv4Header::new(0, ttl, IpNumber::ICMP, from.octets(), to.octets()).expect("header");
+    ip.dont_fragment = false;
+    icmp_frame(macs, ip, &icmp, quote)
 }
 
 /// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame

@@ -552,6 +552,18 @@ fn replies_are_reverse_natted() {
         dst_mac: packet::CLIENT_MAC,
         ..Frame::udp(backend_dns, client, b"answer")
     };
+    let router = std::net::Ipv4Addr::new(10, 244, 9, 1);
+    let frag_needed = |from, quoted: &Frame, len| {
+        packet::icmp_frag_needed(
+            (packet::NODE_MAC, packet::CLIENT_MAC),
+            from,
+            *client.ip(),
+            1400,
+            &quoted.build(),
+            len,
+            63,
+        )
+    };
     let cases = vec![
         Case {
             name: "tcp reply from the backend gets the clusterip as source",
@@ -573,6 +585,38 @@ fn replies_are_reverse_natted() {
             name: "a packet from the backend to another client port: untouched",
             program: EGRESS,
             input: syn_ack.with_endpoints(backend, sa(CLIENT, 41001)).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+        Case {
+            name: "frag needed from a router about the DNATed packet: the quote shows the clusterip",
+            program: EGRESS,
+            input: frag_needed(router, &Frame::tcp_syn(client, backend), 60),
+            out: Out::Frame(frag_needed(router, &Frame::tcp_syn(client, vip), 60)),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::IcmpTranslated),
+        },
+        Case {
+            name: "frag needed from the backend itself: from the clusterip, quote truncated to 8 bytes of tcp",
+            program: EGRESS,
+            input: frag_needed(*backend.ip(), &Frame::tcp_syn(client, backend), 28),
+            out: Out::Frame(frag_needed(*vip.ip(), &Frame::tcp_syn(client, vip), 28)),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::IcmpTranslated),
+        },
+        Case {
+            name: "udp port unreachable quote: translated, udp checksum too",
+            program: EGRESS,
+            input: frag_needed(router, &Frame::udp(client, backend_dns, b"q"), 64),
+            out: Out::Frame(frag_needed(router, &Frame::udp(client, vip_dns, b"q"), 64)),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::IcmpTranslated),
+        },
+        Case {
+            name: "an icmp error about a flow we do not know: untouched",
+            program: EGRESS,
+            input: frag_needed(router, &Frame::tcp_syn(sa(CLIENT, 41999), backend), 60),
             out: Out::Untouched,
             verdict: TCX_NEXT,
             counter: None,

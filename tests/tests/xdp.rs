@@ -16,12 +16,13 @@ use proxy_common::{
     Counter, DSR_OPT_LEN, DSR_OPT_TYPE, NODE_F_EXTERNAL, NodeConfig, maps::programs,
 };
 use proxy_tests::{
-    fixture::{self, Case, Out, TCX_NEXT, XDP_DROP, XDP_PASS, XDP_TX, run_cases_on, sa},
+    fixture::{self, Case, Out, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_TX, run_cases_on, sa},
     netns::{Netns, sweep_stale, unique_prefix},
-    packet::{CLIENT_MAC, Frame, L4, NODE_MAC},
+    packet::{self, CLIENT_MAC, Frame, L4, NODE_MAC},
 };
 
 const XDP: &str = programs::XDP_EXT;
+const TC_EXT: &str = programs::TC_EXT_INGRESS;
 const POD_INGRESS: &str = programs::TC_POD_INGRESS;
 /// Node2's MAC on the shared segment.
 const NODE2_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
@@ -230,6 +231,27 @@ fn xdp_nodeport_paths() {
             dst_mac: NODE_MAC,
             ..from_client(remote_dns, sa(NODE1, snat_port), UDP)
         };
+        // ICMP frag needed to `to` (quoting `quoted_src` → `quoted_dst`, the
+        // query's UDP packet) from `from`; the TTL is what the XDP program
+        // leaves it at when it was sent on (one less).
+        let router = Ipv4Addr::new(10, 1, 2, 1);
+        let icmp = |from: Ipv4Addr,
+                    quoted_src: SocketAddrV4,
+                    quoted_dst: SocketAddrV4,
+                    src_mac,
+                    dst_mac| {
+            let to = *quoted_src.ip();
+            let ttl = if dst_mac == CLIENT_MAC { 63 } else { 64 };
+            packet::icmp_frag_needed(
+                (src_mac, dst_mac),
+                from,
+                to,
+                1400,
+                &query.with_endpoints(quoted_src, quoted_dst).build(),
+                64,
+                ttl,
+            )
+        };
         let c3 = sa(CLIENT, 40003);
         let with_options = Frame {
             ip_options: vec![0x94, 0x04, 0x00, 0x00],
@@ -308,6 +330,22 @@ fn xdp_nodeport_paths() {
                 counter: Some(Counter::SnatReply),
             },
             Case {
+                name: "frag needed from a router about a SNATed packet: to the client, quoting what it sent",
+                program: XDP,
+                input: icmp(router, sa(NODE1, snat_port), remote_dns, NODE2_MAC, NODE_MAC),
+                out: Out::Frame(icmp(router, c2, np_dns, NODE_MAC, CLIENT_MAC)),
+                verdict: XDP_TX,
+                counter: Some(Counter::IcmpTranslated),
+            },
+            Case {
+                name: "an icmp error from the backend itself comes from the frontend",
+                program: XDP,
+                input: icmp(*remote_dns.ip(), sa(NODE1, snat_port), remote_dns, NODE2_MAC, NODE_MAC),
+                out: Out::Frame(icmp(*np_dns.ip(), c2, np_dns, NODE_MAC, CLIENT_MAC)),
+                verdict: XDP_TX,
+                counter: Some(Counter::IcmpTranslated),
+            },
+            Case {
                 name: "a syn with ip options of its own: no room for dsr, SNAT instead",
                 program: XDP,
                 input: with_options.build(),
@@ -330,11 +368,13 @@ fn xdp_nodeport_paths() {
                 counter: Some(Counter::NewFlow),
             },
             Case {
-                name: "the local backend's reply gets the nodeport as its source",
+                name: "the local backend's reply gets the nodeport as its source and goes straight out",
                 program: POD_INGRESS,
                 input: local_reply.build(),
-                out: Out::Frame(local_reply.with_endpoints(np_local, c4).build()),
-                verdict: TCX_NEXT,
+                out: Out::Frame(
+                    routed(&local_reply.with_endpoints(np_local, c4), CLIENT_MAC).build(),
+                ),
+                verdict: TC_ACT_REDIRECT,
                 counter: Some(Counter::ExternalReply),
             },
             Case {
@@ -346,11 +386,13 @@ fn xdp_nodeport_paths() {
                 counter: Some(Counter::DsrLearned),
             },
             Case {
-                name: "the dsr flow's reply leaves with the service address as its source",
+                name: "the dsr flow's reply gets the service address as its source and goes straight out",
                 program: POD_INGRESS,
                 input: dsr_reply.build(),
-                out: Out::Frame(dsr_reply.with_endpoints(node2_np, c5).build()),
-                verdict: TCX_NEXT,
+                out: Out::Frame(
+                    routed(&dsr_reply.with_endpoints(node2_np, c5), CLIENT_MAC).build(),
+                ),
+                verdict: TC_ACT_REDIRECT,
                 counter: Some(Counter::DsrReply),
             },
             Case {
@@ -465,4 +507,85 @@ fn dsr_option_layout() {
     // The option as documented: type, length, port, address, network order.
     let o = dsr_option(SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 1), 30080));
     assert_eq!(o, vec![0x9a, 8, 0x75, 0x80, 192, 168, 50, 1]);
+}
+
+#[test]
+fn tc_ext_ingress_does_the_same_job_and_takes_what_xdp_defers() {
+    let ns = fixture_net().unwrap();
+    // 10.1.3.0/24 is routed via 192.168.50.3, whose MAC nobody knows yet.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.1.3.0/24",
+        "via",
+        "192.168.50.3",
+        "dev",
+        "ext0",
+    ])
+    .unwrap();
+    ns.run(|| {
+        let ext0 = ifindex("ext0")?;
+        let mut dp = fixture::load()?;
+        let remote = sa([10, 1, 2, 5], 8080);
+        let unresolved = sa([10, 1, 3, 5], 8080);
+        let np = sa(NODE1, 30080);
+        let np_far = sa(NODE1, 30081);
+        fixture::program_with_mode(
+            &mut dp,
+            vec![
+                fixture::node_port("web", sa([10, 96, 0, 1], 80), np, Protocol::Tcp, &[remote], &[]),
+                fixture::node_port(
+                    "far",
+                    sa([10, 96, 0, 2], 80),
+                    np_far,
+                    Protocol::Tcp,
+                    &[unresolved],
+                    &[],
+                ),
+            ],
+            NodePortMode::Dsr,
+        )?;
+        let syn = from_client(sa(CLIENT, 40001), np, SYN);
+        let far = from_client(sa(CLIENT, 40002), np_far, SYN);
+        let far_out = Frame {
+            ip_options: dsr_option(np_far),
+            ttl: far.ttl - 1,
+            ..far.with_endpoints(far.src, unresolved)
+        };
+        let cases = vec![
+            Case {
+                name: "tc: a nodeport syn to a remote backend is sent on (redirect) like xdp sends it",
+                program: TC_EXT,
+                input: syn.build(),
+                out: Out::Frame(
+                    Frame {
+                        ip_options: dsr_option(np),
+                        ..routed(&syn.with_endpoints(syn.src, remote), NODE2_MAC)
+                    }
+                    .build(),
+                ),
+                verdict: TC_ACT_REDIRECT,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "xdp: next hop without a known MAC: left untouched for tc, nothing recorded",
+                program: XDP,
+                input: far.build(),
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: Some(Counter::DeferredToTc),
+            },
+            Case {
+                name: "tc: the same packet is translated and handed to the kernel's neighbour resolution",
+                program: TC_EXT,
+                input: far.build(),
+                out: Out::Frame(far_out.build()),
+                verdict: TC_ACT_REDIRECT,
+                counter: Some(Counter::Forwarded),
+            },
+        ];
+        run_cases_on(&mut dp, cases, Some(ext0));
+        Ok(())
+    })
+    .unwrap();
 }

@@ -341,8 +341,8 @@ impl Datapath {
     }
 
     /// As [`Datapath::test_run`], with the frame arriving on interface
-    /// `ifindex` (XDP programs: `xdp_md.ingress_ifindex`, looked up in the
-    /// caller's network namespace).
+    /// `ifindex` of the caller's network namespace (XDP:
+    /// `xdp_md.ingress_ifindex`; TC: `__sk_buff.ingress_ifindex` and `ifindex`).
     pub fn test_run_on(
         &mut self,
         program: &'static str,
@@ -361,8 +361,17 @@ impl Datapath {
             name: program,
             source,
         };
+        // struct __sk_buff (192 bytes): ingress_ifindex at 36, ifindex at 40.
+        let mut skb = [0u8; 192];
         let result = match self.ebpf.program_mut(program) {
-            Some(Program::SchedClassifier(p)) => p.test_run(opts).map_err(err)?,
+            Some(Program::SchedClassifier(p)) => {
+                if let Some(index) = ifindex {
+                    skb[36..40].copy_from_slice(&index.to_ne_bytes());
+                    skb[40..44].copy_from_slice(&index.to_ne_bytes());
+                    opts.ctx_in = Some(&skb);
+                }
+                p.test_run(opts).map_err(err)?
+            }
             Some(Program::Xdp(p)) => {
                 if let Some(index) = ifindex {
                     // The kernel wants data_end to be the frame's length.
