@@ -6,7 +6,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow};
 use proxy_agent::{
     datapath::{Datapath, LoadOptions, MapSizes},
     model::{
@@ -210,4 +210,74 @@ pub fn run_cases_on(dp: &mut Datapath, cases: Vec<Case>, ifindex: Option<u32>) {
         "fixtures failed:\n{}",
         failures.join("\n")
     );
+}
+
+/// Node1's address in [`fixture_net`].
+pub const NODE1: [u8; 4] = [192, 168, 50, 1];
+/// Node2's address in [`fixture_net`].
+pub const NODE2: [u8; 4] = [192, 168, 50, 2];
+/// An outside client's address in [`fixture_net`].
+pub const CLIENT: [u8; 4] = [192, 168, 50, 100];
+/// Node2's MAC on the shared segment.
+pub const NODE2_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Node1's view of the network for XDP fixtures and benchmarks, in a
+/// namespace of its own (the FIB lookups of the programs under test run
+/// there): external interface `ext0` (192.168.50.1/24, MAC `NODE_MAC`) with
+/// permanent neighbours for node2 (192.168.50.2) and the client
+/// (192.168.50.100), node2's pod CIDR 10.1.2.0/24 routed via node2.
+pub fn fixture_net() -> Result<crate::netns::Netns> {
+    use crate::packet::{CLIENT_MAC, NODE_MAC};
+    load()?; // fails early, with its message, without root or BPF
+    crate::netns::sweep_stale();
+    let ns = crate::netns::Netns::new(&format!("{}-xdpfix", crate::netns::unique_prefix()))?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    let node_mac = mac(NODE_MAC);
+    ns.ip(&[
+        "link", "add", "ext0", "address", &node_mac, "type", "veth", "peer", "name", "ext0p",
+    ])?;
+    ns.ip(&["link", "set", "ext0", "up"])?;
+    ns.ip(&["link", "set", "ext0p", "up"])?;
+    ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "ext0"])?;
+    for (ip, m) in [("192.168.50.2", NODE2_MAC), ("192.168.50.100", CLIENT_MAC)] {
+        let m = mac(m);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &m,
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "10.1.2.0/24",
+        "via",
+        "192.168.50.2",
+        "dev",
+        "ext0",
+    ])?;
+    Ok(ns)
+}
+
+/// Index of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0)
+        .then_some(index)
+        .with_context(|| format!("no interface {name}"))
 }

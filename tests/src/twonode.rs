@@ -109,10 +109,7 @@ impl TwoNodes {
         let fabric_xdp = fabric.run(|| {
             let mut dp = crate::fixture::load()?;
             for port in ["fc", "f1", "f2"] {
-                let c = std::ffi::CString::new(port)?;
-                // SAFETY: a valid NUL-terminated interface name.
-                let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-                dp.attach_xdp_pass(index)?;
+                dp.attach_xdp_pass(crate::fixture::ifindex(port)?)?;
             }
             Ok(dp)
         })?;

@@ -2,94 +2,28 @@
 //! exact output frames, verdicts and counters, as in `datapath.rs`.
 //!
 //! The FIB lookups the program makes run against a network namespace this
-//! test creates: node1's external interface `ext0` (192.168.50.1/24) with
-//! permanent neighbours for node2 (192.168.50.2) and the client
-//! (192.168.50.100), and node2's pod CIDR 10.1.2.0/24 routed via node2.
+//! test creates (`fixture::fixture_net`).
 //!
 //! Needs root (BPF, namespaces). Runs in CI, which is root.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{Context as _, Result};
 use proxy_agent::model::{NodePortMode, Protocol};
 use proxy_common::{
     Counter, DSR_OPT_LEN, DSR_OPT_TYPE, NODE_F_EXTERNAL, NodeConfig, maps::programs,
 };
 use proxy_tests::{
-    fixture::{self, Case, Out, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_TX, run_cases_on, sa},
-    netns::{Netns, sweep_stale, unique_prefix},
+    fixture::{
+        self, CLIENT, Case, NODE1, NODE2, NODE2_MAC, Out, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS,
+        XDP_TX, fixture_net, ifindex, run_cases_on, sa,
+    },
     packet::{self, CLIENT_MAC, Frame, L4, NODE_MAC},
 };
 
 const XDP: &str = programs::XDP_EXT;
 const TC_EXT: &str = programs::TC_EXT_INGRESS;
 const POD_INGRESS: &str = programs::TC_POD_INGRESS;
-/// Node2's MAC on the shared segment.
-const NODE2_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
-const NODE1: [u8; 4] = [192, 168, 50, 1];
-const NODE2: [u8; 4] = [192, 168, 50, 2];
-const CLIENT: [u8; 4] = [192, 168, 50, 100];
 const SNAT_PORTS: (u16, u16) = (61_000, 65_535);
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Node1's view of the network, in a namespace of its own.
-fn fixture_net() -> Result<Netns> {
-    fixture::load()?; // fails early, with its message, without root or BPF
-    sweep_stale();
-    let ns = Netns::new(&format!("{}-xdpfix", unique_prefix()))?;
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    ns.ip(&[
-        "link",
-        "add",
-        "ext0",
-        "address",
-        &mac(NODE_MAC),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ext0p",
-    ])?;
-    ns.ip(&["link", "set", "ext0", "up"])?;
-    ns.ip(&["link", "set", "ext0p", "up"])?;
-    ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "ext0"])?;
-    for (ip, m) in [("192.168.50.2", NODE2_MAC), ("192.168.50.100", CLIENT_MAC)] {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            &mac(m),
-            "dev",
-            "ext0",
-            "nud",
-            "permanent",
-        ])?;
-    }
-    ns.ip(&[
-        "route",
-        "add",
-        "10.1.2.0/24",
-        "via",
-        "192.168.50.2",
-        "dev",
-        "ext0",
-    ])?;
-    Ok(ns)
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: a valid NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index).context("no ext0")
-}
 
 fn raw(ip: [u8; 4]) -> u32 {
     u32::from_ne_bytes(ip)

@@ -2,15 +2,22 @@
 //! the `tc_bench` wrapper (see proxy-ebpf/src/bench.rs), which restores the
 //! frame before every run.
 
-use aya::maps::{Array, ProgramArray};
-use proxy_common::{BENCH_FRAME_MAX, BenchFrame};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::Program,
+};
+use proxy_common::{BENCH_FRAME_MAX, BenchFrame, maps::programs};
 
-use super::{Datapath, DatapathError, TestRunOutput, classifier, map_err};
+use super::{Datapath, DatapathError, TestRunOutput, classifier, map_err, xdp};
 
 /// The wrapper program.
 pub const BENCH_WRAPPER: &str = "tc_bench";
 /// The do-nothing program: the floor of every measurement.
 pub const BENCH_EMPTY: &str = "tc_bench_empty";
+/// The wrapper for XDP programs.
+pub const BENCH_WRAPPER_XDP: &str = "xdp_bench";
+/// The do-nothing XDP program: the floor of XDP measurements.
+pub const BENCH_EMPTY_XDP: &str = programs::XDP_PASS;
 
 /// One benchmark setup.
 #[derive(Clone, Debug)]
@@ -24,6 +31,8 @@ pub struct BenchSpec<'a> {
     pub vary_off: u16,
     pub vary_addr_off: u16,
     pub repeat: u32,
+    /// Interface the frame arrives on (FIB lookups), see `Datapath::test_run_on`.
+    pub ifindex: Option<u32>,
 }
 
 impl Datapath {
@@ -34,7 +43,10 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(())
+        let name = BENCH_WRAPPER_XDP;
+        xdp(&mut self.ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })
     }
 
     /// Runs `spec.program` `spec.repeat` times through the wrapper; the
@@ -59,17 +71,22 @@ impl Datapath {
         let mut frames: Array<_, BenchFrame> =
             Array::try_from(self.map_mut("BENCH_FRAME")?).map_err(map_err("BENCH_FRAME"))?;
         frames.set(0, template, 0).map_err(map_err("BENCH_FRAME"))?;
-        let fd = classifier(&mut self.ebpf, spec.program)?
-            .fd()
+        let (fd, jump, wrapper) = match self.ebpf.program(spec.program) {
+            Some(Program::Xdp(p)) => (p.fd(), "BENCH_JUMP_XDP", BENCH_WRAPPER_XDP),
+            Some(Program::SchedClassifier(p)) => (p.fd(), "BENCH_JUMP", BENCH_WRAPPER),
+            _ => {
+                return Err(DatapathError::MissingProgram { name: spec.program });
+            }
+        };
+        let fd = fd
             .map_err(|source| DatapathError::Program {
                 name: spec.program,
                 source,
             })?
             .try_clone()
             .map_err(|e| DatapathError::Bench(e.to_string()))?;
-        let mut jump =
-            ProgramArray::try_from(self.map_mut("BENCH_JUMP")?).map_err(map_err("BENCH_JUMP"))?;
-        jump.set(0, &fd, 0).map_err(map_err("BENCH_JUMP"))?;
-        self.test_run(BENCH_WRAPPER, spec.frame, spec.repeat)
+        let mut slots = ProgramArray::try_from(self.map_mut(jump)?).map_err(map_err(jump))?;
+        slots.set(0, &fd, 0).map_err(map_err(jump))?;
+        self.test_run_on(wrapper, spec.frame, spec.repeat, spec.ifindex)
     }
 }

@@ -30,7 +30,7 @@ use proxy_common::{
 };
 
 pub use self::{
-    bench::{BENCH_EMPTY, BENCH_WRAPPER, BenchSpec},
+    bench::{BENCH_EMPTY, BENCH_EMPTY_XDP, BENCH_WRAPPER, BENCH_WRAPPER_XDP, BenchSpec},
     tables::{ApplyReport, Blocks, QUARANTINE},
 };
 use crate::reconcile::{Capacity, Programmed, Table};

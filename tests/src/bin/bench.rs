@@ -11,7 +11,7 @@ use std::{
 };
 
 use proxy_agent::{
-    datapath::{BENCH_EMPTY, BenchSpec, Datapath, LoadOptions, MapSizes},
+    datapath::{BENCH_EMPTY, BENCH_EMPTY_XDP, BenchSpec, Datapath, LoadOptions, MapSizes},
     maglev,
     model::{Algorithm, Protocol},
 };
@@ -78,12 +78,26 @@ fn machine() -> String {
 
 fn run() -> Result<String> {
     proxy_tests::netns::require_root()?;
-    // For working on the agent: the control-plane section alone.
+    // For working on one part: BENCH_ONLY=control-plane or =datapath.
     if std::env::var("BENCH_ONLY").as_deref() == Ok("control-plane") {
         let mut md = String::new();
         control_plane_section(&mut md)?;
         return Ok(md);
     }
+    // The XDP rows look up routes: the whole datapath section runs in a
+    // namespace of its own (node1 of the fixtures).
+    let ns = fixture::fixture_net()?;
+    let mut md = ns.run(datapath_section)?;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("datapath") {
+        return Ok(md);
+    }
+    maglev_section(&mut md)?;
+    control_plane_section(&mut md)?;
+    Ok(md)
+}
+
+/// The per-packet tables (run inside the fixture namespace).
+fn datapath_section() -> Result<String> {
     let mut dp = Datapath::load(&LoadOptions {
         sizes: MapSizes::default(),
         pin_root: None,
@@ -131,14 +145,7 @@ fn run() -> Result<String> {
     let other = Frame::tcp_syn(client, sa([10, 96, 0, 99], 80)).build();
     let syn_random = Frame::tcp_syn(client, random_vip).build();
 
-    let spec = |program, frame, mode| BenchSpec {
-        program,
-        frame,
-        mode,
-        vary_off: VARY_PORT_OFF,
-        vary_addr_off: VARY_ADDR_OFF,
-        repeat: REPEAT,
-    };
+    let spec = |program, frame, mode| bench_spec(program, frame, mode, None);
     let empty_alone = {
         let mut s = Vec::new();
         for _ in 0..ROUNDS {
@@ -181,23 +188,9 @@ fn run() -> Result<String> {
             Some(Counter::NewFlow),
         ),
     ];
-    let mut rows = Vec::new();
-    for (name, what, spec, expected) in cases {
-        let (ns, moved) = measure(&mut dp, &spec)?;
-        match expected {
-            Some(c) if moved.get(&c) != Some(&u64::from(REPEAT)) => {
-                bail!("{name}: expected {c:?} to move {REPEAT} per round, counters moved {moved:?}")
-            }
-            None if !moved.is_empty() => bail!("{name}: no counter should move, got {moved:?}"),
-            _ => {}
-        }
-        rows.push(Row {
-            name,
-            what,
-            ns,
-            counter: expected.map(|c| (c, u64::from(REPEAT))),
-        });
-    }
+    let rows = measure_rows(&mut dp, cases)?;
+
+    let xdp_rows = xdp_rows(&mut dp)?;
 
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
@@ -212,6 +205,93 @@ fn run() -> Result<String> {
          One service with 10 backends (Maglev, M = 1009, unless the row says random), default map sizes. Hot cache, one CPU.\n"
     )?;
     writeln!(md, "## Datapath cost per packet\n")?;
+    table(&mut md, "`return TCX_NEXT`", empty_alone, floor, &rows)?;
+    writeln!(md, "\n## North-south: NodePort through XDP\n")?;
+    writeln!(
+        md,
+        "`xdp_ext` as it runs on an external interface (FIB lookups against a test namespace with \
+         node2 and the client as permanent neighbours). A NodePort with 10 backends on node2 (Maglev, \
+         M = 1009): TCP by DSR, UDP by SNAT (`--nodeport-mode hybrid`). The XDP wrapper restores the \
+         frame (shrinking the head back after a DSR option) and tail-calls `xdp_ext`; its floor is \
+         the wrapper → `xdp_pass`.\n"
+    )?;
+    let (xdp_empty, xdp_floor, xdp_rows) = xdp_rows;
+    table(
+        &mut md,
+        "`return XDP_PASS`",
+        xdp_empty,
+        xdp_floor,
+        &xdp_rows,
+    )?;
+    Ok(md)
+}
+
+/// One benchmark setup with the bench's repeat count and vary offsets.
+fn bench_spec<'a>(
+    program: &'static str,
+    frame: &'a [u8],
+    mode: u32,
+    ifindex: Option<u32>,
+) -> BenchSpec<'a> {
+    BenchSpec {
+        program,
+        frame,
+        mode,
+        vary_off: VARY_PORT_OFF,
+        vary_addr_off: VARY_ADDR_OFF,
+        repeat: REPEAT,
+        ifindex,
+    }
+}
+
+/// Median ns/run of `program` run directly (no wrapper).
+fn alone(
+    dp: &mut Datapath,
+    program: &'static str,
+    frame: &[u8],
+    ifindex: Option<u32>,
+) -> Result<f64> {
+    let mut s = Vec::new();
+    for _ in 0..ROUNDS {
+        s.push(dp.test_run_on(program, frame, REPEAT, ifindex)?.duration_ns as f64);
+    }
+    s.sort_by(f64::total_cmp);
+    Ok(s[ROUNDS / 2])
+}
+
+/// Measures each case, checking its counter moved once per run (or none).
+fn measure_rows<'a>(
+    dp: &mut Datapath,
+    cases: impl IntoIterator<Item = (&'static str, &'static str, BenchSpec<'a>, Option<Counter>)>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (name, what, spec, expected) in cases {
+        let (ns, moved) = measure(dp, &spec)?;
+        match expected {
+            Some(c) if moved.get(&c) != Some(&u64::from(REPEAT)) => {
+                bail!("{name}: expected {c:?} to move {REPEAT} per round, counters moved {moved:?}")
+            }
+            None if !moved.is_empty() => bail!("{name}: no counter should move, got {moved:?}"),
+            _ => {}
+        }
+        rows.push(Row {
+            name,
+            what,
+            ns,
+            counter: expected.map(|c| (c, u64::from(REPEAT))),
+        });
+    }
+    Ok(rows)
+}
+
+/// The per-packet table: the empty program, the floor, then the rows.
+fn table(
+    md: &mut String,
+    empty_what: &str,
+    empty_alone: f64,
+    floor: f64,
+    rows: &[Row],
+) -> Result<()> {
     writeln!(
         md,
         "| path | ns/run | ns over floor | × empty program | what runs |"
@@ -219,14 +299,14 @@ fn run() -> Result<String> {
     writeln!(md, "|---|---:|---:|---:|---|")?;
     writeln!(
         md,
-        "| empty program alone | {empty_alone:.1} | | 1.0 | `return TCX_NEXT` |"
+        "| empty program alone | {empty_alone:.1} | | 1.0 | {empty_what} |"
     )?;
     writeln!(
         md,
         "| floor: wrapper → empty program | {floor:.1} | 0.0 | {:.1} | frame restore + tail call |",
         floor / empty_alone
     )?;
-    for r in &rows {
+    for r in rows {
         writeln!(
             md,
             "| {} | {:.1} | {:.1} | {:.1} | {}{} |",
@@ -240,9 +320,115 @@ fn run() -> Result<String> {
                 .unwrap_or_default()
         )?;
     }
-    maglev_section(&mut md)?;
-    control_plane_section(&mut md)?;
-    Ok(md)
+    Ok(())
+}
+
+/// The XDP rows: (empty program alone, floor, rows).
+fn xdp_rows(dp: &mut Datapath) -> Result<(f64, f64, Vec<Row>)> {
+    use proxy_common::{NODE_F_EXTERNAL, NodeConfig};
+    let ext0 = Some(fixture::ifindex("ext0")?);
+    let backends: Vec<_> = (1..=10u8).map(|i| sa([10, 1, 2, i], 8080)).collect();
+    let np = sa(fixture::NODE1, 30080);
+    let np_udp = sa(fixture::NODE1, 30053);
+    fixture::program_with_mode(
+        dp,
+        vec![
+            fixture::node_port(
+                "np",
+                sa([10, 96, 5, 1], 80),
+                np,
+                Protocol::Tcp,
+                &backends,
+                &[],
+            ),
+            fixture::node_port(
+                "np-udp",
+                sa([10, 96, 5, 2], 53),
+                np_udp,
+                Protocol::Udp,
+                &backends,
+                &[],
+            ),
+        ],
+        proxy_agent::model::NodePortMode::Hybrid,
+    )?;
+    dp.set_config(&NodeConfig {
+        snat_addr_be: u32::from_ne_bytes(fixture::NODE1),
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        flags: NODE_F_EXTERNAL,
+        _pad: 0,
+    })?;
+    let client = sa(fixture::CLIENT, 40000);
+    let syn = Frame::tcp_syn(client, np).build();
+    let ack = Frame {
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+        },
+        payload: vec![0x61; 64],
+        ..Frame::tcp_syn(client, np)
+    }
+    .build();
+    let query = Frame::udp(client, np_udp, &[0x63; 64]).build();
+    // The flows the established and reply rows use.
+    dp.test_run_on(programs::XDP_EXT, &syn, 1, ext0)?;
+    let out = dp.test_run_on(programs::XDP_EXT, &query, 1, ext0)?.frame;
+    let snat = SocketAddrV4::new(
+        Ipv4Addr::new(out[26], out[27], out[28], out[29]),
+        u16::from_be_bytes([out[34], out[35]]),
+    );
+    let backend = proxy_tests::packet::dst_of(&out);
+    let answer = Frame {
+        src_mac: fixture::NODE2_MAC,
+        dst_mac: proxy_tests::packet::NODE_MAC,
+        ..Frame::udp(backend, snat, &[0x64; 64])
+    }
+    .build();
+    let other = Frame::tcp_syn(client, sa(fixture::NODE1, 22)).build();
+
+    let empty = alone(dp, BENCH_EMPTY_XDP, &syn, ext0)?;
+    let (floor, _) = measure(
+        dp,
+        &bench_spec(BENCH_EMPTY_XDP, &syn, bench_mode::SAME, ext0),
+    )?;
+    let spec = |frame, mode| bench_spec(programs::XDP_EXT, frame, mode, ext0);
+    let rows = measure_rows(
+        dp,
+        [
+            (
+                "NodePort → remote backend, established (DSR)",
+                "data segment of a tracked flow: lookup, conntrack hit, FIB lookup, DNAT, TTL, MACs, XDP_TX",
+                spec(&ack, bench_mode::SAME),
+                Some(Counter::Forwarded),
+            ),
+            (
+                "NodePort → remote backend, established (SNAT, UDP)",
+                "datagram of a tracked flow: as above plus the source rewrite",
+                spec(&query, bench_mode::SAME),
+                Some(Counter::Forwarded),
+            ),
+            (
+                "SNAT reply → client",
+                "backend's datagram to the SNAT address: conntrack hit, both sides rewritten, FIB lookup, XDP_TX",
+                spec(&answer, bench_mode::SAME),
+                Some(Counter::SnatReply),
+            ),
+            (
+                "not a service (XDP)",
+                "TCP to the node's own port: parse, lookup miss, SNAT-address check",
+                spec(&other, bench_mode::SAME),
+                None,
+            ),
+            (
+                "NodePort → remote backend, new flow (DSR)",
+                "SYN from a new source each run: lookup, Maglev, FIB lookup, one conntrack insert, DNAT, DSR option (head grown by 8), XDP_TX",
+                spec(&syn, bench_mode::NEW_FLOW),
+                Some(Counter::Forwarded),
+            ),
+        ],
+    )?;
+    Ok((empty, floor, rows))
 }
 
 /// The control plane against the fake API server: cold sync, single-slice
