@@ -187,6 +187,9 @@ struct RunArgs {
     /// Connection-tracking entries (two per flow); the table evicts least recently used flows.
     #[arg(long, default_value_t = maps::DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
+    /// Capacity for loadBalancerSourceRanges CIDRs, over all Services.
+    #[arg(long, default_value_t = maps::DEFAULT_SOURCE_RANGES)]
+    max_source_ranges: u32,
     /// 64-byte blocks for selection tables (preallocated: 32 MiB by default, about
     /// 15,000 service ports of 10 backends at the default Maglev table size).
     #[arg(long, default_value_t = maps::DEFAULT_SELECTION_BLOCKS)]
@@ -486,6 +489,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 backends: args.max_backends,
                 conntrack: args.ct_entries,
                 selection_blocks: args.selection_blocks,
+                source_ranges: args.max_source_ranges,
             },
             pin_root: Some(args.bpffs),
         },

@@ -28,8 +28,8 @@ use std::{
 use proxy_common::{
     BACKEND_F_LOCAL, Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT,
     SEL_HDR_DRAINING, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE,
-    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SVC_F_DSR, SelBlock, ServiceKey, ServiceValue, hash_mode,
-    scope, sel_backend_pos, sel_blocks, sel_entry_pos,
+    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SVC_F_DSR, SVC_F_SOURCE_RANGES, SelBlock, ServiceKey,
+    ServiceValue, hash_mode, scope, sel_backend_pos, sel_blocks, sel_entry_pos,
 };
 
 use crate::{
@@ -182,12 +182,18 @@ impl Table {
     }
 }
 
+/// A client CIDR of `loadBalancerSourceRanges`: (address, prefix length).
+pub type Range = (Ipv4Addr, u8);
+
 /// What the service maps hold, in agent terms.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub tables: BTreeMap<u32, Table>,
     pub backends: BTreeMap<u32, Backend>,
+    /// `SOURCE_RANGES`: per svc id, the client CIDRs its restricted
+    /// (LoadBalancer) frontends accept.
+    pub ranges: BTreeMap<u32, BTreeSet<Range>>,
 }
 
 /// Map capacities (max_entries). Ids run from 1 to capacity − 1.
@@ -196,6 +202,8 @@ pub struct Capacity {
     pub frontends: u32,
     pub services: u32,
     pub backends: u32,
+    /// `SOURCE_RANGES` entries.
+    pub ranges: u32,
 }
 
 /// One map operation.
@@ -209,6 +217,8 @@ pub enum Op {
     SetTable(u32, Table),
     SetService(ServiceKey, ServiceValue),
     DelBackend(u32),
+    /// Source ranges of a svc id: CIDRs to add, then CIDRs to remove.
+    SetRanges(u32, Vec<Range>, Vec<Range>),
 }
 
 /// The operations of one reconcile pass, and the Service ports it refused.
@@ -270,6 +280,8 @@ pub struct Unit<'a> {
     pub table_size: Option<u32>,
     /// Frontend keys and their `SVC_F_*` flags.
     pub keys: BTreeMap<ServiceKey, u32>,
+    /// Source ranges its LoadBalancer frontends are restricted to (empty: none).
+    pub ranges: BTreeSet<Range>,
 }
 
 /// The tables a service port needs and their frontends, as the datapath
@@ -294,13 +306,27 @@ pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
         .filter(|f| f.kind.is_internal())
         .map(|f| (key(f, scope::INTERNAL), 0))
         .collect();
+    // kube-proxy applies loadBalancerSourceRanges to LoadBalancer IPs only.
+    let ranges: BTreeSet<Range> = plan
+        .source_ranges
+        .iter()
+        .filter_map(|r| r.parse::<crate::translate::Cidr>().ok())
+        .map(|c| (c.addr, c.prefix))
+        .collect();
     let external: BTreeMap<ServiceKey, u32> = plan
         .frontends
         .iter()
         .filter(|f| !f.kind.is_internal() && !f.address.is_unspecified())
-        .map(|f| (key(f, scope::EXTERNAL), ext_flags))
+        .map(|f| {
+            let restricted =
+                f.kind == crate::model::FrontendKind::LoadBalancer && !ranges.is_empty();
+            let flags = ext_flags | if restricted { SVC_F_SOURCE_RANGES } else { 0 };
+            (key(f, scope::EXTERNAL), flags)
+        })
         .collect();
-    let unit = |external, backends, table_size, keys| Unit {
+    let restricted = external.values().any(|f| f & SVC_F_SOURCE_RANGES != 0);
+    let ranges = if restricted { ranges } else { BTreeSet::new() };
+    let unit = |external, backends, table_size, keys, ranges| Unit {
         name: TableName {
             port: plan.id.clone(),
             external,
@@ -309,6 +335,7 @@ pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
         backends,
         table_size,
         keys,
+        ranges,
     };
     if plan.has_external_table() {
         vec![
@@ -317,12 +344,14 @@ pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
                 &plan.internal_backends[..],
                 plan.maglev_table_size,
                 internal,
+                BTreeSet::new(),
             ),
             unit(
                 true,
                 &plan.external_backends[..],
                 plan.external_maglev_table_size,
                 external,
+                ranges,
             ),
         ]
     } else {
@@ -333,6 +362,7 @@ pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
             &plan.internal_backends[..],
             plan.maglev_table_size,
             keys,
+            ranges,
         )]
     }
 }
@@ -425,6 +455,8 @@ struct Work {
     resets: Vec<Op>,
     tables: Vec<Op>,
     frontends: Vec<Op>,
+    /// Operations after the frontends moved: ranges no frontend needs any more.
+    late: Vec<Op>,
     unref: BTreeSet<u32>,
     retired: Vec<u32>,
     refused: Vec<(ServicePortName, String)>,
@@ -602,6 +634,7 @@ impl Reconciler {
         ops.append(&mut work.resets);
         ops.append(&mut work.tables);
         ops.append(&mut work.frontends);
+        ops.append(&mut work.late);
         ops.extend(work.del_tables.iter().map(|id| Op::DelTable(*id)));
         for id in &work.unref {
             if self.refs.get(id).copied().unwrap_or(0) == 0 && self.maps.backends.contains_key(id) {
@@ -637,8 +670,33 @@ impl Reconciler {
         }
     }
 
+    /// Plans a svc id's source ranges to become `wanted`: additions before
+    /// the frontends that need them, removals after the frontends stop.
+    fn set_ranges(&mut self, id: u32, wanted: &BTreeSet<Range>, work: &mut Work) {
+        let empty = BTreeSet::new();
+        let have = self.maps.ranges.get(&id).unwrap_or(&empty);
+        let add: Vec<Range> = wanted.difference(have).copied().collect();
+        let remove: Vec<Range> = have.difference(wanted).copied().collect();
+        if !add.is_empty() {
+            work.tables.push(Op::SetRanges(id, add, Vec::new()));
+        }
+        if !remove.is_empty() {
+            work.late.push(Op::SetRanges(id, Vec::new(), remove));
+        }
+        if wanted.is_empty() {
+            self.maps.ranges.remove(&id);
+        } else {
+            self.maps.ranges.insert(id, wanted.clone());
+        }
+    }
+
+    fn ranges_in_use(&self) -> usize {
+        self.maps.ranges.values().map(BTreeSet::len).sum()
+    }
+
     /// Removes a svc id's frontends and table.
     fn remove_svc_id(&mut self, id: u32, work: &mut Work) {
+        self.set_ranges(id, &BTreeSet::new(), work);
         let keys = self.keys_of.remove(&id).unwrap_or_default();
         let udp = keys.iter().any(|k| k.proto == proxy_common::proto::UDP);
         for k in keys {
@@ -734,6 +792,19 @@ impl Reconciler {
                 format!(
                     "SERVICES map full ({} frontends); raise --max-frontends",
                     self.cap.frontends
+                ),
+            );
+            return;
+        }
+        let old_ranges = old_id
+            .and_then(|id| self.maps.ranges.get(&id))
+            .map_or(0, BTreeSet::len);
+        if self.ranges_in_use() - old_ranges + unit.ranges.len() > self.cap.ranges as usize {
+            refuse(
+                work,
+                format!(
+                    "SOURCE_RANGES map full ({} CIDRs); raise --max-source-ranges",
+                    self.cap.ranges
                 ),
             );
             return;
@@ -874,6 +945,7 @@ impl Reconciler {
                 work.dels.insert(*k);
             }
         }
+        self.set_ranges(svc_id, &unit.ranges, work);
         for (k, flags) in &unit.keys {
             let value = ServiceValue {
                 svc_id,
@@ -902,6 +974,7 @@ mod tests {
         frontends: 100,
         services: 100,
         backends: 100,
+        ranges: 100,
     };
 
     fn svc(name: &str, vip: [u8; 4], backends: &[&str]) -> ServicePlan {
@@ -950,6 +1023,16 @@ mod tests {
                 }
                 Op::DelBackend(id) => {
                     model.backends.remove(id);
+                }
+                Op::SetRanges(id, add, remove) => {
+                    let set = model.ranges.entry(*id).or_default();
+                    set.extend(add.iter().copied());
+                    for r in remove {
+                        set.remove(r);
+                    }
+                    if set.is_empty() {
+                        model.ranges.remove(id);
+                    }
                 }
             }
             for v in model.services.values() {
@@ -1121,6 +1204,81 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_restrict_load_balancer_frontends_only() {
+        let lb_key = ServiceKey {
+            addr_be: addr_be(Ipv4Addr::new(192, 168, 60, 1)),
+            port_be: port_be(80),
+            proto: proxy_common::proto::TCP,
+            scope: scope::EXTERNAL,
+        };
+        let with_ranges = |ranges: &[&str]| {
+            let mut p = node_port(false);
+            p.frontends.push(Frontend {
+                kind: FrontendKind::LoadBalancer,
+                address: Ipv4Addr::new(192, 168, 60, 1),
+                port: 80,
+            });
+            p.source_ranges = ranges.iter().map(|r| (*r).to_owned()).collect();
+            p
+        };
+        let mut r = Reconciler::new(Programmed::default(), CAP);
+        let ops = r
+            .full(&state(vec![with_ranges(&[
+                "10.0.0.0/8",
+                "192.168.50.0/24",
+            ])]))
+            .ops;
+        let maps = apply(Programmed::default(), &ops);
+        let id = maps.services[&lb_key].svc_id;
+        assert_eq!(maps.services[&lb_key].flags, SVC_F_SOURCE_RANGES);
+        assert!(
+            maps.services
+                .iter()
+                .filter(|(k, _)| **k != lb_key)
+                .all(|(_, v)| v.flags & SVC_F_SOURCE_RANGES == 0),
+            "NodePort and ClusterIP stay open"
+        );
+        assert_eq!(maps.ranges[&id].len(), 2);
+        let pos = |ops: &[Op], f: fn(&Op) -> bool| ops.iter().position(f).unwrap();
+        assert!(
+            pos(&ops, |o| matches!(o, Op::SetRanges(..)))
+                < pos(&ops, |o| matches!(o, Op::SetService(..))),
+            "ranges exist before a frontend needs them: {ops:?}"
+        );
+
+        // Narrowed: the new range added, the old one removed after.
+        let ops = r.full(&state(vec![with_ranges(&["192.168.50.0/24"])])).ops;
+        assert_eq!(
+            ops,
+            vec![Op::SetRanges(
+                id,
+                vec![],
+                vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]
+            )]
+        );
+        let maps = apply(maps, &ops);
+        // No ranges any more: the flag goes first, then the ranges.
+        let ops = r.full(&state(vec![with_ranges(&[])])).ops;
+        assert!(
+            pos(&ops, |o| matches!(o, Op::SetService(..)))
+                < pos(&ops, |o| matches!(o, Op::SetRanges(..))),
+            "{ops:?}"
+        );
+        let maps = apply(maps, &ops);
+        assert!(maps.ranges.is_empty());
+        assert_eq!(maps.services[&lb_key].flags, 0);
+
+        // Capacity: a Service whose ranges do not fit is refused whole.
+        let mut small = Reconciler::new(Programmed::default(), Capacity { ranges: 1, ..CAP });
+        let batch = small.full(&state(vec![with_ranges(&[
+            "10.0.0.0/8",
+            "192.168.50.0/24",
+        ])]));
+        assert!(batch.refused[0].1.contains("SOURCE_RANGES map full"));
+        assert!(small.maps().services.is_empty());
+    }
+
+    #[test]
     fn ids_are_stable_and_backends_shared() {
         let mut r = Reconciler::new(Programmed::default(), CAP);
         let one = state(vec![svc("a", [10, 96, 0, 1], &["10.0.0.1:80"])]);
@@ -1171,6 +1329,7 @@ mod tests {
     #[test]
     fn full_maps_refuse_whole_services_and_keep_old_state() {
         let cap = Capacity {
+            ranges: 100,
             frontends: 100,
             services: 100,
             backends: 4, // ids 1..=3

@@ -106,6 +106,9 @@ counters! {
     /// An ICMP error about a translated flow was translated back (its quote,
     /// and where needed its addresses) for the flow's client.
     IcmpTranslated = 25, "icmp_translated", Handled;
+    /// A packet to a LoadBalancer frontend from outside its
+    /// `loadBalancerSourceRanges`: dropped.
+    SourceRangeDenied = 26, "source_range_denied", Dropped;
 }
 
 #[cfg(test)]

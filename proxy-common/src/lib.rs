@@ -70,6 +70,23 @@ pub struct ServiceValue {
 /// itself). Without it they are SNATed to this node's address.
 pub const SVC_F_DSR: u32 = 1;
 
+/// Service flag (LoadBalancer frontends): only clients inside the Service's
+/// `loadBalancerSourceRanges` (entries of `SOURCE_RANGES` for its svc id) may
+/// connect; other packets are dropped and counted.
+pub const SVC_F_SOURCE_RANGES: u32 = 2;
+
+/// Data of a `SOURCE_RANGES` LPM trie key: the svc id (all 32 bits always
+/// match) then the client address, so the key's prefix length is 32 plus
+/// the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// svc id, network byte order (the trie matches bytes most significant first).
+    pub svc_id_be: u32,
+    /// Client address (or CIDR base), network byte order.
+    pub addr_be: u32,
+}
+
 /// Backend flag: the endpoint runs on this node.
 pub const BACKEND_F_LOCAL: u8 = 1;
 
@@ -370,6 +387,8 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceRange {}
 }
 
 #[cfg(test)]
@@ -397,7 +416,7 @@ mod tests {
             Counter::COUNT,
         ];
         assert_eq!(PIN_LAYOUT_VERSION, 4);
-        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 26]);
+        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 27]);
     }
 
     #[test]

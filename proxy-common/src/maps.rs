@@ -25,10 +25,25 @@ pub const SVC_STATS: &str = "SVC_STATS";
 /// Array of one [`crate::NodeConfig`]: this node's settings. Written by the agent.
 pub const CONFIG: &str = "CONFIG";
 
+/// LPM trie: [`crate::SourceRange`] (svc id + client CIDR) → `u32` (1).
+/// `loadBalancerSourceRanges`. Written by the agent.
+pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+
 /// Every map the agent pins.
 pub const PINNED: &[&str] = &[
-    SERVICES, SELECTION, SVC_TABLE, BACKENDS, CONNTRACK, STATS, SVC_STATS, CONFIG,
+    SERVICES,
+    SELECTION,
+    SVC_TABLE,
+    BACKENDS,
+    CONNTRACK,
+    STATS,
+    SVC_STATS,
+    CONFIG,
+    SOURCE_RANGES,
 ];
+
+/// Default capacity of `SOURCE_RANGES` (CIDRs over all Services).
+pub const DEFAULT_SOURCE_RANGES: u32 = 16_384;
 
 /// Default SNAT port range for external flows to remote backends: above
 /// Linux's default ephemeral range (32768–60999), so it never collides with

@@ -101,6 +101,9 @@ fn route_for<C: Ctx>(ctx: &C, pkt: &Packet, v: &CtValue, option: bool) -> Option
 /// A packet to an external frontend.
 #[inline(always)]
 fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Counter> {
+    if !lookup::source_allowed(svc, pkt) {
+        return Err(Counter::SourceRangeDenied);
+    }
     let now = conntrack::now();
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt)) {
         // SAFETY: a valid map value pointer for this run; copied out.

@@ -4,11 +4,12 @@
 //! (see `proxy-agent --help`). The agent pins all of these except the log ring.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, NodeConfig, SelBlock, ServiceKey, ServiceValue, SvcCounters,
+    Backend, Counter, CtKey, CtValue, NodeConfig, SelBlock, ServiceKey, ServiceValue, SourceRange,
+    SvcCounters,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -45,3 +46,8 @@ pub static SVC_STATS: PerCpuArray<SvcCounters, 65_536> = PerCpuArray::new();
 /// Written by the agent at start.
 #[btf_map]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// `loadBalancerSourceRanges`: (svc id, client CIDR) → 1. Consulted for
+/// frontends flagged `SVC_F_SOURCE_RANGES`. Written by the agent.
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, 16_384> = LpmTrie::new();

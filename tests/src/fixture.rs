@@ -39,6 +39,7 @@ pub fn load() -> Result<Datapath> {
             backends: 1024,
             conntrack: 16384,
             selection_blocks: 65_536,
+            source_ranges: 1024,
         },
         pin_root: None,
     })?)

@@ -26,6 +26,8 @@ const NP_LB: u16 = 30081;
 const NP_LOCAL: u16 = 30082;
 const HC_PORT: u16 = 32000;
 const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 11);
+const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 12);
+const FENCED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 13);
 
 /// Node objects, and three Services whose one endpoint (`backend` on node2) is:
 /// `web` (NodePort), `lb` (LoadBalancer IP and externalIP), `local`
@@ -60,10 +62,26 @@ fn manifests(backend: Ipv4Addr) -> String {
                 "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {HC_PORT}\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: {PORT}, nodePort: {NP_LOCAL}}}\n"
             ),
         ),
+        (
+            "ranged",
+            "10.96.0.13",
+            format!(
+                "type: LoadBalancer\n  loadBalancerSourceRanges: [\"{CLIENT_IP}/32\", 10.0.0.0/8]\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: {PORT}}}\n"
+            ),
+        ),
+        (
+            "fenced",
+            "10.96.0.14",
+            format!(
+                "type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8]\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: {PORT}}}\n"
+            ),
+        ),
     ] {
         let lb_ip = match name {
             "lb" => Some(LB_IP),
             "local" => Some(LOCAL_LB_IP),
+            "ranged" => Some(RANGED_LB_IP),
+            "fenced" => Some(FENCED_LB_IP),
             _ => None,
         };
         let status = lb_ip
@@ -192,6 +210,26 @@ fn loadbalancer_and_external_ips_reach_the_service() {
         let udp = udp_requests(client, frontend, 3).unwrap();
         seen_all(&answered(&udp, frontend, what), CLIENT_IP, what);
     }
+}
+
+#[test]
+fn load_balancer_source_ranges_allow_and_deny() {
+    let s = setup("snat");
+    let client = &s.net.client;
+    let ranged = SocketAddrV4::new(RANGED_LB_IP, 80);
+    let tcp = tcp_requests(client, ranged, 3).unwrap();
+    answered(&tcp, ranged, "client inside the source ranges");
+    let fenced = SocketAddrV4::new(FENCED_LB_IP, 80);
+    let denied = tcp_requests(client, fenced, 1).unwrap();
+    assert!(
+        denied[0].is_err(),
+        "client outside the source ranges: {denied:?}"
+    );
+    let n1 = counters(&s, 0);
+    assert!(
+        n1.get(&Counter::SourceRangeDenied).copied().unwrap_or(0) >= 1,
+        "{n1:?}"
+    );
 }
 
 #[test]

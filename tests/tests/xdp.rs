@@ -523,3 +523,72 @@ fn tc_ext_ingress_does_the_same_job_and_takes_what_xdp_defers() {
     })
     .unwrap();
 }
+
+#[test]
+fn load_balancer_source_ranges_allow_and_deny() {
+    let ns = fixture_net().unwrap();
+    ns.run(|| {
+        let ext0 = ifindex("ext0")?;
+        let mut dp = fixture::load()?;
+        let local = sa([10, 1, 1, 5], 8080);
+
+        let lb_open = sa([192, 168, 60, 1], 80);
+        let lb_closed = sa([192, 168, 60, 2], 80);
+        let with_lb = |name, lb: SocketAddrV4, ranges: &[&str]| {
+            let mut p = fixture::node_port(
+                name,
+                sa([10, 96, 3, lb.ip().octets()[3]], 80),
+                sa(NODE1, 30200 + u16::from(lb.ip().octets()[3])),
+                Protocol::Tcp,
+                &[local],
+                &[local],
+            );
+            p.frontends.push(proxy_agent::model::Frontend {
+                kind: proxy_agent::model::FrontendKind::LoadBalancer,
+                address: *lb.ip(),
+                port: lb.port(),
+            });
+            p.source_ranges = ranges.iter().map(|r| (*r).to_owned()).collect();
+            p
+        };
+        fixture::program(
+            &mut dp,
+            vec![
+                with_lb("open", lb_open, &["10.0.0.0/8", "192.168.50.96/28"]),
+                with_lb("closed", lb_closed, &["10.0.0.0/8"]),
+            ],
+        )?;
+        let client = sa(CLIENT, 40001);
+        let to = |dst| from_client(client, dst, SYN);
+        let cases = vec![
+            Case {
+                name: "LoadBalancer IP, client inside a source range: served",
+                program: XDP,
+                input: to(lb_open).build(),
+                out: Out::Frame(to(lb_open).with_endpoints(client, local).build()),
+                verdict: XDP_PASS,
+                counter: Some(Counter::NewFlow),
+            },
+            Case {
+                name: "LoadBalancer IP, client outside every source range: dropped",
+                program: XDP,
+                input: to(lb_closed).build(),
+                out: Out::Untouched,
+                verdict: XDP_DROP,
+                counter: Some(Counter::SourceRangeDenied),
+            },
+            Case {
+                name: "the same Service's NodePort is not restricted (as kube-proxy)",
+                program: XDP,
+                input: to(sa(NODE1, 30202)).build(),
+                out: Out::Frame(to(sa(NODE1, 30202)).with_endpoints(client, local).build()),
+                verdict: XDP_PASS,
+                counter: Some(Counter::NewFlow),
+            },
+        ];
+
+        run_cases_on(&mut dp, cases, Some(ext0));
+        Ok(())
+    })
+    .unwrap();
+}

@@ -14,19 +14,20 @@ mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
     programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
     Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue,
-    SvcCounters, maps,
+    SourceRange, SvcCounters, maps,
 };
 
 pub use self::{
@@ -89,6 +90,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// 64-byte blocks for selection tables.
     pub selection_blocks: u32,
+    /// `loadBalancerSourceRanges` CIDRs over all Services.
+    pub source_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -99,6 +102,7 @@ impl Default for MapSizes {
             backends: maps::DEFAULT_MAX_BACKENDS,
             conntrack: maps::DEFAULT_CT_ENTRIES,
             selection_blocks: maps::DEFAULT_SELECTION_BLOCKS,
+            source_ranges: maps::DEFAULT_SOURCE_RANGES,
         }
     }
 }
@@ -137,6 +141,7 @@ fn map_data(map: &Map) -> Option<&MapData> {
         | Map::HashMap(m)
         | Map::LruHashMap(m)
         | Map::PerCpuArray(m)
+        | Map::LpmTrie(m)
         | Map::RingBuf(m) => Some(m),
         _ => None,
     }
@@ -175,6 +180,7 @@ impl Datapath {
             .map_max_entries(maps::SVC_STATS, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .override_global("AYA_LOG_LEVEL", &level, false);
         if let Some(dir) = &layout_dir {
             for name in maps::PINNED {
@@ -213,6 +219,7 @@ impl Datapath {
                 frontends: sizes.frontends,
                 services: sizes.services,
                 backends: sizes.backends,
+                ranges: sizes.source_ranges,
             },
         };
         dp.capacity = Capacity {
@@ -221,6 +228,7 @@ impl Datapath {
                 .max_entries(maps::SVC_TABLE)?
                 .min(dp.max_entries(maps::SVC_STATS)?),
             backends: dp.max_entries(maps::BACKENDS)?,
+            ranges: dp.max_entries(maps::SOURCE_RANGES)?,
         };
         if dp.capacity.frontends != sizes.frontends
             || dp.capacity.backends != sizes.backends
@@ -275,7 +283,12 @@ impl Datapath {
     /// Reads what the service maps hold, adopting the regions of the tables.
     pub fn read_programmed(&mut self) -> Result<Programmed, DatapathError> {
         let tables = self.read_tables()?;
-        read_programmed_with(self.map(maps::SERVICES)?, self.map(maps::BACKENDS)?, tables)
+        read_programmed_with(
+            self.map(maps::SERVICES)?,
+            self.map(maps::BACKENDS)?,
+            self.map(maps::SOURCE_RANGES)?,
+            tables,
+        )
     }
 
     /// Blocks of `SELECTION` in use, and its capacity.
@@ -402,6 +415,7 @@ impl Datapath {
 fn read_programmed_with(
     services: &Map,
     backends: &Map,
+    ranges: &Map,
     tables: BTreeMap<u32, Table>,
 ) -> Result<Programmed, DatapathError> {
     let mut out = Programmed {
@@ -427,6 +441,17 @@ fn read_programmed_with(
     // apply): a full sync then deletes them.
     out.backends
         .extend((0u32..).zip(all).filter(|(_, b)| b.is_set()));
+    let trie: LpmTrie<_, SourceRange, u32> =
+        LpmTrie::try_from(ranges).map_err(map_err(maps::SOURCE_RANGES))?;
+    for key in trie.keys() {
+        let key = key.map_err(map_err(maps::SOURCE_RANGES))?;
+        let data = key.data();
+        let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32);
+        out.ranges
+            .entry(u32::from_be(data.svc_id_be))
+            .or_default()
+            .insert((Ipv4Addr::from(data.addr_be.to_ne_bytes()), prefix));
+    }
     Ok(out)
 }
 
@@ -449,6 +474,7 @@ pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
     read_programmed_with(
         &Map::HashMap(open_pinned(pin_root, maps::SERVICES)?),
         &Map::Array(open_pinned(pin_root, maps::BACKENDS)?),
+        &Map::LpmTrie(open_pinned(pin_root, maps::SOURCE_RANGES)?),
         tables,
     )
 }

@@ -14,14 +14,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapError};
+use aya::maps::{
+    HashMap, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
 use proxy_common::{
     Backend, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_TABLE_SIZE, SelBlock, ServiceKey,
-    ServiceValue, SvcCounters, maps, sel_blocks,
+    ServiceValue, SourceRange, SvcCounters, maps, sel_blocks,
 };
 
 use super::{Datapath, DatapathError, batch, map_data, map_err};
-use crate::reconcile::{Op, Table};
+use crate::reconcile::{Op, Range, Table};
 
 /// How long a released region waits before it is reused.
 pub const QUARANTINE: Duration = Duration::from_millis(500);
@@ -173,6 +176,7 @@ fn discriminant(op: &Op) -> u8 {
         Op::SetTable(..) => 4,
         Op::SetService(..) => 5,
         Op::DelBackend(_) => 6,
+        Op::SetRanges(..) => 7,
     }
 }
 
@@ -268,6 +272,32 @@ impl Datapath {
                 self.batch_update_per_cpu(maps::SVC_STATS, &ids, &zeros, cpus)?;
             }
             Op::SetTable(..) => self.write_tables(run, now, report)?,
+            Op::SetRanges(..) => {
+                let mut trie: LpmTrie<_, SourceRange, u32> =
+                    LpmTrie::try_from(self.map_mut(maps::SOURCE_RANGES)?)
+                        .map_err(map_err(maps::SOURCE_RANGES))?;
+                let key = |id: u32, (addr, prefix): &Range| {
+                    Key::new(
+                        32 + u32::from(*prefix),
+                        SourceRange {
+                            svc_id_be: id.to_be(),
+                            addr_be: u32::from_ne_bytes(addr.octets()),
+                        },
+                    )
+                };
+                for op in run {
+                    if let Op::SetRanges(id, add, remove) = op {
+                        for r in add {
+                            trie.insert(&key(*id, r), 1, 0)
+                                .map_err(map_err(maps::SOURCE_RANGES))?;
+                        }
+                        for r in remove {
+                            super::ignore_missing(trie.remove(&key(*id, r)))
+                                .map_err(map_err(maps::SOURCE_RANGES))?;
+                        }
+                    }
+                }
+            }
             Op::SetService(..) => {
                 let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = run
                     .iter()
