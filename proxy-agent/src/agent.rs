@@ -31,6 +31,7 @@ use tokio::{
 };
 
 use crate::{
+    conntrack,
     datapath::{Datapath, LoadOptions},
     engine::Engine,
     health::{self, Health},
@@ -70,6 +71,10 @@ pub struct RunConfig {
     pub snat_address: Option<std::net::Ipv4Addr>,
     /// `--snat-port-range`, inclusive.
     pub snat_ports: (u16, u16),
+    /// Conntrack idle timeouts.
+    pub ct_timeouts: conntrack::Timeouts,
+    /// How often conntrack is garbage-collected.
+    pub ct_gc_interval: Duration,
     pub resync: Duration,
     pub healthz: Option<SocketAddr>,
 }
@@ -88,6 +93,8 @@ struct Agent {
     node_config: proxy_common::NodeConfig,
     health: Arc<Health>,
     health_checks: HealthChecks,
+    /// A conntrack GC pass is running.
+    gc_running: Arc<std::sync::atomic::AtomicBool>,
     /// The first full sync has been applied.
     synced: bool,
     /// Kinds that have been listed completely at least once.
@@ -200,8 +207,8 @@ impl Agent {
             }
         };
         self.health.synced(ok);
-        if ok && !batch.left.is_empty() {
-            self.forget_udp_flows(batch.left);
+        if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
+            self.forget_flows(batch.left, batch.gone);
         }
         let maps = self.reconciler.maps();
         let (blocks, _) = self.dp.selection_usage();
@@ -230,20 +237,80 @@ impl Agent {
         }
     }
 
-    /// UDP has no connection to end: flows whose backend left their service
-    /// are forgotten (off the event loop), so clients' next datagrams pick a
-    /// live backend instead of going into a void.
-    fn forget_udp_flows(&self, left: BTreeSet<(u32, u32)>) {
+    /// Ends flows off the event loop: those of backends that are gone (no
+    /// slice lists them: their connections cannot succeed, and a client
+    /// should see a reset instead of a hang), and UDP flows whose backend
+    /// left their Service (UDP has no connection to end, so clients' next
+    /// datagrams pick a live backend).
+    fn forget_flows(&self, left: BTreeSet<(u32, u32)>, gone: BTreeSet<std::net::SocketAddrV4>) {
         match self.dp.conntrack_handle() {
-            Ok(mut ct) => {
-                tokio::task::spawn_blocking(move || match ct.forget_udp_flows(&left) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(entries = n, "forgot UDP flows of departed backends"),
-                    Err(e) => tracing::warn!("cleaning conntrack: {e}"),
+            Ok(ct) => {
+                tokio::task::spawn_blocking(move || {
+                    let result = ct
+                        .entries()
+                        .and_then(|e| ct.remove(&conntrack::departed(&e, &gone, &left)));
+                    match result {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            entries = n,
+                            gone_backends = gone.len(),
+                            "ended flows of departed backends"
+                        ),
+                        Err(e) => tracing::warn!("cleaning conntrack: {e}"),
+                    }
                 });
             }
             Err(e) => tracing::warn!("cleaning conntrack: {e}"),
         }
+    }
+
+    /// Garbage-collects conntrack (off the event loop, one pass at a time):
+    /// flows idle longer than their state's timeout go. Says so when the
+    /// table is nearly full (the LRU then evicts the least recently used).
+    fn conntrack_gc(&self) {
+        if self
+            .gc_running
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let running = Arc::clone(&self.gc_running);
+        let timeouts = self.cfg.ct_timeouts;
+        let ct = match self.dp.conntrack_handle() {
+            Ok(ct) => ct,
+            Err(e) => {
+                tracing::warn!("conntrack gc: {e}");
+                running.store(false, std::sync::atomic::Ordering::Release);
+                return;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = ct.entries().and_then(|entries| {
+                let doomed = conntrack::expired(&entries, conntrack::monotonic_ns(), &timeouts);
+                let removed = ct.remove(&doomed)?;
+                Ok((entries.len(), removed, ct.capacity()?))
+            });
+            match result {
+                Ok((scanned, removed, capacity)) => {
+                    tracing::debug!(
+                        scanned,
+                        removed,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "conntrack gc"
+                    );
+                    if scanned * 10 >= capacity as usize * 9 {
+                        tracing::warn!(
+                            entries = scanned,
+                            capacity,
+                            "conntrack table over 90% full: least recently used flows are evicted; raise --ct-entries"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("conntrack gc: {e}"),
+            }
+            running.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     fn log_errors(&self, errors: &[crate::store::ObjectError]) {
@@ -480,6 +547,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         },
         health,
         health_checks: HealthChecks::default(),
+        gc_running: Arc::default(),
         synced: false,
         listed: BTreeSet::new(),
         relists: BTreeMap::new(),
@@ -512,6 +580,8 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(agent.cfg.resync);
     resync.tick().await;
+    let mut ct_gc = tokio::time::interval(agent.cfg.ct_gc_interval);
+    ct_gc.tick().await;
     let logs = match logger {
         // SAFETY: the descriptor belongs to the logger owned by `agent.dp`, which
         // outlives `logs` (declared earlier, dropped later).
@@ -563,6 +633,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
                 agent.sync_interfaces();
             }
+            _ = ct_gc.tick() => agent.conntrack_gc(),
             _ = resync.tick() => {
                 agent.sync_interfaces();
                 match agent.cfg.source.clone() {

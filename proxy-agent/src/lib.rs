@@ -5,6 +5,7 @@
 //! [`reconcile`] (pure diff) → [`datapath`] (the only module touching aya).
 
 pub mod agent;
+pub mod conntrack;
 pub mod datapath;
 pub mod engine;
 pub mod health;

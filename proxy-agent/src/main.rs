@@ -5,6 +5,7 @@ use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{
     agent::{self, RunConfig, Source},
+    conntrack,
     datapath::{LoadOptions, MapSizes},
     maglev, manifests,
     model::{Algorithm, DesiredState, NodePortMode},
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Program the datapath from Service/EndpointSlice manifests and keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the desired state for a manifest directory without touching the kernel.
     Plan(PlanArgs),
     /// Print a Maglev table: built from --backend arguments by the agent's own
@@ -194,6 +195,21 @@ struct RunArgs {
     /// 15,000 service ports of 10 backends at the default Maglev table size).
     #[arg(long, default_value_t = maps::DEFAULT_SELECTION_BLOCKS)]
     selection_blocks: u32,
+    /// Idle timeout of established TCP flows (kube-proxy's flag).
+    #[arg(long, value_name = "DURATION", value_parser = conntrack::parse_duration, default_value = "24h")]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of half-open TCP flows (SYN seen, handshake not complete).
+    #[arg(long, value_name = "DURATION", value_parser = conntrack::parse_duration, default_value = "60s")]
+    conntrack_tcp_timeout_syn: Duration,
+    /// Idle timeout of TCP flows after a FIN or RST.
+    #[arg(long, value_name = "DURATION", value_parser = conntrack::parse_duration, default_value = "10s")]
+    conntrack_tcp_timeout_close: Duration,
+    /// Idle timeout of UDP flows.
+    #[arg(long, value_name = "DURATION", value_parser = conntrack::parse_duration, default_value = "60s")]
+    conntrack_udp_timeout: Duration,
+    /// How often idle flows are collected from the conntrack table.
+    #[arg(long, value_name = "DURATION", value_parser = conntrack::parse_duration, default_value = "10s")]
+    conntrack_gc_interval: Duration,
     /// Seconds between full resyncs (in addition to event-driven ones).
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
@@ -482,6 +498,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         nodeport_mode: args.nodeport_mode,
         snat_address: args.snat_address,
         snat_ports: args.snat_port_range,
+        ct_timeouts: conntrack::Timeouts {
+            tcp_syn: args.conntrack_tcp_timeout_syn,
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close: args.conntrack_tcp_timeout_close,
+            udp: args.conntrack_udp_timeout,
+        },
+        ct_gc_interval: args.conntrack_gc_interval,
         load: LoadOptions {
             sizes: MapSizes {
                 frontends: args.max_frontends,
@@ -508,7 +531,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Plan(args) => plan(args),
         Command::Maglev(args) => maglev_cmd(args),
     };

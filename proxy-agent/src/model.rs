@@ -167,6 +167,13 @@ pub struct ServicePlan {
     /// Backends taking no new flows (weight 0) whose existing flows continue.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub draining_backends: Vec<SocketAddrV4>,
+    /// Endpoints listed in the slices but taking no traffic here (not ready,
+    /// terminating beyond the fallback, another zone or node under a
+    /// policy): kept referenced, so their open TCP connections finish. A
+    /// backend is gone, and its flows end, only when no slice lists it.
+    /// Sorted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inactive_backends: Vec<SocketAddrV4>,
     /// Weights other than the default 1, by backend.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub backend_weights: BTreeMap<SocketAddrV4, u32>,
@@ -199,6 +206,7 @@ impl ServicePlan {
             source_ranges: Vec::new(),
             health_check_node_port: None,
             draining_backends: Vec::new(),
+            inactive_backends: Vec::new(),
             backend_weights: BTreeMap::new(),
             algorithm: Algorithm::Maglev,
             maglev_table_size,
@@ -213,6 +221,12 @@ impl ServicePlan {
     pub fn has_external_table(&self) -> bool {
         self.frontends.iter().any(|f| !f.kind.is_internal())
             && self.external_backends != self.internal_backends
+    }
+
+    /// Backends kept referenced without taking new flows: drained (weight
+    /// 0) and inactive ones.
+    pub fn resting(&self) -> impl Iterator<Item = &SocketAddrV4> {
+        self.draining_backends.iter().chain(&self.inactive_backends)
     }
 
     /// Whether a backend runs on this node.

@@ -231,6 +231,9 @@ pub struct Batch {
     /// (svc id, backend id) pairs where the backend left a UDP service: its
     /// flows should be forgotten so clients move on.
     pub left: BTreeSet<(u32, u32)>,
+    /// Backends no Service refers to any more (no slice lists them): their
+    /// flows, of any protocol, should end.
+    pub gone: BTreeSet<SocketAddrV4>,
 }
 
 /// Raw network-order value of an address, as the datapath compares it.
@@ -570,7 +573,7 @@ impl Reconciler {
             .copied()
             .collect();
         for id in stray {
-            self.drop_backend(id);
+            batch.gone.extend(self.drop_backend(id));
             batch.ops.push(Op::DelBackend(id));
         }
         batch
@@ -636,9 +639,10 @@ impl Reconciler {
         ops.append(&mut work.frontends);
         ops.append(&mut work.late);
         ops.extend(work.del_tables.iter().map(|id| Op::DelTable(*id)));
+        let mut gone = BTreeSet::new();
         for id in &work.unref {
             if self.refs.get(id).copied().unwrap_or(0) == 0 && self.maps.backends.contains_key(id) {
-                self.drop_backend(*id);
+                gone.extend(self.drop_backend(*id));
                 ops.push(Op::DelBackend(*id));
             }
         }
@@ -650,15 +654,23 @@ impl Reconciler {
             ops,
             refused: work.refused,
             left: work.left,
+            gone,
         }
     }
 
-    fn drop_backend(&mut self, id: u32) {
-        if let Some(b) = self.maps.backends.remove(&id) {
-            self.by_addr.remove(&backend_sockaddr(&b));
-        }
+    /// Forgets backend `id`; returns its address when no other id holds it
+    /// (the backend is gone, not just a stray duplicate).
+    fn drop_backend(&mut self, id: u32) -> Option<SocketAddrV4> {
+        let addr = self.maps.backends.remove(&id).map(|b| backend_sockaddr(&b));
         self.refs.remove(&id);
         self.backend_ids.give_back(id);
+        let addr = addr?;
+        if self.by_addr.get(&addr) == Some(&id) {
+            self.by_addr.remove(&addr);
+            Some(addr)
+        } else {
+            None
+        }
     }
 
     fn unref_table(&mut self, table: &Table, work: &mut Work) {
@@ -830,9 +842,10 @@ impl Reconciler {
         };
 
         // Backend ids, allocating for new addresses.
-        let mut ids = Vec::with_capacity(unit.backends.len() + plan.draining_backends.len());
+        let resting = plan.draining_backends.len() + plan.inactive_backends.len();
+        let mut ids = Vec::with_capacity(unit.backends.len() + resting);
         let mut allocated: Vec<(SocketAddrV4, u32)> = Vec::new();
-        for b in unit.backends.iter().chain(&plan.draining_backends) {
+        for b in unit.backends.iter().chain(plan.resting()) {
             let id = self
                 .by_addr
                 .get(b)
@@ -852,7 +865,7 @@ impl Reconciler {
             Some(id) => Some(id),
             None => self.svc_ids.take(),
         };
-        let fits = ids.len() == unit.backends.len() + plan.draining_backends.len();
+        let fits = ids.len() == unit.backends.len() + resting;
         let Some(svc_id) = svc_id.filter(|_| fits) else {
             for (_, id) in allocated {
                 self.backend_ids.give_back(id);
@@ -902,7 +915,7 @@ impl Reconciler {
         for (addr, id) in unit
             .backends
             .iter()
-            .chain(&plan.draining_backends)
+            .chain(plan.resting())
             .zip(table.backends.iter().chain(&table.draining))
         {
             let wanted = backend_entry(*addr, plan.is_local(addr));
@@ -922,10 +935,13 @@ impl Reconciler {
         if self.maps.tables.get(&svc_id) != Some(&table) {
             work.tables.push(Op::SetTable(svc_id, table.clone()));
         }
+        // UDP flows continue to eligible and drained (weight 0) backends;
+        // those to backends that stopped taking traffic are forgotten, as
+        // kube-proxy clears them, so clients move on.
         let kept: BTreeSet<u32> = table
             .backends
             .iter()
-            .chain(&table.draining)
+            .chain(&table.draining[..plan.draining_backends.len().min(table.draining.len())])
             .copied()
             .collect();
         if let Some(old) = self.maps.tables.insert(svc_id, table) {
@@ -934,7 +950,6 @@ impl Reconciler {
             work.left.extend(
                 old.backends
                     .iter()
-                    .chain(&old.draining)
                     .filter(|b| udp && !kept.contains(b))
                     .map(|b| (svc_id, *b)),
             );
@@ -1320,8 +1335,25 @@ mod tests {
             .insert(50, backend_entry("10.0.0.9:80".parse().unwrap(), false));
         maps.backends.insert(60, b);
         let mut again = Reconciler::new(maps.clone(), CAP);
-        let ops = again.full(&desired).ops;
+        let batch = again.full(&desired);
+        // Only the unrelated address is gone; the duplicate's address lives on.
+        assert_eq!(batch.gone, BTreeSet::from(["10.0.0.9:80".parse().unwrap()]));
+        let ops = batch.ops;
         assert_eq!(ops, vec![Op::DelBackend(50), Op::DelBackend(60)]);
+        assert!(
+            again.full(&desired).ops.is_empty(),
+            "the kept id still maps its address"
+        );
+        // A backend no slice lists any more is gone; one turning inactive is not.
+        let mut inactive = desired.clone();
+        inactive.services[0].internal_backends.clear();
+        inactive.services[0].inactive_backends = vec!["10.0.0.1:80".parse().unwrap()];
+        let batch = again.full(&inactive);
+        assert!(batch.gone.is_empty(), "{:?}", batch.ops);
+        let mut removed = inactive.clone();
+        removed.services[0].inactive_backends.clear();
+        let batch = again.full(&removed);
+        assert_eq!(batch.gone, BTreeSet::from(["10.0.0.1:80".parse().unwrap()]));
         let maps = apply(maps, &ops);
         assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![id]);
     }

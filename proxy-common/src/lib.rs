@@ -228,6 +228,23 @@ pub mod ct_dir {
     pub const REPLY: u8 = 1;
 }
 
+/// TCP connection states of a conntrack entry (`CtValue::state`), each seen
+/// in that entry's direction; a flow's state is the furthest of its two
+/// entries. They pick the entry's idle timeout (the agent's garbage
+/// collection), and only ever advance.
+pub mod ct_state {
+    /// UDP: no state.
+    pub const NONE: u8 = 0;
+    /// A SYN was seen, the handshake is not complete (half-open).
+    pub const SYN_SENT: u8 = 1;
+    /// Past the handshake.
+    pub const ESTABLISHED: u8 = 2;
+    /// A FIN was seen: closing.
+    pub const CLOSING: u8 = 3;
+    /// A RST was seen: closed.
+    pub const CLOSED: u8 = 4;
+}
+
 /// Key of the `CONNTRACK` map: a 5-tuple as seen on the wire in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,7 +276,7 @@ pub struct CtValue {
     pub nat_port_be: u16,
     /// `CT_F_*` flags.
     pub flags: u8,
-    /// Reserved for TCP state tracking.
+    /// [`ct_state`]: how far the TCP connection got (0 for UDP).
     pub state: u8,
     /// FORWARD: id of the chosen backend in `BACKENDS`.
     pub backend_id: u32,

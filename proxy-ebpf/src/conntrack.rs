@@ -11,9 +11,12 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use proxy_common::{Backend, Counter, CtKey, CtValue, ct_dir};
+use proxy_common::{Backend, Counter, CtKey, CtValue, ct_dir, ct_state, proto};
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{
+    maps::CONNTRACK,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 /// `last_seen_ns` is refreshed at most this often, to keep flow state writes
 /// (and the cache-line bouncing between CPUs they cause) rare.
@@ -76,9 +79,44 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Refreshes an entry's last-seen time if it is older than `REFRESH_NS`.
+/// The state a packet's TCP flags move a connection to, from `state`
+/// (states only advance).
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, now: u64) {
+pub fn next_state(state: u8, pkt: &Packet) -> u8 {
+    if pkt.proto != proto::TCP {
+        return ct_state::NONE;
+    }
+    let f = pkt.tcp_flags;
+    let seen = if f & TCP_RST != 0 {
+        ct_state::CLOSED
+    } else if f & TCP_FIN != 0 {
+        ct_state::CLOSING
+    } else if f & TCP_SYN != 0 && f & TCP_ACK == 0 {
+        ct_state::SYN_SENT
+    } else {
+        // An ACK (also a SYN-ACK): past the client's handshake.
+        ct_state::ESTABLISHED
+    };
+    if seen > state { seen } else { state }
+}
+
+/// Moves an entry's TCP state on by `pkt`, writing only on a change.
+#[inline(always)]
+fn observe(entry: *mut CtValue, pkt: &Packet) {
+    // SAFETY: `entry` came from a successful map lookup in this program run.
+    unsafe {
+        let next = next_state((*entry).state, pkt);
+        if next != (*entry).state {
+            (*entry).state = next;
+        }
+    }
+}
+
+/// A packet of the entry's flow was seen: its TCP state moves on, and its
+/// last-seen time is refreshed if older than `REFRESH_NS`.
+#[inline(always)]
+pub fn seen(entry: *mut CtValue, pkt: &Packet, now: u64) {
+    observe(entry, pkt);
     // SAFETY: `entry` came from a successful map lookup in this program run.
     unsafe {
         if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
@@ -123,7 +161,7 @@ fn reply_value(f: &NewFlow) -> CtValue {
         nat_addr_be: f.pkt.daddr_be,
         nat_port_be: f.pkt.dport_be,
         flags: f.flags,
-        state: 0,
+        state: next_state(ct_state::NONE, f.pkt),
         backend_id: f.backend_id,
         svc_id: f.svc_id,
         created_ns: f.now,
@@ -240,7 +278,7 @@ pub fn learn_dsr(
         // SAFETY: a valid map value pointer for this run.
         && unsafe { (*entry).nat_addr_be == svc_addr_be && (*entry).nat_port_be == svc_port_be }
     {
-        touch(entry, now);
+        seen(entry, pkt, now);
         return Ok(());
     }
     let value = CtValue {

@@ -114,7 +114,7 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
             && (!pkt.tcp_syn_only || select::backend_is(v.backend_id, v.nat_addr_be, v.nat_port_be))
         {
             return send(ctx, pkt, &v, SvcEvent::Packet, Counter::Established, || {
-                conntrack::touch(entry, now);
+                conntrack::seen(entry, pkt, now);
                 Ok(v.peer_port_be)
             });
         }
@@ -255,7 +255,7 @@ fn snat_reply<C: Ctx>(
     if C::XDP && route.via == Via::NoNeigh {
         return Ok(Done::Pass(Counter::DeferredToTc));
     }
-    conntrack::touch(entry, conntrack::now());
+    conntrack::seen(entry, pkt, conntrack::now());
     stats::service(v.svc_id, pkt.l3_len, SvcEvent::Packet);
     nat::rewrite(ctx, pkt, Side::Src, v.nat_addr_be, v.nat_port_be)?;
     nat::rewrite(ctx, pkt, Side::Dst, v.peer_addr_be, v.peer_port_be)?;

@@ -211,7 +211,7 @@ fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
     if v.flags & CT_F_EXTERNAL == 0 {
         return Ok(Done::NotOurs);
     }
-    conntrack::touch(entry, conntrack::now());
+    conntrack::seen(entry, pkt, conntrack::now());
     // The route from the translated source: sent straight out, not through
     // the kernel's input path (which refuses a node address as the source of
     // a packet from a pod, and may filter the reverse path of a DSR reply).
@@ -256,7 +256,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         // gone picks again. UDP flows to departed backends are removed by the
         // agent. A flow tracked for another Service (address reused) starts anew.
         if !pkt.tcp_syn_only || select::backend_is(backend_id, addr_be, port_be) {
-            conntrack::touch(entry, now);
+            conntrack::seen(entry, pkt, now);
             nat::rewrite(ctx, pkt, Side::Dst, addr_be, port_be)?;
             stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
             return Ok(Done::Translated(Counter::Established));
@@ -293,7 +293,7 @@ fn pod_egress(ctx: &TcContext) -> Result<Done, Counter> {
     // SAFETY: entry is a valid map value pointer for this run.
     let (addr_be, port_be, svc_id) =
         unsafe { ((*entry).nat_addr_be, (*entry).nat_port_be, (*entry).svc_id) };
-    conntrack::touch(entry, conntrack::now());
+    conntrack::seen(entry, &pkt, conntrack::now());
     nat::rewrite(ctx, &pkt, Side::Src, addr_be, port_be)?;
     stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
     Ok(Done::Translated(Counter::ReplyNat))

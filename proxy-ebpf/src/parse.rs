@@ -25,8 +25,14 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IP_FRAG_MASK: u16 = 0x3fff;
 /// Offset of the flags byte in the TCP header, and two of its bits.
 const TCP_FLAGS_OFF: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+/// TCP FIN flag.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP SYN flag.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP RST flag.
+pub const TCP_RST: u8 = 0x04;
+/// TCP ACK flag.
+pub const TCP_ACK: u8 = 0x10;
 
 /// The fields of an IPv4 TCP/UDP packet the datapath works with.
 /// Addresses and ports are raw network-byte-order values as they sit in the packet.
@@ -43,6 +49,8 @@ pub struct Packet {
     pub l3_len: u32,
     /// TCP with SYN set and ACK clear: the first packet of a connection attempt.
     pub tcp_syn_only: bool,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 impl Packet {
@@ -145,7 +153,7 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
         )
     };
     let l4_len = tot_len - ihl;
-    let (sport_be, dport_be, tcp_syn_only) = if proto == proto::TCP {
+    let (sport_be, dport_be, tcp_flags) = if proto == proto::TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(Counter::MalformedL4)?;
         // SAFETY: bounds-checked against data_end.
         let (sport, dport, doff, flags) = unsafe {
@@ -159,7 +167,7 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
         if doff < TcpHdr::LEN || doff > l4_len {
             return Err(Counter::MalformedL4);
         }
-        (sport, dport, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        (sport, dport, flags)
     } else {
         let udp = ptr_at::<UdpHdr>(ctx, l4_off).ok_or(Counter::MalformedL4)?;
         // SAFETY: bounds-checked against data_end.
@@ -173,7 +181,7 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
         if len < UdpHdr::LEN || len > l4_len {
             return Err(Counter::MalformedL4);
         }
-        (sport, dport, false)
+        (sport, dport, 0)
     };
     Ok(Some(Packet {
         saddr_be,
@@ -183,6 +191,7 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
         proto,
         l4_off,
         l3_len: tot_len as u32,
-        tcp_syn_only,
+        tcp_syn_only: tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        tcp_flags,
     }))
 }

@@ -309,6 +309,29 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets the TCP flags byte of an IPv4 TCP frame (FIN 0x01, SYN 0x02, RST
+/// 0x04, ACK 0x10) and recomputes its TCP checksum.
+pub fn set_tcp_flags(frame: &mut [u8], flags: u8) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    frame[l4 + 13] = flags;
+    frame[l4 + 16] = 0;
+    frame[l4 + 17] = 0;
+    let mut sum: u32 = 0;
+    for w in [&frame[26..30], &frame[30..34]] {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let seg = &frame[l4..14 + tot];
+    sum += 6 + u32::try_from(seg.len()).expect("short");
+    sum += u32::from(ones_sum(seg));
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[l4 + 16..l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
 /// Destination address:port of an IPv4 TCP/UDP frame (panics on anything else).
 pub fn dst_of(frame: &[u8]) -> SocketAddrV4 {
     let ip = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);

@@ -643,3 +643,80 @@ fn replies_are_reverse_natted() {
     let c = dp.service_counters(key).unwrap();
     assert_eq!((c.packets, c.new_flows, c.rejected), (2, 1, 0), "{c:?}");
 }
+
+#[test]
+fn tcp_flags_move_conntrack_state_on() {
+    use proxy_common::{ct_dir, ct_state};
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 50], 80);
+    let backend = sa([10, 244, 1, 51], 8080);
+    fixture::program(
+        &mut dp,
+        vec![fixture::service("web", vip, Protocol::Tcp, &[backend])],
+    )
+    .unwrap();
+    let client = sa(CLIENT, 42000);
+    let state = |dp: &Datapath, dir| {
+        dp.conntrack()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| {
+                let port = client.port().to_be();
+                k.dir == dir && (k.sport_be == port || k.dport_be == port)
+            })
+            .map(|(_, v)| v.state)
+    };
+    let with_flags = |from: SocketAddrV4, to: SocketAddrV4, flags: u8| {
+        let mut f = Frame::tcp_syn(from, to).build();
+        packet::set_tcp_flags(&mut f, flags);
+        f
+    };
+    // (step, program, frame, entry direction, state it must have after)
+    let steps = [
+        (
+            "client SYN",
+            INGRESS,
+            with_flags(client, vip, 0x02),
+            ct_dir::FORWARD,
+            Some(ct_state::SYN_SENT),
+        ),
+        (
+            "backend SYN-ACK",
+            EGRESS,
+            with_flags(backend, client, 0x12),
+            ct_dir::REPLY,
+            Some(ct_state::ESTABLISHED),
+        ),
+        (
+            "client ACK",
+            INGRESS,
+            with_flags(client, vip, 0x10),
+            ct_dir::FORWARD,
+            Some(ct_state::ESTABLISHED),
+        ),
+        (
+            "client FIN",
+            INGRESS,
+            with_flags(client, vip, 0x11),
+            ct_dir::FORWARD,
+            Some(ct_state::CLOSING),
+        ),
+        (
+            "backend RST",
+            EGRESS,
+            with_flags(backend, client, 0x14),
+            ct_dir::REPLY,
+            Some(ct_state::CLOSED),
+        ),
+    ];
+    for (name, program, frame, dir, want) in steps {
+        let out = dp.test_run(program, &frame, 1).unwrap();
+        assert_eq!(out.verdict, TCX_NEXT, "{name}");
+        packet::verify_checksums(&out.frame).unwrap();
+        assert_eq!(state(&dp, dir), want, "{name}");
+    }
+    // States only advance: a late ACK does not reopen a closing flow.
+    dp.test_run(INGRESS, &with_flags(client, vip, 0x10), 1)
+        .unwrap();
+    assert_eq!(state(&dp, ct_dir::FORWARD), Some(ct_state::CLOSING));
+}

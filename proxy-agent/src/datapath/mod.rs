@@ -486,30 +486,27 @@ pub struct ConntrackHandle {
 }
 
 impl ConntrackHandle {
-    /// Removes the UDP flows (both directions) whose (svc id, backend id) is
-    /// in `left`, returning how many entries went.
-    pub fn forget_udp_flows(
-        &mut self,
-        left: &BTreeSet<(u32, u32)>,
-    ) -> Result<usize, DatapathError> {
+    fn open(&self) -> Result<HashMap<MapData, CtKey, CtValue>, DatapathError> {
         let map = Map::LruHashMap(MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?);
-        let mut ct: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(map).map_err(map_err(maps::CONNTRACK))?;
-        let doomed: Vec<CtKey> = ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                k.proto == proxy_common::proto::UDP && left.contains(&(v.svc_id, v.backend_id))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let mut removed = 0;
-        for k in &doomed {
-            if ct.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        HashMap::try_from(map).map_err(map_err(maps::CONNTRACK))
+    }
+
+    /// Every entry (entries the datapath adds or evicts meanwhile may be
+    /// missed or seen: callers decide on a consistent-enough snapshot).
+    pub fn entries(&self) -> Result<std::collections::HashMap<CtKey, CtValue>, DatapathError> {
+        Ok(self.open()?.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Removes `keys`, returning how many were still there.
+    pub fn remove(&self, keys: &[CtKey]) -> Result<usize, DatapathError> {
+        let mut ct = self.open()?;
+        Ok(keys.iter().filter(|k| ct.remove(k).is_ok()).count())
+    }
+
+    /// The table's capacity.
+    pub fn capacity(&self) -> Result<u32, DatapathError> {
+        let data = MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?;
+        Ok(data.info().map_err(map_err(maps::CONNTRACK))?.max_entries())
     }
 }
 

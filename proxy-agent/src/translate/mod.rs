@@ -615,6 +615,15 @@ fn service_plans(
             .collect();
         draining.sort();
         draining.dedup();
+        let mut inactive: Vec<SocketAddrV4> = endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| {
+                !internal.contains(a) && !external.contains(a) && draining.binary_search(a).is_err()
+            })
+            .collect();
+        inactive.sort();
+        inactive.dedup();
         let backend_weights: BTreeMap<SocketAddrV4, u32> = endpoints
             .iter()
             .filter(|e| weight(e) > 1)
@@ -684,6 +693,7 @@ fn service_plans(
             health_check_node_port,
             has_endpoints: cat.has_any,
             draining_backends: draining,
+            inactive_backends: inactive,
             backend_weights,
             algorithm,
             maglev_table_size,

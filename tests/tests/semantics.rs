@@ -1,0 +1,219 @@
+//! Service semantics in network namespaces, checked the way Kubernetes' own
+//! e2e tests check them: conntrack lifecycle, terminating and departed
+//! backends, session affinity, scheduling algorithms, hairpin.
+//!
+//! Needs root (namespaces, BPF). Runs in CI, which is root.
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration test: a failed unwrap is a test failure"
+)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use proxy_common::{CtKey, CtValue, ct_dir, ct_state, proto};
+use proxy_tests::cluster::{
+    Agent, Cluster, LongLived, NameServer, eventually, manifest_dir, tally, tcp_requests,
+    udp_requests,
+};
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PORT: u16 = 8080;
+
+fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, 10 + i)
+}
+
+/// An endpoint of `web` and its conditions.
+#[derive(Clone, Copy)]
+struct Ep {
+    i: u8,
+    ready: bool,
+    terminating: bool,
+}
+
+fn ready(i: u8) -> Ep {
+    Ep {
+        i,
+        ready: true,
+        terminating: false,
+    }
+}
+
+/// Service `web` (80/TCP and 53/UDP → 8080) with `annotations` and extra
+/// spec lines, and its endpoints.
+fn manifests(annotations: &str, spec_extra: &str, eps: &[Ep]) -> String {
+    let endpoints: String = eps
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
+                backend_ip(e.i),
+                e.ready,
+                e.ready || e.terminating,
+                e.terminating
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+  annotations: {{{annotations}}}
+spec:
+  clusterIP: {VIP}
+{spec_extra}  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {PORT}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: {PORT}, protocol: TCP}}
+- {{name: dns, port: {PORT}, protocol: UDP}}
+endpoints:
+{endpoints}"#
+    )
+}
+
+/// A node with a client pod and `n` backends serving names, the agent
+/// running with `extra` flags. Drops in order: agent, servers, cluster.
+struct Node {
+    _agent: Agent,
+    _servers: Vec<NameServer>,
+    dir: PathBuf,
+    cluster: Cluster,
+}
+
+fn node(n: u8, manifest: &str, extra: &[&str]) -> Node {
+    let mut cluster = Cluster::new().unwrap();
+    cluster.add_pod("client", CLIENT_IP).unwrap();
+    let mut servers = Vec::new();
+    for i in 1..=n {
+        let role = format!("backend-{i}");
+        let pod = cluster.add_pod(&role, backend_ip(i)).unwrap();
+        servers.push(NameServer::start(pod, &role, PORT).unwrap());
+    }
+    let dir = manifest_dir(&cluster, &[("web.yaml", manifest)]).unwrap();
+    let agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), extra).unwrap();
+    Node {
+        _agent: agent,
+        _servers: servers,
+        dir,
+        cluster,
+    }
+}
+
+impl Node {
+    fn client(&self) -> &proxy_tests::netns::Netns {
+        &self.cluster.pod("client").unwrap().ns
+    }
+
+    fn rewrite(&self, manifest: &str) {
+        std::fs::write(self.dir.join("web.yaml"), manifest).unwrap();
+    }
+
+    fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        proxy_agent::datapath::read_pinned_conntrack(&self.cluster.pin_root()).unwrap()
+    }
+}
+
+fn vip(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, port)
+}
+
+#[test]
+fn conntrack_timeouts_expire_idle_flows_by_state() {
+    let n = node(
+        2,
+        &manifests("", "", &[ready(1), ready(2)]),
+        &[
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-tcp-timeout-close",
+            "2s",
+            "--conntrack-gc-interval",
+            "500ms",
+        ],
+    );
+    let mut open = LongLived::open(n.client(), vip(80)).unwrap();
+    let closed = tcp_requests(n.client(), vip(80), 3).unwrap();
+    assert!(closed.iter().all(Result::is_ok), "{closed:?}");
+    let udp = udp_requests(n.client(), vip(53), 3).unwrap();
+    assert!(udp.iter().all(Result::is_ok), "{udp:?}");
+
+    let count = |f: &dyn Fn(&CtKey, &CtValue) -> bool| {
+        n.conntrack().iter().filter(|(k, v)| f(k, v)).count()
+    };
+    let udp_entries = |k: &CtKey, _: &CtValue| k.proto == proto::UDP;
+    let closing = |k: &CtKey, v: &CtValue| {
+        k.proto == proto::TCP && k.dir == ct_dir::FORWARD && v.state >= ct_state::CLOSING
+    };
+    let established = |k: &CtKey, v: &CtValue| {
+        k.proto == proto::TCP && k.dir == ct_dir::FORWARD && v.state == ct_state::ESTABLISHED
+    };
+    assert_eq!(count(&udp_entries), 6, "3 UDP flows, two entries each");
+    assert_eq!(count(&closing), 3, "the closed connections are closing");
+    assert_eq!(count(&established), 1, "the open connection is established");
+
+    eventually(
+        Duration::from_secs(10),
+        "idle UDP and closed TCP flows to expire",
+        || Ok(count(&udp_entries) == 0 && count(&closing) == 0),
+    )
+    .unwrap();
+    assert_eq!(count(&established), 1, "the open connection's flow stays");
+    open.ping("still here").unwrap();
+}
+
+#[test]
+fn terminating_backend_keeps_its_connection_gone_backend_loses_it() {
+    let all = [ready(1), ready(2), ready(3)];
+    let n = node(3, &manifests("", "", &all), &[]);
+    let mut open = LongLived::open(n.client(), vip(80)).unwrap();
+    let held: u8 = open.backend.trim_start_matches("backend-").parse().unwrap();
+    let others: Vec<Ep> = all.iter().copied().filter(|e| e.i != held).collect();
+
+    // Terminating (still serving, no longer ready): new connections avoid
+    // it, the open one continues.
+    let mut terminating = others.clone();
+    terminating.push(Ep {
+        i: held,
+        ready: false,
+        terminating: true,
+    });
+    n.rewrite(&manifests("", "", &terminating));
+    eventually(
+        Duration::from_secs(10),
+        "new connections to avoid the terminating backend",
+        || {
+            let answers = tcp_requests(n.client(), vip(80), 12)?;
+            Ok(answers.iter().all(Result::is_ok) && !tally(&answers).contains_key(&open.backend))
+        },
+    )
+    .unwrap();
+    open.ping("while terminating").unwrap();
+
+    // Gone from the slice: its flow ends, the client sees it at once
+    // (a reset) instead of hanging on a pod that no longer exists.
+    n.rewrite(&manifests("", "", &others));
+    eventually(
+        Duration::from_secs(10),
+        "the departed backend's connection to end",
+        || Ok(open.ping("after it left").is_err()),
+    )
+    .unwrap();
+    let answers = tcp_requests(n.client(), vip(80), 6).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+}
