@@ -566,3 +566,72 @@ pub fn tally(answers: &[Result<Answer>]) -> BTreeMap<String, usize> {
     }
     out
 }
+
+/// An endpoint of [`web_manifest`] and its conditions.
+#[derive(Clone, Copy, Debug)]
+pub struct Ep {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub terminating: bool,
+}
+
+impl Ep {
+    /// A ready endpoint.
+    pub fn ready(ip: Ipv4Addr) -> Self {
+        Self {
+            ip,
+            ready: true,
+            terminating: false,
+        }
+    }
+}
+
+/// Service `web` at `vip` (80/TCP "http" and 53/UDP "dns" → `port`) with
+/// `annotations` (flow-style YAML map entries) and extra spec lines, and an
+/// EndpointSlice with `eps`.
+pub fn web_manifest(
+    vip: Ipv4Addr,
+    port: u16,
+    annotations: &str,
+    spec_extra: &str,
+    eps: &[Ep],
+) -> String {
+    let endpoints: String = eps
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
+                e.ip,
+                e.ready,
+                e.ready || e.terminating,
+                e.terminating
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+  annotations: {{{annotations}}}
+spec:
+  clusterIP: {vip}
+{spec_extra}  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {port}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {port}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: {port}, protocol: TCP}}
+- {{name: dns, port: {port}, protocol: UDP}}
+endpoints:
+{endpoints}"#
+    )
+}

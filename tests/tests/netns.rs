@@ -17,8 +17,8 @@ use std::{
 };
 
 use proxy_tests::cluster::{
-    Agent, Answer, Cluster, LongLived, NameServer, eventually, manifest_dir, tally,
-    tcp_connect_error, tcp_requests, udp_connected_error, udp_requests,
+    Agent, Answer, Cluster, Ep, LongLived, NameServer, eventually, manifest_dir, tally,
+    tcp_connect_error, tcp_requests, udp_connected_error, udp_requests, web_manifest,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -33,32 +33,9 @@ fn backend_ip(i: u8) -> Ipv4Addr {
 /// Service `web` (80/TCP and 53/UDP → 8080) with the given endpoints, and
 /// service `empty` with none.
 fn manifests(endpoints: &[Ipv4Addr]) -> String {
-    let eps: String = endpoints
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
+    let eps: Vec<Ep> = endpoints.iter().map(|ip| Ep::ready(*ip)).collect();
     format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: demo}}
-spec:
-  clusterIP: {VIP}
-  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: {BACKEND_PORT}}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abc12
-  namespace: demo
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, port: {BACKEND_PORT}, protocol: TCP}}
-- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}
-endpoints:
-{eps}---
+        r#"{}---
 apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: demo}}
@@ -67,7 +44,8 @@ spec:
   ports:
   - {{name: http, port: 80, protocol: TCP}}
   - {{name: dns, port: 53, protocol: UDP}}
-"#
+"#,
+        web_manifest(VIP, BACKEND_PORT, "", "", &eps)
     )
 }
 

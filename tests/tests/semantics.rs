@@ -16,8 +16,8 @@ use std::{
 
 use proxy_common::{CtKey, CtValue, ct_dir, ct_state, proto};
 use proxy_tests::cluster::{
-    Agent, Cluster, LongLived, NameServer, eventually, manifest_dir, tally, tcp_requests,
-    udp_requests,
+    Agent, Cluster, Ep, LongLived, NameServer, eventually, manifest_dir, tally, tcp_requests,
+    udp_requests, web_manifest,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -28,63 +28,22 @@ fn backend_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1, 10 + i)
 }
 
-/// An endpoint of `web` and its conditions.
-#[derive(Clone, Copy)]
-struct Ep {
-    i: u8,
-    ready: bool,
-    terminating: bool,
+fn ready(i: u8) -> Ep {
+    Ep::ready(backend_ip(i))
 }
 
-fn ready(i: u8) -> Ep {
+/// An endpoint that is terminating but still serving.
+fn terminating(i: u8) -> Ep {
     Ep {
-        i,
-        ready: true,
-        terminating: false,
+        ip: backend_ip(i),
+        ready: false,
+        terminating: true,
     }
 }
 
-/// Service `web` (80/TCP and 53/UDP → 8080) with `annotations` and extra
-/// spec lines, and its endpoints.
+/// Service `web` with `annotations` and extra spec lines, and its endpoints.
 fn manifests(annotations: &str, spec_extra: &str, eps: &[Ep]) -> String {
-    let endpoints: String = eps
-        .iter()
-        .map(|e| {
-            format!(
-                "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
-                backend_ip(e.i),
-                e.ready,
-                e.ready || e.terminating,
-                e.terminating
-            )
-        })
-        .collect();
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: demo
-  annotations: {{{annotations}}}
-spec:
-  clusterIP: {VIP}
-{spec_extra}  ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: {PORT}}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: {PORT}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abc12
-  namespace: demo
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, port: {PORT}, protocol: TCP}}
-- {{name: dns, port: {PORT}, protocol: UDP}}
-endpoints:
-{endpoints}"#
-    )
+    web_manifest(VIP, PORT, annotations, spec_extra, eps)
 }
 
 /// A node with a client pod and `n` backends serving names, the agent
@@ -183,16 +142,16 @@ fn terminating_backend_keeps_its_connection_gone_backend_loses_it() {
     let n = node(3, &manifests("", "", &all), &[]);
     let mut open = LongLived::open(n.client(), vip(80)).unwrap();
     let held: u8 = open.backend.trim_start_matches("backend-").parse().unwrap();
-    let others: Vec<Ep> = all.iter().copied().filter(|e| e.i != held).collect();
+    let others: Vec<Ep> = all
+        .iter()
+        .copied()
+        .filter(|e| e.ip != backend_ip(held))
+        .collect();
 
     // Terminating (still serving, no longer ready): new connections avoid
     // it, the open one continues.
     let mut terminating = others.clone();
-    terminating.push(Ep {
-        i: held,
-        ready: false,
-        terminating: true,
-    });
+    terminating.push(self::terminating(held));
     n.rewrite(&manifests("", "", &terminating));
     eventually(
         Duration::from_secs(10),
