@@ -248,7 +248,7 @@ impl Agent {
                 tokio::task::spawn_blocking(move || {
                     let result = ct
                         .entries()
-                        .and_then(|e| ct.remove(&conntrack::departed(&e, &gone, &left)));
+                        .and_then(|e| ct.remove(&e, &conntrack::departed(&e, &gone, &left)));
                     match result {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(
@@ -288,7 +288,7 @@ impl Agent {
             let started = Instant::now();
             let result = ct.entries().and_then(|entries| {
                 let doomed = conntrack::expired(&entries, conntrack::monotonic_ns(), &timeouts);
-                let removed = ct.remove(&doomed)?;
+                let removed = ct.remove(&entries, &doomed)?;
                 Ok((entries.len(), removed, ct.capacity()?))
             });
             match result {

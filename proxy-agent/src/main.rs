@@ -8,7 +8,7 @@ use proxy_agent::{
     conntrack,
     datapath::{LoadOptions, MapSizes},
     maglev, manifests,
-    model::{Algorithm, DesiredState, NodePortMode},
+    model::{DesiredState, NodePortMode},
     reconcile,
     translate::{self, Cidr, MaglevOptions, TranslateOptions},
 };
@@ -287,10 +287,7 @@ fn print_plan(desired: &DesiredState, output: Output) -> anyhow::Result<()> {
             })
             .chain(s.draining_backends.iter().map(|b| format!("{b}=0")))
             .collect();
-        let algorithm = match s.algorithm {
-            Algorithm::Maglev => "maglev",
-            Algorithm::Random => "random",
-        };
+        let algorithm = s.algorithm.name();
         let selection = match s.maglev_table_size {
             Some(m) => format!("{algorithm}/{m}"),
             None => algorithm.to_owned(),

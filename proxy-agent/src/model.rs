@@ -113,32 +113,69 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// How a Service port picks the backend of a new flow.
+/// How a Service port picks the backend of a new flow
+/// (`ebpf-proxy.io/lb-algorithm`; IPVS's short names are accepted too).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
-    /// Maglev consistent hashing (the default).
+    /// Maglev consistent hashing of the 5-tuple (the default): every node
+    /// makes the same choice, little disruption when backends change.
     #[default]
     Maglev,
     /// Random, weighted when weights differ.
     Random,
+    /// Round robin (`rr`): each new flow the next backend (per CPU), the next
+    /// slot of the weighted table when weights differ.
+    RoundRobin,
+    /// Source hashing (`sh`): Maglev over the client address alone, so a
+    /// client keeps its backend on every node while the backend set holds.
+    SourceHash,
+    /// Least connections (`lc`): the backend with the fewest open flows
+    /// (weights are not considered).
+    LeastConnections,
 }
 
 impl Algorithm {
     /// Parses an annotation value.
     pub fn parse(value: &str) -> Option<Self> {
         match value.trim() {
-            "maglev" => Some(Self::Maglev),
+            "maglev" | "mh" => Some(Self::Maglev),
             "random" => Some(Self::Random),
+            "round-robin" | "rr" => Some(Self::RoundRobin),
+            "source-hash" | "sh" => Some(Self::SourceHash),
+            "least-connections" | "lc" => Some(Self::LeastConnections),
             _ => None,
+        }
+    }
+
+    /// The annotation value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+            Self::SourceHash => "source-hash",
+            Self::LeastConnections => "least-connections",
         }
     }
 
     /// The datapath's algorithm number.
     pub const fn number(self) -> u32 {
         match self {
-            Self::Maglev => proxy_common::algorithm::MAGLEV,
+            Self::Maglev | Self::SourceHash => proxy_common::algorithm::MAGLEV,
             Self::Random => proxy_common::algorithm::RANDOM,
+            Self::RoundRobin => proxy_common::algorithm::ROUND_ROBIN,
+            Self::LeastConnections => proxy_common::algorithm::LEAST_CONN,
+        }
+    }
+
+    /// Whether it picks from a Maglev table (always for hashing; for the
+    /// others only to honour weights).
+    pub const fn needs_table(self, weighted: bool) -> bool {
+        match self {
+            Self::Maglev | Self::SourceHash => true,
+            Self::Random | Self::RoundRobin => weighted,
+            Self::LeastConnections => false,
         }
     }
 }
@@ -244,4 +281,36 @@ impl ServicePlan {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: Vec<ServicePlan>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_names_and_ipvs_aliases() {
+        for (names, a, table) in [
+            (&["maglev", "mh"][..], Algorithm::Maglev, true),
+            (&["random"][..], Algorithm::Random, false),
+            (&["round-robin", "rr"][..], Algorithm::RoundRobin, false),
+            (&["source-hash", "sh"][..], Algorithm::SourceHash, true),
+            (
+                &["least-connections", "lc"][..],
+                Algorithm::LeastConnections,
+                false,
+            ),
+        ] {
+            for n in names {
+                assert_eq!(Algorithm::parse(n), Some(a), "{n}");
+            }
+            assert_eq!(Algorithm::parse(a.name()), Some(a));
+            assert_eq!(a.needs_table(false), table, "{a:?}");
+        }
+        assert!(
+            Algorithm::RoundRobin.needs_table(true),
+            "weights need the table"
+        );
+        assert!(!Algorithm::LeastConnections.needs_table(true));
+        assert_eq!(Algorithm::parse("wlc"), None);
+    }
 }

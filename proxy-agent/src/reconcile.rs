@@ -26,10 +26,10 @@ use std::{
 };
 
 use proxy_common::{
-    BACKEND_F_LOCAL, Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT,
-    SEL_HDR_DRAINING, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE,
-    SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SVC_F_DSR, SVC_F_SOURCE_RANGES, SelBlock, ServiceKey,
-    ServiceValue, hash_mode, scope, sel_backend_pos, sel_blocks, sel_entry_pos,
+    BACKEND_F_LOCAL, Backend, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_AFFINITY_TIMEOUT, SEL_HDR_ALGORITHM,
+    SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK,
+    SEL_HDR_TABLE_SIZE, SEL_HDR_WEIGHTS_BLOCK, SEL_WORDS, SVC_F_DSR, SVC_F_SOURCE_RANGES, SelBlock,
+    ServiceKey, ServiceValue, hash_mode, scope, sel_backend_pos, sel_blocks, sel_entry_pos,
 };
 
 use crate::{
@@ -56,6 +56,8 @@ pub struct Table {
     pub entries: Vec<u16>,
     /// With no backend: drop (`true`) or reject (`false`) new flows.
     pub drop_when_empty: bool,
+    /// Session affinity timeout in seconds (0: none).
+    pub affinity_timeout: u32,
 }
 
 fn len32(n: usize) -> u32 {
@@ -90,6 +92,7 @@ impl Table {
         } else {
             0
         };
+        header[SEL_HDR_AFFINITY_TIMEOUT] = self.affinity_timeout;
         for (i, id) in (0u32..).zip(self.backends.iter().chain(&self.draining)) {
             let (block, word) = sel_backend_pos(i);
             blocks[block as usize].w[word] = *id;
@@ -117,6 +120,7 @@ impl Table {
             hash_mode: h[SEL_HDR_HASH_MODE],
             table_size: m,
             drop_when_empty: h[SEL_HDR_FLAGS] & SEL_F_DROP_WHEN_EMPTY != 0,
+            affinity_timeout: h[SEL_HDR_AFFINITY_TIMEOUT],
             ..Self::default()
         };
         let ids: Vec<u32> = (0..n + d)
@@ -890,7 +894,9 @@ impl Reconciler {
         let draining = ids.split_off(unit.backends.len());
         let table = Table {
             algorithm: plan.algorithm.number(),
-            hash_mode: if plan.session_affinity_timeout_seconds.is_some() {
+            hash_mode: if plan.session_affinity_timeout_seconds.is_some()
+                || plan.algorithm == crate::model::Algorithm::SourceHash
+            {
                 hash_mode::SOURCE
             } else {
                 hash_mode::FIVE_TUPLE
@@ -901,6 +907,7 @@ impl Reconciler {
             table_size,
             entries,
             drop_when_empty: unit.backends.is_empty() && plan.has_endpoints,
+            affinity_timeout: plan.session_affinity_timeout_seconds.unwrap_or(0),
         };
 
         // Commit to the mirror and collect operations.
@@ -1102,6 +1109,7 @@ mod tests {
                 table_size: m,
                 entries,
                 drop_when_empty: n == 0,
+                affinity_timeout: m % 11,
             };
             let blocks = t.to_blocks();
             assert_eq!(blocks.len() as u32, sel_blocks(n, d, m));

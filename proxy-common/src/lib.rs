@@ -19,7 +19,7 @@ pub mod maps;
 pub use counters::{Counter, Verdict};
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 4;
+pub const PIN_LAYOUT_VERSION: u32 = 5;
 
 /// IANA protocol numbers used by the datapath.
 pub mod proto {
@@ -166,6 +166,8 @@ pub const SEL_HDR_DRAINING: usize = 5;
 pub const SEL_HDR_WEIGHTS_BLOCK: usize = 6;
 /// Header word: `SEL_F_*` flags.
 pub const SEL_HDR_FLAGS: usize = 7;
+/// Header word: `sessionAffinity: ClientIP` timeout in seconds (0: no affinity).
+pub const SEL_HDR_AFFINITY_TIMEOUT: usize = 8;
 
 /// Flag: with no backend, drop new flows instead of rejecting them (a Local
 /// traffic policy on a node without local endpoints, while endpoints exist
@@ -180,8 +182,52 @@ pub mod algorithm {
     /// Random: uniform over the backends, or proportional to their weights
     /// (a random slot of the weighted table) when weights differ.
     pub const RANDOM: u32 = 0;
-    /// Maglev consistent hashing of the flow hash.
+    /// Maglev consistent hashing of the flow hash (the 5-tuple, or the
+    /// source address alone for source hashing: `hash_mode`).
     pub const MAGLEV: u32 = 1;
+    /// Round robin: each new flow the next backend (the next slot of the
+    /// weighted table when weights differ).
+    pub const ROUND_ROBIN: u32 = 2;
+    /// Least connections: the backend with the fewest open flows (counted
+    /// in `BACKEND_CONNS`), ties broken from a random start.
+    pub const LEAST_CONN: u32 = 3;
+}
+
+/// How many eligible backends least-connections compares, and how many an
+/// affinity entry is checked against (the first ones of the table).
+pub const SEL_SCAN_MAX: u32 = 256;
+
+/// Key of the `AFFINITY` map: a client of a service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    /// Client address, network byte order.
+    pub client_be: u32,
+}
+
+/// Value of the `AFFINITY` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// The backend the client's flows go to.
+    pub backend_id: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the client's last new flow.
+    pub last_ns: u64,
+}
+
+/// Open-flow counts of a backend (value of `BACKEND_CONNS`, by backend id),
+/// for least-connections. Active flows = `opened − closed − reaped[id]`
+/// (`BACKEND_REAPED`, written by the agent alone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendConns {
+    /// Flows opened (datapath, atomic).
+    pub opened: u32,
+    /// Flows that saw a FIN or RST (datapath, atomic).
+    pub closed: u32,
 }
 
 /// What the flow hash covers, stored in a selection table's header.
@@ -309,6 +355,9 @@ pub const CT_F_DSR: u8 = 4;
 /// Conntrack flag (FORWARD): the backend is on another node; packets are
 /// sent on with a FIB lookup.
 pub const CT_F_REMOTE: u8 = 8;
+/// Conntrack flag (FORWARD): the flow is counted in `BACKEND_CONNS` (its
+/// service uses least-connections) and not yet seen closing.
+pub const CT_F_COUNTED: u8 = 16;
 
 /// IPv4 option carrying the service address to the backend's node under DSR:
 /// `[type, length, port (2, network order), address (4, network order)]`.
@@ -406,6 +455,12 @@ mod pod {
     unsafe impl aya::Pod for super::NodeConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SourceRange {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendConns {}
 }
 
 #[cfg(test)]
@@ -430,10 +485,15 @@ mod tests {
             offset_of!(CtValue, last_seen_ns),
             size_of::<SvcCounters>(),
             size_of::<NodeConfig>(),
+            size_of::<AffinityValue>(),
+            size_of::<BackendConns>(),
             Counter::COUNT,
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 4);
-        assert_eq!(fingerprint, [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 27]);
+        assert_eq!(PIN_LAYOUT_VERSION, 5);
+        assert_eq!(
+            fingerprint,
+            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 16, 8, 27]
+        );
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub const CONFIG: &str = "CONFIG";
 /// `loadBalancerSourceRanges`. Written by the agent.
 pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 
+/// LRU hash: [`crate::AffinityKey`] → [`crate::AffinityValue`]: which
+/// backend a client of a service port with session affinity sticks to.
+/// Written by the datapath.
+pub const AFFINITY: &str = "AFFINITY";
+/// Array: backend id → [`crate::BackendConns`]. Written by the datapath
+/// (atomically); the agent zeroes a newly used id.
+pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+/// Array: backend id → flows of a least-connections service the agent
+/// collected before they closed. Written by the agent alone.
+pub const BACKEND_REAPED: &str = "BACKEND_REAPED";
+
 /// Every map the agent pins.
 pub const PINNED: &[&str] = &[
     SERVICES,
@@ -40,7 +51,13 @@ pub const PINNED: &[&str] = &[
     SVC_STATS,
     CONFIG,
     SOURCE_RANGES,
+    AFFINITY,
+    BACKEND_CONNS,
+    BACKEND_REAPED,
 ];
+
+/// Default capacity of `AFFINITY` (client, service port pairs).
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
 
 /// Default capacity of `SOURCE_RANGES` (CIDRs over all Services).
 pub const DEFAULT_SOURCE_RANGES: u32 = 16_384;

@@ -11,7 +11,7 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use proxy_common::{Backend, Counter, CtKey, CtValue, ct_dir, ct_state, proto};
+use proxy_common::{Backend, CT_F_COUNTED, Counter, CtKey, CtValue, ct_dir, ct_state, proto};
 
 use crate::{
     maps::CONNTRACK,
@@ -100,7 +100,8 @@ pub fn next_state(state: u8, pkt: &Packet) -> u8 {
     if seen > state { seen } else { state }
 }
 
-/// Moves an entry's TCP state on by `pkt`, writing only on a change.
+/// Moves an entry's TCP state on by `pkt`, writing only on a change; a
+/// counted flow that starts closing stops counting as open.
 #[inline(always)]
 fn observe(entry: *mut CtValue, pkt: &Packet) {
     // SAFETY: `entry` came from a successful map lookup in this program run.
@@ -108,6 +109,10 @@ fn observe(entry: *mut CtValue, pkt: &Packet) {
         let next = next_state((*entry).state, pkt);
         if next != (*entry).state {
             (*entry).state = next;
+            if next >= ct_state::CLOSING && (*entry).flags & CT_F_COUNTED != 0 {
+                (*entry).flags &= !CT_F_COUNTED;
+                crate::select::count_closed((*entry).backend_id);
+            }
         }
     }
 }
@@ -160,7 +165,8 @@ fn reply_value(f: &NewFlow) -> CtValue {
     CtValue {
         nat_addr_be: f.pkt.daddr_be,
         nat_port_be: f.pkt.dport_be,
-        flags: f.flags,
+        // Only the FORWARD entry carries the count.
+        flags: f.flags & !CT_F_COUNTED,
         state: next_state(ct_state::NONE, f.pkt),
         backend_id: f.backend_id,
         svc_id: f.svc_id,
@@ -186,11 +192,22 @@ pub fn create(f: &NewFlow) -> Result<(), Counter> {
     let fwd_val = CtValue {
         nat_addr_be: f.backend.addr_be,
         nat_port_be: f.backend.port_be,
+        flags: f.flags,
         ..reply_val
     };
+    insert_forward(f, fwd_val)
+}
+
+/// Inserts a new flow's FORWARD entry and counts the flow when asked.
+#[inline(always)]
+fn insert_forward(f: &NewFlow, value: CtValue) -> Result<(), Counter> {
     CONNTRACK
-        .insert(forward_key(f.pkt), fwd_val, 0)
-        .map_err(|_| Counter::CtInsertFailed)
+        .insert(forward_key(f.pkt), value, 0)
+        .map_err(|_| Counter::CtInsertFailed)?;
+    if f.flags & CT_F_COUNTED != 0 {
+        crate::select::count_open(f.backend_id);
+    }
+    Ok(())
 }
 
 /// How many ports a new SNAT flow tries before giving up.
@@ -245,13 +262,12 @@ pub fn create_snat(
     let fwd_val = CtValue {
         nat_addr_be: f.backend.addr_be,
         nat_port_be: f.backend.port_be,
+        flags: f.flags,
         peer_addr_be: snat_addr_be,
         peer_port_be: port_be,
         ..reply_val
     };
-    CONNTRACK
-        .insert(forward_key(f.pkt), fwd_val, 0)
-        .map_err(|_| Counter::CtInsertFailed)?;
+    insert_forward(f, fwd_val)?;
     Ok(port_be)
 }
 

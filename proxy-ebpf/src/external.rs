@@ -23,8 +23,8 @@
 //! TC, which has the kernel resolve it (`bpf_redirect_neigh`).
 
 use proxy_common::{
-    BACKEND_F_LOCAL, CT_F_DSR, CT_F_EXTERNAL, CT_F_REMOTE, CT_F_SNAT, Counter, CtValue,
-    DSR_OPT_LEN, SVC_F_DSR, ServiceValue, proto, scope,
+    BACKEND_F_LOCAL, CT_F_COUNTED, CT_F_DSR, CT_F_EXTERNAL, CT_F_REMOTE, CT_F_SNAT, Counter,
+    CtValue, DSR_OPT_LEN, SVC_F_DSR, ServiceValue, proto, scope,
 };
 
 use crate::{
@@ -119,14 +119,15 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
             });
         }
     }
-    let Some((backend_id, backend)) = select::select(svc.svc_id, pkt)? else {
+    let Some(choice) = select::select(svc.svc_id, pkt, now)? else {
         stats::service(svc.svc_id, pkt.l3_len, SvcEvent::Rejected);
         return Err(Counter::NoEndpointsExternal);
     };
+    let (backend_id, backend) = (choice.backend_id, choice.backend);
     let mut v = CtValue {
         nat_addr_be: backend.addr_be,
         nat_port_be: backend.port_be,
-        flags: CT_F_EXTERNAL,
+        flags: CT_F_EXTERNAL | if choice.counted { CT_F_COUNTED } else { 0 },
         ..CtValue::default()
     };
     let local = backend.flags & BACKEND_F_LOCAL != 0;

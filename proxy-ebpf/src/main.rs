@@ -14,6 +14,12 @@
 //! `XDP_PASS`) untouched, so programs attached after ours (a CNI's) keep working.
 #![no_std]
 #![no_main]
+// Atomic adds (`select::add_one`): core has no atomics for the BPF target.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "the atomic add intrinsic")
+)]
 
 mod bench;
 mod conntrack;
@@ -42,7 +48,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{CT_F_DSR, CT_F_EXTERNAL, Counter, NODE_F_EXTERNAL, Verdict, scope};
+use proxy_common::{
+    CT_F_COUNTED, CT_F_DSR, CT_F_EXTERNAL, Counter, NODE_F_EXTERNAL, Verdict, scope,
+};
 
 use crate::{
     conntrack::NewFlow,
@@ -262,18 +270,19 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
             return Ok(Done::Translated(Counter::Established));
         }
     }
-    let Some((backend_id, backend)) = select::select(svc_id, pkt)? else {
+    let Some(choice) = select::select(svc_id, pkt, now)? else {
         debug!(ctx, "svc {} has no endpoints: rejecting", svc_id);
         stats::service(svc_id, pkt.l3_len, SvcEvent::Rejected);
         let action = reject::reject(ctx, pkt)?;
         return Ok(Done::Redirected(Counter::RejectNoEndpoints, action));
     };
+    let backend = choice.backend;
     conntrack::create(&NewFlow {
         pkt,
         svc_id,
-        backend_id,
+        backend_id: choice.backend_id,
         backend: &backend,
-        flags: 0,
+        flags: if choice.counted { CT_F_COUNTED } else { 0 },
         replies_here: true,
         now,
     })?;

@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, NodeConfig, SelBlock, ServiceKey, ServiceValue, SourceRange,
-    SvcCounters,
+    AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, NodeConfig,
+    SelBlock, ServiceKey, ServiceValue, SourceRange, SvcCounters,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -51,3 +51,17 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 /// frontends flagged `SVC_F_SOURCE_RANGES`. Written by the agent.
 #[btf_map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, 16_384> = LpmTrie::new();
+
+/// Session affinity: (svc id, client) → backend and the client's last new
+/// flow. Written by the datapath.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
+
+/// Backend id → flows opened and closed (least-connections). Written by the
+/// datapath with atomic adds; the agent zeroes a backend id it frees.
+#[btf_map]
+pub static BACKEND_CONNS: Array<BackendConns, 262_144> = Array::new();
+
+/// Backend id → flows the agent collected before they closed. Written by the agent alone.
+#[btf_map]
+pub static BACKEND_REAPED: Array<u32, 262_144> = Array::new();

@@ -10,16 +10,17 @@
 //! - Random: a random slot of the (weighted) table, or a random backend when
 //!   the service has no table (equal weights).
 
-use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
-    Backend, Counter, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_FLAGS,
-    SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE, SEL_WORDS, algorithm,
+    AffinityKey, AffinityValue, Backend, Counter, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_AFFINITY_TIMEOUT,
+    SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK,
+    SEL_HDR_TABLE_SIZE, SEL_SCAN_MAX, SEL_WORDS, algorithm,
     hash::{flow_hash, source_hash},
     hash_mode, sel_backend_pos, sel_entry_pos,
 };
 
 use crate::{
-    maps::{BACKENDS, SELECTION, SVC_TABLE},
+    maps::{AFFINITY, BACKEND_CONNS, BACKEND_REAPED, BACKENDS, SELECTION, SVC_STATS, SVC_TABLE},
     parse::Packet,
 };
 
@@ -46,25 +47,201 @@ fn random() -> u32 {
     unsafe { bpf_get_prandom_u32() }
 }
 
-/// Picks a backend for a new flow of service port `svc_id`.
+/// A backend picked for a new flow.
+#[derive(Clone, Copy)]
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: Backend,
+    /// The flow is to be counted for least-connections (`CT_F_COUNTED`).
+    pub counted: bool,
+}
+
+/// The backend id at `index` of a table starting at block `first`.
+#[inline(always)]
+fn backend_at(first: u32, index: u32) -> Option<u32> {
+    let (block, word) = sel_backend_pos(index);
+    SELECTION
+        .get(first.wrapping_add(block))
+        .map(|b| b.w[word & (SEL_WORDS - 1)])
+}
+
+/// Open flows of a backend (least-connections).
+#[inline(always)]
+fn active(backend_id: u32) -> u32 {
+    let c = BACKEND_CONNS.get(backend_id).copied().unwrap_or_default();
+    let reaped = BACKEND_REAPED.get(backend_id).copied().unwrap_or(0);
+    c.opened.wrapping_sub(c.closed).wrapping_sub(reaped)
+}
+
+/// State of a scan over a table's eligible backends (`bpf_loop`).
+#[repr(C)]
+struct Scan {
+    /// First block of the table.
+    first: u32,
+    /// Backends to look at.
+    n: u32,
+    /// Where the scan starts (least-connections ties spread from here).
+    start: u32,
+    /// The backend id looked for (eligibility), or `u32::MAX`.
+    wanted: u32,
+    /// Result: the best index so far, and its open flows.
+    best: u32,
+    best_active: u32,
+    /// Result: `wanted` was found.
+    found: u32,
+    _pad: u32,
+}
+
+/// One step of a scan: the `i`-th backend from the start.
+#[inline(never)]
+extern "C" fn scan_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let scan = ctx.cast::<Scan>();
+    // SAFETY: bpf_loop hands back the pointer to our Scan on the stack.
+    let s = unsafe { &mut *scan };
+    if s.n == 0 {
+        return 1;
+    }
+    let index = (s.start + i as u32) % s.n;
+    let Some(id) = backend_at(s.first, index) else {
+        return 0;
+    };
+    if s.wanted != u32::MAX {
+        if id == s.wanted {
+            s.found = 1;
+            return 1; // stop
+        }
+        return 0;
+    }
+    let a = active(id);
+    if a < s.best_active {
+        s.best_active = a;
+        s.best = index;
+    }
+    0
+}
+
+/// Runs a scan over the first `n` eligible backends (at most `SEL_SCAN_MAX`).
+#[inline(always)]
+fn scan(mut s: Scan) -> Scan {
+    s.n = if s.n < SEL_SCAN_MAX {
+        s.n
+    } else {
+        SEL_SCAN_MAX
+    };
+    // SAFETY: the callback and its context are valid for the whole call.
+    unsafe {
+        bpf_loop(
+            s.n,
+            scan_step as *mut core::ffi::c_void,
+            (&raw mut s).cast(),
+            0,
+        );
+    }
+    s
+}
+
+/// Index of the eligible backend with the fewest open flows, scanning from
+/// a random start so ties spread.
+#[inline(always)]
+fn least_connections(first: u32, count: u32) -> u32 {
+    let n = if count < SEL_SCAN_MAX {
+        count
+    } else {
+        SEL_SCAN_MAX
+    };
+    let start = random() % n;
+    scan(Scan {
+        first,
+        n,
+        start,
+        wanted: u32::MAX,
+        best: start,
+        best_active: u32::MAX,
+        found: 0,
+        _pad: 0,
+    })
+    .best
+}
+
+/// Whether `backend_id` is among the first eligible backends of the table.
+#[inline(always)]
+fn eligible(first: u32, count: u32, backend_id: u32) -> bool {
+    scan(Scan {
+        first,
+        n: count,
+        start: 0,
+        wanted: backend_id,
+        best: 0,
+        best_active: u32::MAX,
+        found: 0,
+        _pad: 0,
+    })
+    .found
+        != 0
+}
+
+/// Adds one to a counter every CPU writes (a BPF atomic add; core has no
+/// atomics for the BPF target, so the intrinsic directly).
+///
+/// # Safety
+/// `counter` points into a map value.
+#[inline(always)]
+unsafe fn add_one(counter: *mut u32) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's pointer is valid; the add is atomic.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, 1,
+        );
+    }
+    // Host builds (clippy) only.
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above.
+    unsafe {
+        *counter = (*counter).wrapping_add(1);
+    }
+}
+
+/// Counts a new flow to `backend_id` for least-connections.
+#[inline(always)]
+pub fn count_open(backend_id: u32) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        // SAFETY: a valid map value.
+        unsafe { add_one(&raw mut (*c).opened) };
+    }
+}
+
+/// Counts a flow to `backend_id` as closed for least-connections.
+#[inline(always)]
+pub fn count_closed(backend_id: u32) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(backend_id) {
+        // SAFETY: a valid map value.
+        unsafe { add_one(&raw mut (*c).closed) };
+    }
+}
+
+/// Picks a backend for a new flow of service port `svc_id`: the client's
+/// affinity backend while it is fresh and still eligible, else by the
+/// service's algorithm (recording the affinity).
 ///
 /// `Ok(None)`: the service has no backend eligible for new flows (reject);
 /// `Err(NoLocalEndpoints)` when its table says to drop instead.
 #[inline(always)]
-pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Counter> {
+pub fn select(svc_id: u32, pkt: &Packet, now: u64) -> Result<Option<Choice>, Counter> {
     let first = SVC_TABLE
         .get(svc_id)
         .copied()
         .filter(|b| *b != 0)
         .ok_or(Counter::NoSelectionTable)?;
     let header = SELECTION.get(first).ok_or(Counter::NoSelectionTable)?;
-    let (count, size, table_block, algo, mode, flags) = (
+    let (count, size, table_block, algo, mode, flags, affinity) = (
         header.w[SEL_HDR_COUNT],
         header.w[SEL_HDR_TABLE_SIZE],
         header.w[SEL_HDR_TABLE_BLOCK],
         header.w[SEL_HDR_ALGORITHM],
         header.w[SEL_HDR_HASH_MODE],
         header.w[SEL_HDR_FLAGS],
+        header.w[SEL_HDR_AFFINITY_TIMEOUT],
     );
     if count == 0 {
         if flags & SEL_F_DROP_WHEN_EMPTY != 0 {
@@ -72,13 +249,43 @@ pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Count
         }
         return Ok(None);
     }
-    let index = if size == 0 {
-        random() % count
-    } else {
-        let pick = if algo == algorithm::MAGLEV {
-            packet_hash(pkt, mode)
+    let counted = algo == algorithm::LEAST_CONN;
+    let key = AffinityKey {
+        svc_id,
+        client_be: pkt.saddr_be,
+    };
+    if affinity != 0
+        && let Some(a) = AFFINITY.get_ptr_mut(key)
+    {
+        // SAFETY: a valid map value pointer for this run.
+        let (id, last) = unsafe { ((*a).backend_id, (*a).last_ns) };
+        if now.wrapping_sub(last) < u64::from(affinity) * 1_000_000_000
+            && eligible(first, count, id)
+            && let Some(backend) = lookup_backend(id)
+        {
+            // SAFETY: as above.
+            unsafe { (*a).last_ns = now };
+            return Ok(Some(Choice {
+                backend_id: id,
+                backend,
+                counted,
+            }));
+        }
+    }
+    let index = if algo == algorithm::LEAST_CONN {
+        least_connections(first, count)
+    } else if size == 0 {
+        let pick = if algo == algorithm::ROUND_ROBIN {
+            round_robin(svc_id)
         } else {
             random()
+        };
+        pick % count
+    } else {
+        let pick = match algo {
+            algorithm::MAGLEV => packet_hash(pkt, mode),
+            algorithm::ROUND_ROBIN => round_robin(svc_id),
+            _ => random(),
         };
         let (block, word, shift) = sel_entry_pos(pick % size);
         let block = SELECTION
@@ -89,14 +296,29 @@ pub fn select(svc_id: u32, pkt: &Packet) -> Result<Option<(u32, Backend)>, Count
     if index >= count {
         return Err(Counter::BackendMissing);
     }
-    let (block, word) = sel_backend_pos(index);
-    let block = SELECTION
-        .get(first.wrapping_add(block))
-        .ok_or(Counter::BackendMissing)?;
-    let backend_id = block.w[word & (SEL_WORDS - 1)];
-    lookup_backend(backend_id)
-        .map(|b| Some((backend_id, b)))
-        .ok_or(Counter::BackendMissing)
+    let backend_id = backend_at(first, index).ok_or(Counter::BackendMissing)?;
+    let backend = lookup_backend(backend_id).ok_or(Counter::BackendMissing)?;
+    if affinity != 0 {
+        let value = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_ns: now,
+        };
+        // Best effort: without the entry the next flow is placed afresh.
+        let _ = AFFINITY.insert(key, value, 0);
+    }
+    Ok(Some(Choice {
+        backend_id,
+        backend,
+        counted,
+    }))
+}
+
+/// Round robin position of a service port: its new flows so far on this
+/// CPU (per-CPU counters, so no CPU waits for another).
+#[inline(always)]
+fn round_robin(svc_id: u32) -> u32 {
+    SVC_STATS.get(svc_id).map_or(0, |c| c.new_flows as u32)
 }
 
 /// Whether `backend_id` still names the backend at this address and port

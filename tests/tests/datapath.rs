@@ -720,3 +720,118 @@ fn tcp_flags_move_conntrack_state_on() {
         .unwrap();
     assert_eq!(state(&dp, ct_dir::FORWARD), Some(ct_state::CLOSING));
 }
+
+/// Pins the calling thread to one CPU: per-CPU state (round robin) then
+/// follows the test's own sequence.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET sets one bit of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+/// The backend a SYN from `client` to `vip` is sent to.
+fn chosen(dp: &mut Datapath, client: SocketAddrV4, vip: SocketAddrV4) -> SocketAddrV4 {
+    let out = dp
+        .test_run(INGRESS, &Frame::tcp_syn(client, vip).build(), 1)
+        .unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    packet::dst_of(&out.frame)
+}
+
+#[test]
+fn scheduling_algorithms_and_affinity() {
+    use proxy_agent::model::Algorithm;
+    pin_to_one_cpu();
+    let mut dp = fixture::load().unwrap();
+    let backends: Vec<SocketAddrV4> = (1..=3).map(|i| sa([10, 244, 3, i], 8080)).collect();
+    let svc = |name, last: u8, algorithm: Algorithm| {
+        let mut p = fixture::service(name, sa([10, 96, 3, last], 80), Protocol::Tcp, &backends);
+        p.algorithm = algorithm;
+        if !algorithm.needs_table(false) {
+            p.maglev_table_size = None;
+        }
+        p
+    };
+    let mut sticky = svc("sticky", 4, Algorithm::RoundRobin);
+    sticky.session_affinity_timeout_seconds = Some(1);
+    fixture::program(
+        &mut dp,
+        vec![
+            svc("rr", 1, Algorithm::RoundRobin),
+            svc("sh", 2, Algorithm::SourceHash),
+            svc("lc", 3, Algorithm::LeastConnections),
+            sticky,
+        ],
+    )
+    .unwrap();
+    let client = |port| sa(CLIENT, port);
+
+    // Round robin: each new flow the next backend, in table order.
+    let rr = sa([10, 96, 3, 1], 80);
+    let picks: Vec<_> = (0..6)
+        .map(|i| chosen(&mut dp, client(43000 + i), rr))
+        .collect();
+    let first = backends.iter().position(|b| *b == picks[0]).unwrap();
+    let want: Vec<_> = (0..6).map(|i| backends[(first + i) % 3]).collect();
+    assert_eq!(picks, want, "round robin");
+
+    // Source hashing: every connection of a client to one backend.
+    let sh = sa([10, 96, 3, 2], 80);
+    let picks: std::collections::BTreeSet<_> = (0..8)
+        .map(|i| chosen(&mut dp, client(43100 + i), sh))
+        .collect();
+    assert_eq!(picks.len(), 1, "source hash: {picks:?}");
+
+    // Least connections: three open flows spread one each; when one
+    // closes (FIN), the next flow goes to its now idle backend.
+    let lc = sa([10, 96, 3, 3], 80);
+    let opened: Vec<_> = (0..3)
+        .map(|i| chosen(&mut dp, client(43200 + i), lc))
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = opened.iter().collect();
+    assert_eq!(distinct.len(), 3, "one flow each: {opened:?}");
+    let mut fin = Frame::tcp_syn(client(43201), lc).build();
+    packet::set_tcp_flags(&mut fin, 0x11);
+    dp.test_run(INGRESS, &fin, 1).unwrap();
+    assert_eq!(
+        chosen(&mut dp, client(43210), lc),
+        opened[1],
+        "the idle backend"
+    );
+    // Now all have one open flow again; a second FIN for the same flow
+    // changes nothing (it is counted closed once).
+    dp.test_run(INGRESS, &fin, 1).unwrap();
+    let next = chosen(&mut dp, client(43211), lc);
+    assert!(backends.contains(&next));
+
+    // Session affinity over round robin: a client's new connections stick
+    // to its backend while the affinity is fresh; after the timeout the
+    // next connection is placed by round robin again (the next backend).
+    let sticky = sa([10, 96, 3, 4], 80);
+    // (16 flows: the round robin position, which every new flow advances,
+    // then points at another backend than the first.)
+    let stuck: Vec<_> = (0..16)
+        .map(|i| chosen(&mut dp, client(43300 + i), sticky))
+        .collect();
+    assert!(
+        stuck.iter().all(|b| *b == stuck[0]),
+        "affinity holds: {stuck:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let after = chosen(&mut dp, client(43400), sticky);
+    let start = backends.iter().position(|b| *b == stuck[0]).unwrap();
+    assert_eq!(
+        after,
+        backends[(start + 16) % 3],
+        "affinity expired: round robin places it"
+    );
+    assert_ne!(after, stuck[0]);
+    assert_eq!(
+        chosen(&mut dp, client(43401), sticky),
+        after,
+        "and sticks again"
+    );
+}

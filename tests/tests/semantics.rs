@@ -176,3 +176,60 @@ fn terminating_backend_keeps_its_connection_gone_backend_loses_it() {
     let answers = tcp_requests(n.client(), vip(80), 6).unwrap();
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
 }
+
+#[test]
+fn session_affinity_holds_across_connections_and_expires() {
+    let n = node(
+        3,
+        &manifests(
+            "ebpf-proxy.io/lb-algorithm: round-robin",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+            &[ready(1), ready(2), ready(3)],
+        ),
+        &[],
+    );
+    // As Kubernetes' e2e test: 15 consecutive connections, one backend.
+    let answers = tcp_requests(n.client(), vip(80), 15).unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert_eq!(tally(&answers).len(), 1, "affinity: {:?}", tally(&answers));
+    let udp = udp_requests(n.client(), vip(53), 8).unwrap();
+    assert_eq!(tally(&udp).len(), 1, "UDP too: {:?}", tally(&udp));
+    // Idle longer than the timeout, each time: round robin places the
+    // client afresh, so its connections spread.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let a = tcp_requests(n.client(), vip(80), 1).unwrap();
+        seen.extend(tally(&a).into_keys());
+    }
+    assert!(
+        seen.len() >= 2,
+        "after the timeout the client moves: {seen:?}"
+    );
+}
+
+#[test]
+fn least_connections_prefers_the_idle_backend() {
+    let n = node(
+        2,
+        &manifests(
+            "ebpf-proxy.io/lb-algorithm: least-connections",
+            "",
+            &[ready(1), ready(2)],
+        ),
+        &[],
+    );
+    let mut a = LongLived::open(n.client(), vip(80)).unwrap();
+    let b = LongLived::open(n.client(), vip(80)).unwrap();
+    assert_ne!(a.backend, b.backend, "two open connections, one on each");
+    let idle = b.backend.clone();
+    drop(b); // closes: its backend is idle now
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..3 {
+        let c = LongLived::open(n.client(), vip(80)).unwrap();
+        assert_eq!(c.backend, idle, "connection {i} goes to the idle backend");
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.ping("busy all along").unwrap();
+}

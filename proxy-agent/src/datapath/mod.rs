@@ -181,6 +181,8 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
+            .map_max_entries(maps::BACKEND_CONNS, sizes.backends)
+            .map_max_entries(maps::BACKEND_REAPED, sizes.backends)
             .override_global("AYA_LOG_LEVEL", &level, false);
         if let Some(dir) = &layout_dir {
             for name in maps::PINNED {
@@ -318,12 +320,15 @@ impl Datapath {
 
     /// A conntrack handle for another thread.
     pub fn conntrack_handle(&self) -> Result<ConntrackHandle, DatapathError> {
-        let map = self.map(maps::CONNTRACK)?;
-        let data = map_data(map).ok_or(DatapathError::MissingMap {
-            name: maps::CONNTRACK,
-        })?;
-        let info = data.info().map_err(map_err(maps::CONNTRACK))?;
-        Ok(ConntrackHandle { id: info.id() })
+        let id = |name: &'static str| -> Result<u32, DatapathError> {
+            let data = map_data(self.map(name)?).ok_or(DatapathError::MissingMap { name })?;
+            Ok(data.info().map_err(map_err(name))?.id())
+        };
+        Ok(ConntrackHandle {
+            id: id(maps::CONNTRACK)?,
+            backends_id: id(maps::BACKENDS)?,
+            reaped_id: id(maps::BACKEND_REAPED)?,
+        })
     }
 
     /// Every conntrack entry.
@@ -483,6 +488,8 @@ pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
 /// scans that must not hold up the event loop).
 pub struct ConntrackHandle {
     id: u32,
+    backends_id: u32,
+    reaped_id: u32,
 }
 
 impl ConntrackHandle {
@@ -497,10 +504,59 @@ impl ConntrackHandle {
         Ok(self.open()?.iter().filter_map(Result::ok).collect())
     }
 
-    /// Removes `keys`, returning how many were still there.
-    pub fn remove(&self, keys: &[CtKey]) -> Result<usize, DatapathError> {
+    /// Removes `keys` (entries of `entries`), returning how many were still
+    /// there. FORWARD entries still counted for least-connections are
+    /// recorded in `BACKEND_REAPED` (when the backend id still names their
+    /// backend), so the datapath's open-flow counts stay true.
+    pub fn remove(
+        &self,
+        entries: &std::collections::HashMap<CtKey, CtValue>,
+        keys: &[CtKey],
+    ) -> Result<usize, DatapathError> {
+        // One writer of BACKEND_REAPED at a time (gc and flow cleanup run on
+        // blocking threads).
+        static REAPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = REAPING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut ct = self.open()?;
-        Ok(keys.iter().filter(|k| ct.remove(k).is_ok()).count())
+        let backends: Array<_, Backend> = Array::try_from(Map::Array(
+            MapData::from_id(self.backends_id).map_err(map_err(maps::BACKENDS))?,
+        ))
+        .map_err(map_err(maps::BACKENDS))?;
+        let mut reaped: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut removed = 0;
+        for k in keys {
+            if ct.remove(k).is_err() {
+                continue;
+            }
+            removed += 1;
+            let Some(v) = entries.get(k) else { continue };
+            let counted =
+                k.dir == proxy_common::ct_dir::FORWARD && v.flags & proxy_common::CT_F_COUNTED != 0;
+            let same_backend = || {
+                backends
+                    .get(&v.backend_id, 0)
+                    .is_ok_and(|b| b.addr_be == v.nat_addr_be && b.port_be == v.nat_port_be)
+            };
+            if counted && same_backend() {
+                *reaped.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        if reaped.is_empty() {
+            return Ok(removed);
+        }
+        let mut counts: Array<_, u32> = Array::try_from(Map::Array(
+            MapData::from_id(self.reaped_id).map_err(map_err(maps::BACKEND_REAPED))?,
+        ))
+        .map_err(map_err(maps::BACKEND_REAPED))?;
+        for (id, n) in reaped {
+            let before = counts.get(&id, 0).unwrap_or(0);
+            counts
+                .set(id, before.wrapping_add(n), 0)
+                .map_err(map_err(maps::BACKEND_REAPED))?;
+        }
+        Ok(removed)
     }
 
     /// The table's capacity.

@@ -19,8 +19,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use proxy_common::{
-    Backend, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_TABLE_SIZE, SelBlock, ServiceKey,
-    ServiceValue, SourceRange, SvcCounters, maps, sel_blocks,
+    Backend, BackendConns, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_TABLE_SIZE, SelBlock,
+    ServiceKey, ServiceValue, SourceRange, SvcCounters, maps, sel_blocks,
 };
 
 use super::{Datapath, DatapathError, batch, map_data, map_err};
@@ -257,6 +257,20 @@ impl Datapath {
                     })
                     .unzip();
                 self.batch_update(maps::BACKENDS, &ids, &backends)?;
+                // A freed id starts its least-connections counts from zero
+                // when it is used again.
+                let freed: Vec<u32> = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::DelBackend(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                if !freed.is_empty() {
+                    let zero = vec![BackendConns::default(); freed.len()];
+                    self.batch_update(maps::BACKEND_CONNS, &freed, &zero)?;
+                    self.batch_update(maps::BACKEND_REAPED, &freed, &vec![0u32; freed.len()])?;
+                }
             }
             Op::ResetSvcStats(_) => {
                 let cpus = aya::util::nr_cpus()

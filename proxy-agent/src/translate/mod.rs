@@ -518,7 +518,7 @@ fn service_plans(
             problems.push((
                 None,
                 format!(
-                    "{ANNOTATION_ALGORITHM}: unknown algorithm {v:?} (maglev, random); using maglev"
+                    "{ANNOTATION_ALGORITHM}: unknown algorithm {v:?} (maglev, random, round-robin, source-hash, least-connections); using maglev"
                 ),
             ));
             Algorithm::default()
@@ -631,7 +631,7 @@ fn service_plans(
             .map(|e| (e.addr, weight(e)))
             .collect();
         let weighted = !backend_weights.is_empty();
-        let needs_table = !internal.is_empty() && (algorithm == Algorithm::Maglev || weighted);
+        let needs_table = !internal.is_empty() && algorithm.needs_table(weighted);
         let maglev_table_size = needs_table.then(|| {
             table_size(
                 requested_size,
@@ -667,17 +667,17 @@ fn service_plans(
             frontends.iter().any(|f| !f.kind.is_internal()) && external != internal;
         let external_maglev_table_size = (separate_external
             && !external.is_empty()
-            && (algorithm == Algorithm::Maglev || weighted))
-            .then(|| {
-                // Problems with the requested size were reported for the internal table.
-                table_size(
-                    requested_size,
-                    opts.maglev,
-                    external.len(),
-                    &port_name,
-                    &mut Vec::new(),
-                )
-            });
+            && algorithm.needs_table(weighted))
+        .then(|| {
+            // Problems with the requested size were reported for the internal table.
+            table_size(
+                requested_size,
+                opts.maglev,
+                external.len(),
+                &port_name,
+                &mut Vec::new(),
+            )
+        });
         plans.push(ServicePlan {
             id: ServicePortName {
                 namespace: namespace.to_owned(),
