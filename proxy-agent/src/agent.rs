@@ -89,8 +89,11 @@ struct Agent {
     engine: Engine,
     pods: IfaceMatcher,
     exts: IfaceMatcher,
-    /// The datapath settings written to `CONFIG`.
+    /// The datapath settings written to `CONFIG`, and their inputs.
     node_config: proxy_common::NodeConfig,
+    snat: Option<std::net::Ipv4Addr>,
+    external: bool,
+    vip_range: (u32, u32),
     health: Arc<Health>,
     health_checks: HealthChecks,
     /// A conntrack GC pass is running.
@@ -133,40 +136,66 @@ impl Agent {
         self.dp.prune_links(&keep);
     }
 
-    /// Writes `CONFIG`: the SNAT address (given, or the first address of an
-    /// external interface) and port range, and whether external traffic is served.
+    /// Notes this node's external side (SNAT address: the flag, else the
+    /// first address of an external interface) and writes `CONFIG`.
     fn update_node_config(&mut self, exts: &BTreeSet<(u32, String)>) {
-        let snat = self.cfg.snat_address.or_else(|| {
+        self.snat = self.cfg.snat_address.or_else(|| {
             exts.iter()
                 .find_map(|(_, name)| ifaces::ipv4_addresses(name).ok()?.into_iter().next())
         });
+        self.external = !exts.is_empty();
+        self.write_config();
+    }
+
+    /// The lowest and highest ClusterIP programmed (hairpin replies are
+    /// looked up only for addresses in between).
+    fn note_cluster_ips(&mut self) {
+        let (mut lo, mut hi) = (u32::MAX, 0);
+        for k in self.reconciler.maps().services.keys() {
+            if k.scope == proxy_common::scope::INTERNAL {
+                let a = u32::from_be(k.addr_be);
+                lo = lo.min(a);
+                hi = hi.max(a);
+            }
+        }
+        self.vip_range = (lo, hi);
+        self.write_config();
+    }
+
+    /// Writes `CONFIG` when it changed.
+    fn write_config(&mut self) {
         let config = proxy_common::NodeConfig {
-            snat_addr_be: snat.map_or(0, crate::reconcile::addr_be),
+            snat_addr_be: self.snat.map_or(0, crate::reconcile::addr_be),
             snat_port_min: self.cfg.snat_ports.0,
             snat_port_max: self.cfg.snat_ports.1,
-            flags: if exts.is_empty() {
-                0
-            } else {
+            flags: if self.external {
                 proxy_common::NODE_F_EXTERNAL
+            } else {
+                0
             },
-            _pad: 0,
+            vip_min: self.vip_range.0,
+            vip_max: self.vip_range.1,
         };
         if config == self.node_config {
             return;
         }
+        let announce = (config.snat_addr_be, config.flags)
+            != (self.node_config.snat_addr_be, self.node_config.flags);
         match self.dp.set_config(&config) {
             Ok(()) => {
-                tracing::info!(
-                    snat_address = ?snat,
-                    snat_ports = ?self.cfg.snat_ports,
-                    mode = ?self.cfg.nodeport_mode,
-                    external = !exts.is_empty(),
-                    "north-south settings"
-                );
-                if snat.is_none() && !exts.is_empty() {
-                    tracing::warn!(
-                        "no SNAT address (no --snat-address, external interfaces have no IPv4 address): external flows to remote backends are dropped unless DSR applies"
+                if announce {
+                    tracing::info!(
+                        snat_address = ?self.snat,
+                        snat_ports = ?self.cfg.snat_ports,
+                        mode = ?self.cfg.nodeport_mode,
+                        external = self.external,
+                        "north-south settings"
                     );
+                    if self.snat.is_none() && self.external {
+                        tracing::warn!(
+                            "no SNAT address (no --snat-address, external interfaces have no IPv4 address): external flows to remote backends are dropped unless DSR applies"
+                        );
+                    }
                 }
                 self.node_config = config;
             }
@@ -207,6 +236,7 @@ impl Agent {
             }
         };
         self.health.synced(ok);
+        self.note_cluster_ips();
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
             self.forget_flows(batch.left, batch.gone);
         }
@@ -545,6 +575,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             flags: u32::MAX,
             ..proxy_common::NodeConfig::default()
         },
+        snat: None,
+        external: false,
+        vip_range: (u32::MAX, 0),
         health,
         health_checks: HealthChecks::default(),
         gc_running: Arc::default(),

@@ -109,6 +109,9 @@ counters! {
     /// A packet to a LoadBalancer frontend from outside its
     /// `loadBalancerSourceRanges`: dropped.
     SourceRangeDenied = 26, "source_range_denied", Dropped;
+    /// A packet of a pod reaching itself through its Service (hairpin),
+    /// either direction: translated both ways and sent back into the pod.
+    Hairpin = 27, "hairpin", Handled;
 }
 
 #[cfg(test)]

@@ -358,6 +358,11 @@ pub const CT_F_REMOTE: u8 = 8;
 /// Conntrack flag (FORWARD): the flow is counted in `BACKEND_CONNS` (its
 /// service uses least-connections) and not yet seen closing.
 pub const CT_F_COUNTED: u8 = 16;
+/// Conntrack flag: hairpin, a pod reaching itself through its Service. The
+/// source is translated to the frontend address (client port kept) so the
+/// pod's reply comes back through the datapath; both directions are sent
+/// straight back into the pod.
+pub const CT_F_HAIRPIN: u8 = 32;
 
 /// IPv4 option carrying the service address to the backend's node under DSR:
 /// `[type, length, port (2, network order), address (4, network order)]`.
@@ -379,8 +384,11 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// `NODE_F_*` flags.
     pub flags: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// Lowest and highest ClusterIP (host byte order; min > max: none). A
+    /// pod's packet to a non-service port of an address in this range may
+    /// be a hairpin reply; only those are looked up in conntrack.
+    pub vip_min: u32,
+    pub vip_max: u32,
 }
 
 /// Node flag: external traffic is served here: `tc_pod_ingress` looks up
@@ -492,7 +500,7 @@ mod tests {
         assert_eq!(PIN_LAYOUT_VERSION, 5);
         assert_eq!(
             fingerprint,
-            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 16, 16, 8, 27]
+            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 20, 16, 8, 28]
         );
     }
 

@@ -271,6 +271,38 @@ pub fn create_snat(
     Ok(port_be)
 }
 
+/// Records a hairpin flow: pod `pkt.saddr` reaching itself through the
+/// frontend `pkt.daddr:dport`. Its packets get the frontend address as
+/// their source (the client port kept), so the pod's reply is addressed to
+/// the frontend and comes back through the datapath.
+#[inline(always)]
+pub fn create_hairpin(f: &NewFlow) -> Result<(), Counter> {
+    let mut reply_val = reply_value(f);
+    reply_val.peer_addr_be = f.pkt.saddr_be;
+    reply_val.peer_port_be = f.pkt.sport_be;
+    let reply = CtKey {
+        saddr_be: f.backend.addr_be,
+        daddr_be: f.pkt.daddr_be,
+        sport_be: f.backend.port_be,
+        dport_be: f.pkt.sport_be,
+        proto: f.pkt.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    CONNTRACK
+        .insert(reply, reply_val, 0)
+        .map_err(|_| Counter::CtInsertFailed)?;
+    let fwd_val = CtValue {
+        nat_addr_be: f.backend.addr_be,
+        nat_port_be: f.backend.port_be,
+        flags: f.flags,
+        peer_addr_be: f.pkt.daddr_be,
+        peer_port_be: f.pkt.sport_be,
+        ..reply_val
+    };
+    insert_forward(f, fwd_val)
+}
+
 /// Records what a DSR option taught this (the backend's) node: replies from
 /// the backend `pkt` is addressed to go back to its client with the service
 /// address `svc_addr_be:svc_port_be` as their source.

@@ -49,7 +49,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
-    CT_F_COUNTED, CT_F_DSR, CT_F_EXTERNAL, Counter, NODE_F_EXTERNAL, Verdict, scope,
+    CT_F_COUNTED, CT_F_DSR, CT_F_EXTERNAL, CT_F_HAIRPIN, Counter, NODE_F_EXTERNAL, Verdict, scope,
 };
 
 use crate::{
@@ -203,12 +203,20 @@ fn pod_ingress(ctx: &TcContext) -> Result<Done, Counter> {
     dnat(ctx, &pkt, svc.svc_id)
 }
 
-/// A pod's packet to a non-service address may be a backend's reply to an
-/// external client (a local backend of a NodePort, or a DSR flow): its source
-/// becomes the frontend again, and it goes straight to the client.
+/// A pod's packet to a non-service address:port may be a reply that needs
+/// its translation here: a backend's reply to an external client (a local
+/// backend of a NodePort, or a DSR flow: its source becomes the frontend
+/// again and it goes straight to the client), or a hairpin reply (addressed
+/// to a frontend address: back into the pod as the frontend's answer).
+/// Conntrack is only consulted when one of them is possible.
 #[inline(always)]
 fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
-    if CONFIG.get(0).is_none_or(|c| c.flags & NODE_F_EXTERNAL == 0) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(Done::NotOurs);
+    };
+    let daddr = u32::from_be(pkt.daddr_be);
+    let hairpin_possible = cfg.vip_min <= daddr && daddr <= cfg.vip_max;
+    if cfg.flags & NODE_F_EXTERNAL == 0 && !hairpin_possible {
         return Ok(Done::NotOurs);
     }
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(pkt)) else {
@@ -216,6 +224,16 @@ fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
     };
     // SAFETY: a valid map value pointer for this run; copied out.
     let v = unsafe { *entry };
+    if v.flags & CT_F_HAIRPIN != 0 {
+        conntrack::seen(entry, pkt, conntrack::now());
+        stats::service(v.svc_id, pkt.l3_len, SvcEvent::Packet);
+        return hairpin(
+            ctx,
+            pkt,
+            (v.nat_addr_be, v.nat_port_be),
+            (v.peer_addr_be, v.peer_port_be),
+        );
+    }
     if v.flags & CT_F_EXTERNAL == 0 {
         return Ok(Done::NotOurs);
     }
@@ -238,6 +256,25 @@ fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
         external::Done::Send(counter, route) => Done::Redirected(counter, tc_send(route)),
         _ => Done::Translated(counter),
     })
+}
+
+/// Sends a hairpin packet back into the pod it came from, from `src` to
+/// `dst` (address, port; network order): the client's packets go to the
+/// backend from the frontend address, replies to the client from the frontend.
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    pkt: &Packet,
+    src: (u32, u16),
+    dst: (u32, u16),
+) -> Result<Done, Counter> {
+    nat::rewrite(ctx, pkt, Side::Dst, dst.0, dst.1)?;
+    nat::rewrite(ctx, pkt, Side::Src, src.0, src.1)?;
+    nat::swap_macs(ctx)?;
+    let ifindex = Ctx::ingress_ifindex(ctx);
+    // SAFETY: helper with plain arguments.
+    let action = unsafe { bpf_redirect(ifindex, 0) as i32 };
+    Ok(Done::Redirected(Counter::Hairpin, action))
 }
 
 /// Sends a packet addressed to a frontend of `svc_id` to its backend: the
@@ -265,6 +302,17 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         // agent. A flow tracked for another Service (address reused) starts anew.
         if !pkt.tcp_syn_only || select::backend_is(backend_id, addr_be, port_be) {
             conntrack::seen(entry, pkt, now);
+            // SAFETY: as above.
+            let v = unsafe { *entry };
+            if v.flags & CT_F_HAIRPIN != 0 {
+                stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
+                return hairpin(
+                    ctx,
+                    pkt,
+                    (v.peer_addr_be, v.peer_port_be),
+                    (addr_be, port_be),
+                );
+            }
             nat::rewrite(ctx, pkt, Side::Dst, addr_be, port_be)?;
             stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
             return Ok(Done::Translated(Counter::Established));
@@ -277,7 +325,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         return Ok(Done::Redirected(Counter::RejectNoEndpoints, action));
     };
     let backend = choice.backend;
-    conntrack::create(&NewFlow {
+    let mut flow = NewFlow {
         pkt,
         svc_id,
         backend_id: choice.backend_id,
@@ -285,7 +333,20 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         flags: if choice.counted { CT_F_COUNTED } else { 0 },
         replies_here: true,
         now,
-    })?;
+    };
+    if backend.addr_be == pkt.saddr_be {
+        // The pod is its own backend: hairpin.
+        flow.flags |= CT_F_HAIRPIN;
+        conntrack::create_hairpin(&flow)?;
+        stats::service(svc_id, pkt.l3_len, SvcEvent::NewFlow);
+        return hairpin(
+            ctx,
+            pkt,
+            (pkt.daddr_be, pkt.sport_be),
+            (backend.addr_be, backend.port_be),
+        );
+    }
+    conntrack::create(&flow)?;
     nat::rewrite(ctx, pkt, Side::Dst, backend.addr_be, backend.port_be)?;
     stats::service(svc_id, pkt.l3_len, SvcEvent::NewFlow);
     Ok(Done::Translated(Counter::NewFlow))

@@ -74,3 +74,18 @@ pub fn rewrite(
     }
     Ok(())
 }
+
+/// Swaps the frame's MAC addresses: a packet sent back out of the interface
+/// it came in on.
+#[inline(always)]
+pub fn swap_macs(ctx: &impl Ctx) -> Result<(), Counter> {
+    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::CsumFailed)?;
+    // SAFETY: bounds-checked against data_end.
+    unsafe {
+        let m = *eth;
+        *eth = [
+            m[6], m[7], m[8], m[9], m[10], m[11], m[0], m[1], m[2], m[3], m[4], m[5],
+        ];
+    }
+    Ok(())
+}

@@ -835,3 +835,82 @@ fn scheduling_algorithms_and_affinity() {
         "and sticks again"
     );
 }
+
+#[test]
+fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 60], 80);
+    let pod = sa(CLIENT, 8080); // the client pod is the Service's only backend
+    fixture::program(
+        &mut dp,
+        vec![fixture::service("self", vip, Protocol::Tcp, &[pod])],
+    )
+    .unwrap();
+    let vip_u32 = u32::from_be_bytes([10, 96, 0, 60]);
+    dp.set_config(&proxy_common::NodeConfig {
+        vip_min: vip_u32,
+        vip_max: vip_u32,
+        ..proxy_common::NodeConfig::default()
+    })
+    .unwrap();
+    let client = sa(CLIENT, 41500);
+    let back_in = |f: &Frame, src, dst| {
+        Frame {
+            src_mac: f.dst_mac,
+            dst_mac: f.src_mac,
+            ..f.with_endpoints(src, dst)
+        }
+        .build()
+    };
+    let syn = Frame::tcp_syn(client, vip);
+    let syn_ack = Frame {
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+        },
+        // The pod answers the frontend address it saw as the source.
+        ..Frame::tcp_syn(pod, sa([10, 96, 0, 60], 41500))
+    };
+    let ack = Frame {
+        l4: L4::Tcp {
+            syn: false,
+            ack: true,
+        },
+        ..syn.clone()
+    };
+    let cases = vec![
+        Case {
+            name: "a pod's SYN to its own Service: to itself, from the frontend address, back in",
+            program: INGRESS,
+            input: syn.build(),
+            out: Out::Frame(back_in(&syn, sa([10, 96, 0, 60], 41500), pod)),
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::Hairpin),
+        },
+        Case {
+            name: "its answer: from the frontend to the client port, back in",
+            program: INGRESS,
+            input: syn_ack.build(),
+            out: Out::Frame(back_in(&syn_ack, vip, client)),
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::Hairpin),
+        },
+        Case {
+            name: "the flow's next packet takes the same way",
+            program: INGRESS,
+            input: ack.build(),
+            out: Out::Frame(back_in(&ack, sa([10, 96, 0, 60], 41500), pod)),
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::Hairpin),
+        },
+        Case {
+            name: "a packet to another port of a ClusterIP without a flow: untouched",
+            program: INGRESS,
+            input: Frame::tcp_syn(pod, sa([10, 96, 0, 60], 41999)).build(),
+            out: Out::Untouched,
+            verdict: TCX_NEXT,
+            counter: None,
+        },
+    ];
+    run_cases(&mut dp, cases);
+}

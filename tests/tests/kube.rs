@@ -239,7 +239,11 @@ fn watch_restarts_resync_instead_of_flushing() {
     // The change removes a backend the connection does not use (a backend
     // that leaves takes its connections with it).
     let held: u8 = conn.backend.trim_start_matches("backend-").parse().unwrap();
-    let kept: Vec<u8> = (1..=3).filter(|i| *i != held).take(1).chain([held]).collect();
+    let kept: Vec<u8> = (1..=3)
+        .filter(|i| *i != held)
+        .take(1)
+        .chain([held])
+        .collect();
     let mut kept_ips: Vec<_> = kept.iter().map(|i| backend_ip(*i)).collect();
     kept_ips.sort();
 

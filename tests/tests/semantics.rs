@@ -233,3 +233,25 @@ fn least_connections_prefers_the_idle_backend() {
     }
     a.ping("busy all along").unwrap();
 }
+
+#[test]
+fn hairpin_a_pod_reaches_itself_through_its_service() {
+    let n = node(1, &manifests("", "", &[ready(1)]), &[]);
+    let pod = &n.cluster.pod("backend-1").unwrap().ns;
+    let tcp = tcp_requests(pod, vip(80), 5).unwrap();
+    assert!(tcp.iter().all(Result::is_ok), "{tcp:?}");
+    assert_eq!(tally(&tcp).get("backend-1"), Some(&5));
+    for a in tcp.iter().flatten() {
+        // The pod sees its own connection coming from the frontend address.
+        assert!(a.client_seen.starts_with(&format!("{VIP}:")), "{a:?}");
+        assert_eq!(
+            a.peer.to_string(),
+            vip(80).to_string(),
+            "answered from the frontend"
+        );
+    }
+    let udp = udp_requests(pod, vip(53), 3).unwrap();
+    assert!(udp.iter().all(Result::is_ok), "{udp:?}");
+    let mut open = LongLived::open(pod, vip(80)).unwrap();
+    open.ping("to myself").unwrap();
+}

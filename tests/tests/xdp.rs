@@ -151,7 +151,7 @@ fn xdp_nodeport_paths() {
             snat_port_min: SNAT_PORTS.0,
             snat_port_max: SNAT_PORTS.1,
             flags: NODE_F_EXTERNAL,
-            _pad: 0,
+            ..NodeConfig::default()
         })?;
 
         let c1 = sa(CLIENT, 40001);
@@ -402,7 +402,7 @@ fn xdp_snat_ports_never_collide() {
             snat_port_min: 62_000,
             snat_port_max: 62_003,
             flags: NODE_F_EXTERNAL,
-            _pad: 0,
+            ..NodeConfig::default()
         })?;
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..4u16 {

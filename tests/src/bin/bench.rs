@@ -357,7 +357,7 @@ fn xdp_rows(dp: &mut Datapath) -> Result<(f64, f64, Vec<Row>)> {
         snat_port_min: 61_000,
         snat_port_max: 65_535,
         flags: NODE_F_EXTERNAL,
-        _pad: 0,
+        ..NodeConfig::default()
     })?;
     let client = sa(fixture::CLIENT, 40000);
     let syn = Frame::tcp_syn(client, np).build();
