@@ -38,7 +38,7 @@ use crate::{
     healthcheck::HealthChecks,
     ifaces::{self, IfaceMatcher, LinkWatcher},
     kube_source::{self, Event, Kind, Object},
-    manifests,
+    manifests, metrics,
     model::NodePortMode,
     reconcile::{Batch, Reconciler},
     store::{Dirty, Store, key_of},
@@ -77,6 +77,8 @@ pub struct RunConfig {
     pub ct_gc_interval: Duration,
     pub resync: Duration,
     pub healthz: Option<SocketAddr>,
+    /// `--metrics-bind-address`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How long a burst of file events is allowed to settle before a reload.
@@ -96,6 +98,7 @@ struct Agent {
     vip_range: (u32, u32),
     health: Arc<Health>,
     health_checks: HealthChecks,
+    metrics: Arc<metrics::Metrics>,
     /// A conntrack GC pass is running.
     gc_running: Arc<std::sync::atomic::AtomicBool>,
     /// The first full sync has been applied.
@@ -205,7 +208,7 @@ impl Agent {
 
     /// Runs a batch against the maps; on failure rebuilds the reconciler from
     /// what the maps really hold so the next sync repairs it.
-    fn apply(&mut self, batch: Batch, started: Instant, kind: &str, changes: usize) {
+    fn apply(&mut self, batch: Batch, started: Instant, kind: &'static str, changes: usize) {
         let planned = started.elapsed();
         for (svc, why) in &batch.refused {
             tracing::error!(service = %svc, "not programmed: {why}");
@@ -237,6 +240,7 @@ impl Agent {
         };
         self.health.synced(ok);
         self.note_cluster_ips();
+        self.publish(kind, started, ok, batch.refused.len());
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
             self.forget_flows(batch.left, batch.gone);
         }
@@ -254,6 +258,83 @@ impl Agent {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
+    }
+
+    /// Publishes what a sync did to the metrics, and the svc id → Service
+    /// names to `SVC_NAMES` for the inspection commands.
+    fn publish(&mut self, kind: &'static str, started: Instant, ok: bool, refused: usize) {
+        let names: BTreeMap<u32, metrics::PortName> = self
+            .reconciler
+            .tables()
+            .map(|(t, id)| {
+                (
+                    id,
+                    metrics::PortName {
+                        namespace: t.port.namespace.clone(),
+                        name: t.port.name.clone(),
+                        port: t.port.port_name.clone(),
+                        protocol: t.port.protocol.to_string(),
+                        external: t.external,
+                    },
+                )
+            })
+            .collect();
+        let cap = self.dp.capacity();
+        let maps = self.reconciler.maps();
+        let (blocks, block_cap) = self.dp.selection_usage();
+        let fill = vec![
+            (
+                "SERVICES",
+                maps.services.len() as u64,
+                u64::from(cap.frontends),
+            ),
+            (
+                "SVC_TABLE",
+                maps.tables.len() as u64,
+                u64::from(cap.services.saturating_sub(1)),
+            ),
+            (
+                "BACKENDS",
+                maps.backends.len() as u64,
+                u64::from(cap.backends.saturating_sub(1)),
+            ),
+            ("SELECTION", u64::from(blocks), u64::from(block_cap)),
+            (
+                "SOURCE_RANGES",
+                maps.ranges.values().map(|r| r.len() as u64).sum(),
+                u64::from(cap.ranges),
+            ),
+        ];
+        let previous = {
+            let mut st = self
+                .metrics
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.syncs.entry(kind).or_default().observe(started.elapsed());
+            if kind == "incremental" {
+                st.programming.observe(started.elapsed());
+            }
+            st.sync_errors += u64::from(!ok);
+            st.refused += refused as u64;
+            st.fill = fill;
+            std::mem::replace(&mut st.names, names.clone())
+        };
+        if previous != names {
+            let set: Vec<(u32, String)> = names
+                .iter()
+                .filter(|(id, n)| previous.get(id) != Some(n))
+                .map(|(id, n)| (*id, n.to_text()))
+                .collect();
+            let gone: Vec<u32> = previous
+                .keys()
+                .filter(|id| !names.contains_key(id))
+                .copied()
+                .collect();
+            if let Err(e) = self.dp.set_svc_names(&set, &gone) {
+                tracing::warn!("writing SVC_NAMES: {e}");
+            }
+        }
     }
 
     /// Rebuilds the reconciler from what the maps really hold.
@@ -305,6 +386,7 @@ impl Agent {
             return;
         }
         let running = Arc::clone(&self.gc_running);
+        let published = Arc::clone(&self.metrics);
         let timeouts = self.cfg.ct_timeouts;
         let ct = match self.dp.conntrack_handle() {
             Ok(ct) => ct,
@@ -323,6 +405,9 @@ impl Agent {
             });
             match result {
                 Ok((scanned, removed, capacity)) => {
+                    if let Ok(mut st) = published.state.lock() {
+                        st.conntrack = Some(((scanned - removed) as u64, u64::from(capacity)));
+                    }
                     tracing::debug!(
                         scanned,
                         removed,
@@ -541,12 +626,24 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     if let Some(addr) = cfg.healthz {
         let h = Arc::clone(&health);
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, h).await {
+            if let Err(e) = health::serve(addr, h, None).await {
                 tracing::error!(%addr, "health endpoint: {e}");
             }
         });
     }
     let mut dp = Datapath::load(&cfg.load).context("loading the datapath")?;
+    let metrics = metrics::Metrics::new(dp.layout_dir().map(|d| {
+        d.parent()
+            .map_or_else(|| d.to_path_buf(), std::path::Path::to_path_buf)
+    }));
+    if let Some(addr) = cfg.metrics {
+        let (m, h) = (Arc::clone(&metrics), Arc::clone(&health));
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, h, Some(m)).await {
+                tracing::error!(%addr, "metrics endpoint: {e}");
+            }
+        });
+    }
     let maps = dp.read_programmed().context("reading pinned maps")?;
     if let Some(dir) = dp.layout_dir() {
         tracing::info!(
@@ -580,6 +677,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         vip_range: (u32::MAX, 0),
         health,
         health_checks: HealthChecks::default(),
+        metrics,
         gc_running: Arc::default(),
         synced: false,
         listed: BTreeSet::new(),

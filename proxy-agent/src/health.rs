@@ -83,32 +83,50 @@ impl Health {
     }
 }
 
-fn response(status: &str, body: &str) -> String {
+fn response(status: &str, kind: &str, body: &str) -> String {
     format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
 
-/// Serves health endpoints on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Serves `/healthz` and `/readyz` on `addr`, and `/metrics` when given
+/// metrics, until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz and /readyz");
+    if metrics.is_some() {
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    } else {
+        tracing::info!(%addr, "serving /healthz and /readyz");
+    }
     loop {
         let (mut conn, _) = listener.accept().await?;
         let health = Arc::clone(&health);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = conn.read(&mut buf).await.unwrap_or(0);
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let reply = match path {
-                "/healthz" | "/livez" => response("200 OK", "ok\n"),
-                "/readyz" => match health.not_ready() {
-                    None => response("200 OK", "ready\n"),
-                    Some(why) => response("503 Service Unavailable", &format!("{why}\n")),
+            let reply = match (path, metrics) {
+                ("/metrics", Some(m)) => {
+                    let body = tokio::task::spawn_blocking(move || m.render())
+                        .await
+                        .unwrap_or_default();
+                    response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &body)
+                }
+                ("/healthz" | "/livez", _) => response("200 OK", TEXT, "ok\n"),
+                ("/readyz", _) => match health.not_ready() {
+                    None => response("200 OK", TEXT, "ready\n"),
+                    Some(why) => response("503 Service Unavailable", TEXT, &format!("{why}\n")),
                 },
-                _ => response("404 Not Found", "not found\n"),
+                _ => response("404 Not Found", TEXT, "not found\n"),
             };
             let _ = conn.write_all(reply.as_bytes()).await;
         });

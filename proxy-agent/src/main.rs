@@ -7,7 +7,7 @@ use proxy_agent::{
     agent::{self, RunConfig, Source},
     conntrack,
     datapath::{LoadOptions, MapSizes},
-    maglev, manifests,
+    inspect, maglev, manifests,
     model::{DesiredState, NodePortMode},
     reconcile,
     translate::{self, Cidr, MaglevOptions, TranslateOptions},
@@ -34,6 +34,73 @@ enum Command {
     /// Print a Maglev table: built from --backend arguments by the agent's own
     /// code, or the live table of a programmed --frontend.
     Maglev(MaglevCmd),
+    /// Inspect the Services a running agent programmed (read-only, from its pinned maps).
+    Service(ServiceCmd),
+    /// Inspect connection tracking (read-only, from the pinned maps).
+    Ct(CtCmd),
+    /// Detach every program and remove the pinned maps and links: the node
+    /// stops translating Services (run after stopping the agent).
+    Uninstall(UninstallArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Pin root of the agent to inspect.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
+    bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct ServiceCmd {
+    #[command(subcommand)]
+    action: ServiceAction,
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Every programmed Service port: frontends, backends, algorithm, traffic.
+    List(InspectArgs),
+    /// One Service in detail: frontends, backends and their state, selection table.
+    Get {
+        /// NAMESPACE/NAME.
+        name: String,
+        #[command(flatten)]
+        args: InspectArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct CtCmd {
+    #[command(subcommand)]
+    action: CtAction,
+}
+
+#[derive(Subcommand)]
+enum CtAction {
+    /// Conntrack entries, both directions of every flow.
+    List {
+        /// Only flows of this Service (NAMESPACE/NAME).
+        #[arg(long, value_name = "NS/NAME")]
+        service: Option<String>,
+        /// Only entries with this address (or ADDR:PORT) on either side or as translation.
+        #[arg(long, value_name = "ADDR[:PORT]")]
+        address: Option<String>,
+        /// Only this protocol.
+        #[arg(long, value_name = "tcp|udp")]
+        proto: Option<String>,
+        #[command(flatten)]
+        args: InspectArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct UninstallArgs {
+    /// Pin root to remove.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy-agent")]
+    bpffs: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -216,6 +283,9 @@ struct RunArgs {
     /// Address for /healthz and /readyz, or 'off'.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// Address for Prometheus /metrics (and /healthz, /readyz), or 'off'.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -473,12 +543,16 @@ fn maglev_cmd(args: MaglevCmd) -> anyhow::Result<()> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = args.node.translate_options()?;
-    let healthz = match args.healthz_bind_address.as_str() {
-        "off" | "" => None,
-        a => Some(a.parse().map_err(|_| {
-            anyhow::anyhow!("--healthz-bind-address {a:?}: expected ADDR:PORT or 'off'")
-        })?),
+    let bind = |flag: &str, value: &str| -> anyhow::Result<Option<std::net::SocketAddr>> {
+        match value {
+            "off" | "" => Ok(None),
+            a => Ok(Some(a.parse().map_err(|_| {
+                anyhow::anyhow!("{flag} {a:?}: expected ADDR:PORT or 'off'")
+            })?)),
+        }
     };
+    let healthz = bind("--healthz-bind-address", &args.healthz_bind_address)?;
+    let metrics = bind("--metrics-bind-address", &args.metrics_bind_address)?;
     let source = match args.manifests {
         Some(dir) => Source::Manifests(dir),
         None => Source::Kubernetes {
@@ -488,6 +562,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = RunConfig {
         source,
         healthz,
+        metrics,
         node_name: opts.node_name,
         pod_ifaces: args.pod_ifaces,
         ext_ifaces: args.ext_ifaces,
@@ -524,6 +599,171 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(agent::run(cfg))
 }
 
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn service_cmd(cmd: ServiceCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        ServiceAction::List(args) => {
+            let rows = inspect::services(&inspect::Snapshot::read(&args.bpffs)?);
+            if let Output::Json = args.output {
+                return print_json(&rows);
+            }
+            println!(
+                "{:<36} {:<10} {:<8} {:<9} {:>8} {:<24} {:>10} {:>9}  FRONTENDS",
+                "NAMESPACE/NAME",
+                "PORT",
+                "PROTOCOL",
+                "TABLE",
+                "BACKENDS",
+                "ALGORITHM",
+                "PACKETS",
+                "NEW-CONNS"
+            );
+            for r in rows {
+                println!(
+                    "{:<36} {:<10} {:<8} {:<9} {:>8} {:<24} {:>10} {:>9}  {}",
+                    format!("{}/{}", r.namespace, r.name),
+                    if r.port.is_empty() { "-" } else { &r.port },
+                    r.protocol,
+                    r.table,
+                    r.backends,
+                    r.algorithm,
+                    r.packets,
+                    r.new_connections,
+                    r.frontends.join(", ")
+                );
+            }
+            Ok(())
+        }
+        ServiceAction::Get { name, args } => {
+            let (ns, n) = name
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("{name:?}: expected NAMESPACE/NAME"))?;
+            let detail = inspect::service(&inspect::Snapshot::read(&args.bpffs)?, ns, n);
+            if detail.is_empty() {
+                anyhow::bail!(
+                    "{name}: no programmed Service of that name (see `proxy-agent service list`)"
+                );
+            }
+            if let Output::Json = args.output {
+                return print_json(&detail);
+            }
+            for d in detail {
+                let s = &d.summary;
+                println!(
+                    "{}/{} port {:?} {} (svc id {}, {} table)",
+                    s.namespace, s.name, s.port, s.protocol, s.svc_id, s.table
+                );
+                println!("  frontends:  {}", s.frontends.join(", "));
+                println!(
+                    "  selection:  {}, hash {}, Maglev size {}, affinity {}s{}",
+                    s.algorithm,
+                    d.hash,
+                    d.maglev_table_size,
+                    d.affinity_timeout_seconds,
+                    if d.drop_when_empty {
+                        ", drops when empty"
+                    } else {
+                        ""
+                    }
+                );
+                if !d.source_ranges.is_empty() {
+                    println!("  source ranges: {}", d.source_ranges.join(", "));
+                }
+                println!(
+                    "  traffic:    {} packets, {} bytes, {} new connections, {} rejected",
+                    s.packets, s.bytes, s.new_connections, s.rejected
+                );
+                println!(
+                    "  {:<24} {:>6} {:<9} {:>6} {:>7} {:>6}",
+                    "BACKEND", "ID", "STATE", "LOCAL", "WEIGHT", "SLOTS"
+                );
+                for b in &d.backend_list {
+                    println!(
+                        "  {:<24} {:>6} {:<9} {:>6} {:>7} {:>5.1}%",
+                        b.address, b.backend_id, b.state, b.local, b.weight, b.slot_share_percent
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ct_cmd(cmd: CtCmd) -> anyhow::Result<()> {
+    let CtAction::List {
+        service,
+        address,
+        proto,
+        args,
+    } = cmd.action;
+    let protocol = match proto.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => None,
+        Some("tcp") => Some(proxy_common::proto::TCP),
+        Some("udp") => Some(proxy_common::proto::UDP),
+        Some(p) => anyhow::bail!("--proto {p:?}: tcp or udp"),
+    };
+    let snapshot = inspect::Snapshot::read(&args.bpffs)?;
+    let entries = proxy_agent::datapath::read_pinned_conntrack(&args.bpffs)?;
+    let rows = inspect::conntrack(
+        &snapshot,
+        &entries,
+        &inspect::CtFilter {
+            service,
+            address,
+            protocol,
+        },
+        conntrack::monotonic_ns(),
+    );
+    if let Output::Json = args.output {
+        return print_json(&rows);
+    }
+    println!(
+        "{:<8} {:<4} {:<22} {:<22} {:<22} {:<12} {:>6}  {:<28} FLAGS",
+        "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED-TO", "STATE", "IDLE", "SERVICE"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:<4} {:<22} {:<22} {:<22} {:<12} {:>5}s  {:<28} {}",
+            r.direction,
+            r.protocol,
+            r.source,
+            r.destination,
+            r.translated_to,
+            r.state,
+            r.idle_seconds,
+            r.service,
+            r.flags.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// Removes every pin under `root`: unpinning the links detaches the
+/// programs; maps go when nothing holds them any more.
+fn uninstall(root: &std::path::Path) -> anyhow::Result<()> {
+    if !root.exists() {
+        println!("{} does not exist: nothing to remove", root.display());
+        return Ok(());
+    }
+    let links = std::fs::read_dir(root)?
+        .flatten()
+        .filter_map(|v| std::fs::read_dir(v.path().join("links")).ok())
+        .flatten()
+        .flatten()
+        .count();
+    std::fs::remove_dir_all(root)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", root.display()))?;
+    println!(
+        "removed {} ({links} program links detached, maps and conntrack released); Services are no longer translated on this node",
+        root.display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
@@ -531,6 +771,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Plan(args) => plan(args),
         Command::Maglev(args) => maglev_cmd(args),
+        Command::Service(cmd) => service_cmd(cmd),
+        Command::Ct(cmd) => ct_cmd(cmd),
+        Command::Uninstall(args) => uninstall(&args.bpffs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -524,6 +524,11 @@ impl Reconciler {
         self.table_id(name, false)
     }
 
+    /// Every programmed table and its svc id.
+    pub fn tables(&self) -> impl Iterator<Item = (&TableName, u32)> {
+        self.names.iter().map(|(n, id)| (n, *id))
+    }
+
     /// The svc id of one of a programmed service port's tables.
     pub fn table_id(&self, name: &ServicePortName, external: bool) -> Option<u32> {
         self.names

@@ -197,6 +197,33 @@ pub mod algorithm {
 /// affinity entry is checked against (the first ones of the table).
 pub const SEL_SCAN_MAX: u32 = 256;
 
+/// Longest Service port description in `SVC_NAMES`.
+pub const SVC_NAME_MAX: usize = 248;
+
+/// Value of `SVC_NAMES`: what a svc id stands for, so tools reading the
+/// pinned maps (`proxy-agent service`, `bpftool map dump`) can name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcName {
+    /// Length of `text`.
+    pub len: u32,
+    /// `NAMESPACE/NAME:PORT/PROTOCOL`, plus ` external` for the table of a
+    /// Service port's external frontends; UTF-8, zero padded.
+    pub text: [u8; SVC_NAME_MAX],
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            text: [0; SVC_NAME_MAX],
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of the `AFFINITY` map: a client of a service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -469,6 +496,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BackendConns {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcName {}
 }
 
 #[cfg(test)]

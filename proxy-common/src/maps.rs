@@ -40,6 +40,10 @@ pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
 /// collected before they closed. Written by the agent alone.
 pub const BACKEND_REAPED: &str = "BACKEND_REAPED";
 
+/// Hash: svc id → [`crate::SvcName`]. Written by the agent; never read by
+/// the datapath (it names svc ids for inspection tools).
+pub const SVC_NAMES: &str = "SVC_NAMES";
+
 /// Every map the agent pins.
 pub const PINNED: &[&str] = &[
     SERVICES,
@@ -54,6 +58,7 @@ pub const PINNED: &[&str] = &[
     AFFINITY,
     BACKEND_CONNS,
     BACKEND_REAPED,
+    SVC_NAMES,
 ];
 
 /// Default capacity of `AFFINITY` (client, service port pairs).

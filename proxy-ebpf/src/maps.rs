@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, NodeConfig,
-    SelBlock, ServiceKey, ServiceValue, SourceRange, SvcCounters,
+    SelBlock, ServiceKey, ServiceValue, SourceRange, SvcCounters, SvcName,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -65,3 +65,8 @@ pub static BACKEND_CONNS: Array<BackendConns, 262_144> = Array::new();
 /// Backend id → flows the agent collected before they closed. Written by the agent alone.
 #[btf_map]
 pub static BACKEND_REAPED: Array<u32, 262_144> = Array::new();
+
+/// svc id → its Service port's name, for inspection tools (`proxy-agent
+/// service`, `bpftool map dump`). Written by the agent; no program reads it.
+#[btf_map]
+pub static SVC_NAMES: HashMap<u32, SvcName, 65_536> = HashMap::new();

@@ -27,7 +27,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use proxy_common::{
     Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue,
-    SourceRange, SvcCounters, maps,
+    SourceRange, SvcCounters, SvcName, maps,
 };
 
 pub use self::{
@@ -308,14 +308,7 @@ impl Datapath {
         let m: PerCpuArray<_, SvcCounters> =
             PerCpuArray::try_from(self.map(maps::SVC_STATS)?).map_err(map_err(maps::SVC_STATS))?;
         let values = m.get(&svc_id, 0).map_err(map_err(maps::SVC_STATS))?;
-        Ok(values
-            .iter()
-            .fold(SvcCounters::default(), |acc, v| SvcCounters {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-                new_flows: acc.new_flows + v.new_flows,
-                rejected: acc.rejected + v.rejected,
-            }))
+        Ok(sum_service(values.iter()))
     }
 
     /// A conntrack handle for another thread.
@@ -338,6 +331,28 @@ impl Datapath {
         m.iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::CONNTRACK))
+    }
+
+    /// Names svc ids for inspection tools (`SVC_NAMES`): sets `set`, removes `gone`.
+    pub fn set_svc_names(
+        &mut self,
+        set: &[(u32, String)],
+        gone: &[u32],
+    ) -> Result<(), DatapathError> {
+        let mut m: HashMap<_, u32, SvcName> =
+            HashMap::try_from(self.map_mut(maps::SVC_NAMES)?).map_err(map_err(maps::SVC_NAMES))?;
+        for (id, text) in set {
+            let mut v = SvcName::default();
+            let bytes = text.as_bytes();
+            let n = bytes.len().min(proxy_common::SVC_NAME_MAX);
+            v.text[..n].copy_from_slice(&bytes[..n]);
+            v.len = u32::try_from(n).unwrap_or(0);
+            m.insert(id, v, 0).map_err(map_err(maps::SVC_NAMES))?;
+        }
+        for id in gone {
+            ignore_missing(m.remove(id)).map_err(map_err(maps::SVC_NAMES))?;
+        }
+        Ok(())
     }
 
     /// This node's datapath settings.
@@ -641,6 +656,45 @@ pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, D
 pub fn read_pinned_counters(pin_root: &Path) -> Result<Vec<(Counter, u64)>, DatapathError> {
     let data = open_pinned(pin_root, maps::STATS)?;
     sum_counters(&PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::STATS))?)
+}
+
+/// svc id → name text from a pinned `SVC_NAMES`.
+pub fn read_pinned_names(pin_root: &Path) -> Result<BTreeMap<u32, String>, DatapathError> {
+    let m: HashMap<_, u32, SvcName> =
+        HashMap::try_from(Map::HashMap(open_pinned(pin_root, maps::SVC_NAMES)?))
+            .map_err(map_err(maps::SVC_NAMES))?;
+    Ok(m.iter()
+        .filter_map(Result::ok)
+        .map(|(id, v)| {
+            let n = (v.len as usize).min(proxy_common::SVC_NAME_MAX);
+            (id, String::from_utf8_lossy(&v.text[..n]).into_owned())
+        })
+        .collect())
+}
+
+/// Per-service counters of `ids` from a pinned `SVC_STATS`, summed over CPUs.
+pub fn read_pinned_service_counters(
+    pin_root: &Path,
+    ids: impl IntoIterator<Item = u32>,
+) -> Result<Vec<(u32, SvcCounters)>, DatapathError> {
+    let data = open_pinned(pin_root, maps::SVC_STATS)?;
+    let m: PerCpuArray<_, SvcCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::SVC_STATS))?;
+    ids.into_iter()
+        .map(|id| {
+            let values = m.get(&id, 0).map_err(map_err(maps::SVC_STATS))?;
+            Ok((id, sum_service(values.iter())))
+        })
+        .collect()
+}
+
+fn sum_service<'a>(values: impl Iterator<Item = &'a SvcCounters>) -> SvcCounters {
+    values.fold(SvcCounters::default(), |acc, v| SvcCounters {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        new_flows: acc.new_flows + v.new_flows,
+        rejected: acc.rejected + v.rejected,
+    })
 }
 
 fn sum_counters<T: std::borrow::Borrow<MapData>>(

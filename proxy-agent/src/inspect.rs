@@ -1,0 +1,338 @@
+//! Read-only views of a running agent's datapath for `proxy-agent service`
+//! and `proxy-agent ct`: built from the pinned maps and the svc id → Service
+//! names the agent writes next to them (`names.json`). Nothing here writes.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use proxy_common::{
+    CT_F_DSR, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CtKey, CtValue, ServiceKey, ct_dir, ct_state,
+    hash_mode, proto, scope,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath,
+    metrics::PortName,
+    reconcile::{Programmed, backend_sockaddr},
+};
+
+/// Everything the views are built from.
+pub struct Snapshot {
+    pub maps: Programmed,
+    pub names: BTreeMap<u32, PortName>,
+    pub counters: BTreeMap<u32, proxy_common::SvcCounters>,
+}
+
+impl Snapshot {
+    /// Reads the maps pinned under `pin_root`.
+    pub fn read(pin_root: &Path) -> Result<Self> {
+        let maps = datapath::read_pinned(pin_root).with_context(|| {
+            format!(
+                "reading the pinned maps under {} (is the agent running with --bpffs {}?)",
+                pin_root.display(),
+                pin_root.display()
+            )
+        })?;
+        let names = datapath::read_pinned_names(pin_root)?
+            .into_iter()
+            .filter_map(|(id, text)| Some((id, PortName::from_text(&text)?)))
+            .collect();
+        let ids: Vec<u32> = maps.tables.keys().copied().collect();
+        let counters = datapath::read_pinned_service_counters(pin_root, ids)?
+            .into_iter()
+            .collect();
+        Ok(Self {
+            maps,
+            names,
+            counters,
+        })
+    }
+
+    fn name(&self, svc_id: u32) -> String {
+        self.names.get(&svc_id).map_or_else(
+            || format!("svc#{svc_id}"),
+            |n| format!("{}/{}", n.namespace, n.name),
+        )
+    }
+}
+
+fn ip(raw_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw_be.to_ne_bytes())
+}
+
+fn sock(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip(addr_be), u16::from_be(port_be))
+}
+
+fn protocol(p: u8) -> &'static str {
+    match p {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn frontend(k: &ServiceKey) -> String {
+    let scope = if k.scope == scope::EXTERNAL {
+        "external"
+    } else {
+        "cluster"
+    };
+    format!(
+        "{}/{} ({scope})",
+        sock(k.addr_be, k.port_be),
+        protocol(k.proto)
+    )
+}
+
+/// One row of `service list`.
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: String,
+    pub svc_id: u32,
+    pub table: &'static str,
+    pub frontends: Vec<String>,
+    pub backends: usize,
+    pub algorithm: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    pub rejected: u64,
+}
+
+fn algorithm(t: &crate::reconcile::Table) -> &'static str {
+    match (t.algorithm, t.hash_mode) {
+        (proxy_common::algorithm::MAGLEV, hash_mode::SOURCE) => "maglev (client address)",
+        (proxy_common::algorithm::MAGLEV, _) => "maglev",
+        (proxy_common::algorithm::ROUND_ROBIN, _) => "round-robin",
+        (proxy_common::algorithm::LEAST_CONN, _) => "least-connections",
+        _ => "random",
+    }
+}
+
+/// `service list`: every programmed Service port table.
+pub fn services(s: &Snapshot) -> Vec<ServiceRow> {
+    let mut frontends: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (k, v) in &s.maps.services {
+        frontends.entry(v.svc_id).or_default().push(frontend(k));
+    }
+    let mut rows: Vec<ServiceRow> = s
+        .maps
+        .tables
+        .iter()
+        .map(|(id, t)| {
+            let n = s.names.get(id);
+            let c = s.counters.get(id).copied().unwrap_or_default();
+            ServiceRow {
+                namespace: n.map(|n| n.namespace.clone()).unwrap_or_default(),
+                name: n.map_or_else(|| format!("svc#{id}"), |n| n.name.clone()),
+                port: n.map(|n| n.port.clone()).unwrap_or_default(),
+                protocol: n.map(|n| n.protocol.clone()).unwrap_or_default(),
+                svc_id: *id,
+                table: if n.is_some_and(|n| n.external) {
+                    "external"
+                } else {
+                    "all"
+                },
+                frontends: frontends.remove(id).unwrap_or_default(),
+                backends: t.backends.len(),
+                algorithm: algorithm(t),
+                packets: c.packets,
+                bytes: c.bytes,
+                new_connections: c.new_flows,
+                rejected: c.rejected,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port, a.svc_id).cmp(&(&b.namespace, &b.name, &b.port, b.svc_id))
+    });
+    rows
+}
+
+/// A backend in `service get`.
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub address: String,
+    pub backend_id: u32,
+    /// `eligible` (takes new flows) or `resting` (drained, not ready,
+    /// terminating: keeps its open flows only).
+    pub state: &'static str,
+    pub local: bool,
+    pub weight: u32,
+    /// Share of the Maglev table's slots, in percent (0 without a table).
+    pub slot_share_percent: f64,
+}
+
+/// `service get`: one Service port table in detail.
+#[derive(Debug, Serialize)]
+pub struct ServiceDetail {
+    #[serde(flatten)]
+    pub summary: ServiceRow,
+    pub hash: &'static str,
+    pub maglev_table_size: u32,
+    pub affinity_timeout_seconds: u32,
+    pub drop_when_empty: bool,
+    pub source_ranges: Vec<String>,
+    pub backend_list: Vec<BackendRow>,
+}
+
+/// `service get NS/NAME`: every table of the Service's ports.
+pub fn service(s: &Snapshot, namespace: &str, name: &str) -> Vec<ServiceDetail> {
+    services(s)
+        .into_iter()
+        .filter(|r| r.namespace == namespace && r.name == name)
+        .filter_map(|summary| {
+            let t = s.maps.tables.get(&summary.svc_id)?;
+            let mut slots: BTreeMap<u16, u32> = BTreeMap::new();
+            for e in &t.entries {
+                *slots.entry(*e).or_default() += 1;
+            }
+            let row = |id: &u32, state, weight, index: Option<usize>| {
+                let b = s.maps.backends.get(id).copied().unwrap_or_default();
+                let share = index
+                    .and_then(|i| u16::try_from(i).ok())
+                    .and_then(|i| slots.get(&i))
+                    .map_or(0.0, |n| {
+                        f64::from(*n) * 100.0 / f64::from(t.table_size.max(1))
+                    });
+                BackendRow {
+                    address: backend_sockaddr(&b).to_string(),
+                    backend_id: *id,
+                    state,
+                    local: b.flags & proxy_common::BACKEND_F_LOCAL != 0,
+                    weight,
+                    slot_share_percent: (share * 100.0).round() / 100.0,
+                }
+            };
+            let mut backend_list: Vec<BackendRow> = t
+                .backends
+                .iter()
+                .zip(&t.weights)
+                .enumerate()
+                .map(|(i, (id, w))| row(id, "eligible", *w, Some(i)))
+                .collect();
+            backend_list.extend(t.draining.iter().map(|id| row(id, "resting", 0, None)));
+            Some(ServiceDetail {
+                hash: if t.hash_mode == hash_mode::SOURCE {
+                    "client address"
+                } else {
+                    "5-tuple"
+                },
+                maglev_table_size: t.table_size,
+                affinity_timeout_seconds: t.affinity_timeout,
+                drop_when_empty: t.drop_when_empty,
+                source_ranges: s
+                    .maps
+                    .ranges
+                    .get(&summary.svc_id)
+                    .into_iter()
+                    .flatten()
+                    .map(|(a, p)| format!("{a}/{p}"))
+                    .collect(),
+                backend_list,
+                summary,
+            })
+        })
+        .collect()
+}
+
+/// One conntrack entry in `ct list`.
+#[derive(Debug, Serialize)]
+pub struct CtRow {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub source: String,
+    pub destination: String,
+    /// FORWARD: the backend; REPLY: the frontend restored as the source.
+    pub translated_to: String,
+    pub state: &'static str,
+    pub flags: Vec<&'static str>,
+    pub service: String,
+    pub backend_id: u32,
+    pub idle_seconds: u64,
+}
+
+/// Filters of `ct list`.
+#[derive(Debug, Default)]
+pub struct CtFilter {
+    /// `NS/NAME`.
+    pub service: Option<String>,
+    /// Backend (or any) address, with an optional port.
+    pub address: Option<String>,
+    pub protocol: Option<u8>,
+}
+
+/// `ct list`: the conntrack entries matching `filter`, idle time from `now_ns`.
+pub fn conntrack(
+    s: &Snapshot,
+    entries: &[(CtKey, CtValue)],
+    filter: &CtFilter,
+    now_ns: u64,
+) -> Vec<CtRow> {
+    let mut rows: Vec<CtRow> = entries
+        .iter()
+        .filter(|(k, _)| filter.protocol.is_none_or(|p| p == k.proto))
+        .map(|(k, v)| {
+            let flags = [
+                (CT_F_EXTERNAL, "external"),
+                (CT_F_SNAT, "snat"),
+                (CT_F_DSR, "dsr"),
+                (CT_F_HAIRPIN, "hairpin"),
+                (proxy_common::CT_F_REMOTE, "remote"),
+                (proxy_common::CT_F_COUNTED, "counted"),
+            ]
+            .into_iter()
+            .filter(|(f, _)| v.flags & f != 0)
+            .map(|(_, n)| n)
+            .collect();
+            CtRow {
+                direction: if k.dir == ct_dir::FORWARD {
+                    "forward"
+                } else {
+                    "reply"
+                },
+                protocol: protocol(k.proto),
+                source: sock(k.saddr_be, k.sport_be).to_string(),
+                destination: sock(k.daddr_be, k.dport_be).to_string(),
+                translated_to: sock(v.nat_addr_be, v.nat_port_be).to_string(),
+                state: match (k.proto, v.state) {
+                    (proto::UDP, _) => "-",
+                    (_, ct_state::SYN_SENT) => "syn-sent",
+                    (_, ct_state::ESTABLISHED) => "established",
+                    (_, ct_state::CLOSING) => "closing",
+                    (_, ct_state::CLOSED) => "closed",
+                    _ => "new",
+                },
+                flags,
+                service: if v.svc_id == 0 {
+                    "(dsr, learned)".to_owned()
+                } else {
+                    s.name(v.svc_id)
+                },
+                backend_id: v.backend_id,
+                idle_seconds: now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            }
+        })
+        .filter(|r| filter.service.as_ref().is_none_or(|f| &r.service == f))
+        .filter(|r| {
+            filter.address.as_ref().is_none_or(|a| {
+                [&r.source, &r.destination, &r.translated_to]
+                    .iter()
+                    .any(|x| *x == a || x.split(':').next() == Some(a.as_str()))
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.service, &a.source, a.direction).cmp(&(&b.service, &b.source, b.direction))
+    });
+    rows
+}
