@@ -336,3 +336,145 @@ pub fn conntrack(
     });
     rows
 }
+
+/// `explain`: what the datapath does with a packet, from the live maps and
+/// the kernel's own hash functions.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub source: String,
+    pub destination: String,
+    pub protocol: &'static str,
+    /// The frontend entry matched, if any.
+    pub frontend: Option<String>,
+    pub service: Option<String>,
+    pub svc_id: Option<u32>,
+    pub flags: Vec<&'static str>,
+    pub algorithm: Option<&'static str>,
+    pub hash: Option<&'static str>,
+    /// Flow hash and Maglev slot a new flow would use (Maglev only).
+    pub flow_hash: Option<u32>,
+    pub slot: Option<u32>,
+    pub table_size: Option<u32>,
+    /// The backend a new flow would get (Maglev; affinity aside).
+    pub new_flow_backend: Option<String>,
+    /// The tracked flow, if any: its backend, state, idle time.
+    pub conntrack: Option<CtRow>,
+    /// What the packet is rewritten to now.
+    pub verdict: String,
+    /// What the backend's replies are rewritten to.
+    pub reply: Option<String>,
+}
+
+/// Explains a packet `src` → `dst` of `proto`.
+pub fn explain(
+    s: &Snapshot,
+    entries: &[(CtKey, CtValue)],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto_: u8,
+    now_ns: u64,
+) -> Explanation {
+    let addr_be = crate::reconcile::addr_be;
+    let port_be = crate::reconcile::port_be;
+    let mut e = Explanation {
+        source: src.to_string(),
+        destination: dst.to_string(),
+        protocol: protocol(proto_),
+        frontend: None,
+        service: None,
+        svc_id: None,
+        flags: Vec::new(),
+        algorithm: None,
+        hash: None,
+        flow_hash: None,
+        slot: None,
+        table_size: None,
+        new_flow_backend: None,
+        conntrack: None,
+        verdict: "not a Service frontend: passed untouched".into(),
+        reply: None,
+    };
+    let key = |scope| ServiceKey {
+        addr_be: addr_be(*dst.ip()),
+        port_be: port_be(dst.port()),
+        proto: proto_,
+        scope,
+    };
+    let found = [scope::INTERNAL, scope::EXTERNAL]
+        .into_iter()
+        .find_map(|sc| s.maps.services.get(&key(sc)).map(|v| (key(sc), *v)));
+    let Some((k, v)) = found else {
+        return e;
+    };
+    e.frontend = Some(frontend(&k));
+    e.service = Some(s.name(v.svc_id));
+    e.svc_id = Some(v.svc_id);
+    if v.flags & proxy_common::SVC_F_DSR != 0 {
+        e.flags.push("dsr");
+    }
+    if v.flags & proxy_common::SVC_F_SOURCE_RANGES != 0 {
+        e.flags.push("source-ranges");
+    }
+    let fwd = CtKey {
+        saddr_be: addr_be(*src.ip()),
+        daddr_be: addr_be(*dst.ip()),
+        sport_be: port_be(src.port()),
+        dport_be: port_be(dst.port()),
+        proto: proto_,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    };
+    let tracked = entries.iter().find(|(ek, _)| *ek == fwd);
+    if let Some(t) = s.maps.tables.get(&v.svc_id) {
+        e.algorithm = Some(algorithm(t));
+        e.hash = Some(if t.hash_mode == hash_mode::SOURCE {
+            "client address"
+        } else {
+            "5-tuple"
+        });
+        if t.algorithm == proxy_common::algorithm::MAGLEV && t.table_size > 0 {
+            let h = if t.hash_mode == hash_mode::SOURCE {
+                proxy_common::hash::source_hash(u32::from(*src.ip()))
+            } else {
+                proxy_common::hash::flow_hash(
+                    u32::from(*src.ip()),
+                    u32::from(*dst.ip()),
+                    src.port(),
+                    dst.port(),
+                    proto_,
+                )
+            };
+            e.flow_hash = Some(h);
+            e.slot = Some(h % t.table_size);
+            e.table_size = Some(t.table_size);
+        }
+        e.new_flow_backend = t
+            .predict(src, dst, proto_)
+            .and_then(|id| s.maps.backends.get(&id))
+            .map(|b| backend_sockaddr(b).to_string());
+        if t.backends.is_empty() {
+            e.verdict = if t.drop_when_empty {
+                "no endpoint may take it here (traffic policy): dropped".into()
+            } else {
+                "no endpoints: refused (ICMP port unreachable; dropped on external frontends)"
+                    .into()
+            };
+        }
+    }
+    if let Some((_, cv)) = tracked {
+        let row = conntrack(s, &[(fwd, *cv)], &CtFilter::default(), now_ns).pop();
+        let backend = sock(cv.nat_addr_be, cv.nat_port_be);
+        e.verdict = format!("tracked flow: DNAT to {backend}");
+        e.reply = Some(format!("replies from {backend} get the source {dst}"));
+        e.conntrack = row;
+    } else if let Some(b) = &e.new_flow_backend {
+        e.verdict = format!("new flow: DNAT to {b}");
+        e.reply = Some(format!("replies from {b} get the source {dst}"));
+    } else if e.algorithm.is_some() && !e.verdict.starts_with("no ") {
+        e.verdict = format!(
+            "new flow: a backend chosen by {} at the time",
+            e.algorithm.unwrap_or("the algorithm")
+        );
+    }
+    e
+}

@@ -38,6 +38,9 @@ enum Command {
     Service(ServiceCmd),
     /// Inspect connection tracking (read-only, from the pinned maps).
     Ct(CtCmd),
+    /// What the datapath does with a packet: the frontend it matches, the
+    /// algorithm and Maglev slot, the backend, the tracked flow, the reply.
+    Explain(ExplainArgs),
     /// Detach every program and remove the pinned maps and links: the node
     /// stops translating Services (run after stopping the agent).
     Uninstall(UninstallArgs),
@@ -94,6 +97,21 @@ enum CtAction {
         #[command(flatten)]
         args: InspectArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// Client address:port.
+    #[arg(long, value_name = "IP:PORT")]
+    src: SocketAddrV4,
+    /// Destination address:port (a frontend, for something to explain).
+    #[arg(long, value_name = "IP:PORT")]
+    dst: SocketAddrV4,
+    /// Protocol.
+    #[arg(long, value_name = "tcp|udp", default_value = "tcp")]
+    proto: String,
+    #[command(flatten)]
+    args: InspectArgs,
 }
 
 #[derive(clap::Args)]
@@ -693,6 +711,76 @@ fn service_cmd(cmd: ServiceCmd) -> anyhow::Result<()> {
     }
 }
 
+fn parse_proto(p: &str) -> anyhow::Result<u8> {
+    match p.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(proxy_common::proto::TCP),
+        "udp" => Ok(proxy_common::proto::UDP),
+        _ => anyhow::bail!("--proto {p:?}: tcp or udp"),
+    }
+}
+
+fn explain_cmd(a: ExplainArgs) -> anyhow::Result<()> {
+    let proto = parse_proto(&a.proto)?;
+    let snapshot = inspect::Snapshot::read(&a.args.bpffs)?;
+    let entries = proxy_agent::datapath::read_pinned_conntrack(&a.args.bpffs)?;
+    let e = inspect::explain(
+        &snapshot,
+        &entries,
+        a.src,
+        a.dst,
+        proto,
+        conntrack::monotonic_ns(),
+    );
+    if let Output::Json = a.args.output {
+        return print_json(&e);
+    }
+    println!(
+        "packet     {} -> {} {}",
+        e.source, e.destination, e.protocol
+    );
+    let show = |label: &str, v: Option<String>| {
+        if let Some(v) = v {
+            println!("{label:<10} {v}");
+        }
+    };
+    show("frontend", e.frontend.clone());
+    show(
+        "service",
+        e.service
+            .clone()
+            .map(|n| format!("{n} (svc id {})", e.svc_id.unwrap_or(0))),
+    );
+    show("flags", (!e.flags.is_empty()).then(|| e.flags.join(", ")));
+    show(
+        "algorithm",
+        e.algorithm
+            .map(|a| format!("{a}, hash {}", e.hash.unwrap_or("-"))),
+    );
+    show(
+        "slot",
+        e.slot.map(|s| {
+            format!(
+                "{s} of {} (flow hash {:#010x})",
+                e.table_size.unwrap_or(0),
+                e.flow_hash.unwrap_or(0)
+            )
+        }),
+    );
+    show("new flow", e.new_flow_backend.clone());
+    show(
+        "tracked",
+        e.conntrack.as_ref().map(|c| {
+            format!(
+                "to {} ({}, idle {}s)",
+                c.translated_to, c.state, c.idle_seconds
+            )
+        }),
+    );
+    println!("{:<10} {}", "verdict", e.verdict);
+    show("reply", e.reply.clone());
+    Ok(())
+}
+
 fn ct_cmd(cmd: CtCmd) -> anyhow::Result<()> {
     let CtAction::List {
         service,
@@ -700,12 +788,7 @@ fn ct_cmd(cmd: CtCmd) -> anyhow::Result<()> {
         proto,
         args,
     } = cmd.action;
-    let protocol = match proto.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None => None,
-        Some("tcp") => Some(proxy_common::proto::TCP),
-        Some("udp") => Some(proxy_common::proto::UDP),
-        Some(p) => anyhow::bail!("--proto {p:?}: tcp or udp"),
-    };
+    let protocol = proto.as_deref().map(parse_proto).transpose()?;
     let snapshot = inspect::Snapshot::read(&args.bpffs)?;
     let entries = proxy_agent::datapath::read_pinned_conntrack(&args.bpffs)?;
     let rows = inspect::conntrack(
@@ -773,6 +856,7 @@ fn main() -> ExitCode {
         Command::Maglev(args) => maglev_cmd(args),
         Command::Service(cmd) => service_cmd(cmd),
         Command::Ct(cmd) => ct_cmd(cmd),
+        Command::Explain(args) => explain_cmd(args),
         Command::Uninstall(args) => uninstall(&args.bpffs),
     };
     match result {

@@ -272,6 +272,8 @@ pub struct LongLived {
     writer: TcpStream,
     /// The backend that greeted it.
     pub backend: String,
+    /// The client's own address of the connection.
+    pub local: SocketAddr,
 }
 
 impl LongLived {
@@ -294,6 +296,7 @@ impl LongLived {
             reader,
             writer,
             backend,
+            local,
         })
     }
 
