@@ -432,18 +432,7 @@ pub fn explain(
         } else {
             "5-tuple"
         });
-        if t.algorithm == proxy_common::algorithm::MAGLEV && t.table_size > 0 {
-            let h = if t.hash_mode == hash_mode::SOURCE {
-                proxy_common::hash::source_hash(u32::from(*src.ip()))
-            } else {
-                proxy_common::hash::flow_hash(
-                    u32::from(*src.ip()),
-                    u32::from(*dst.ip()),
-                    src.port(),
-                    dst.port(),
-                    proto_,
-                )
-            };
+        if let Some(h) = t.maglev_hash(src, dst, proto_) {
             e.flow_hash = Some(h);
             e.slot = Some(h % t.table_size);
             e.table_size = Some(t.table_size);

@@ -158,10 +158,18 @@ impl Table {
     /// random selection or an empty table. Mirrors `proxy-ebpf/src/select.rs`
     /// with the same hash functions.
     pub fn predict(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<u32> {
+        let hash = self.maglev_hash(src, dst, proto)?;
+        let entry = self.entries.get((hash % self.table_size) as usize)?;
+        self.backends.get(usize::from(*entry)).copied()
+    }
+
+    /// The hash a new flow's Maglev slot comes from (`hash % table_size`),
+    /// for a Maglev table; `None` otherwise.
+    pub fn maglev_hash(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<u32> {
         if self.algorithm != proxy_common::algorithm::MAGLEV || self.table_size == 0 {
             return None;
         }
-        let hash = if self.hash_mode == hash_mode::SOURCE {
+        Some(if self.hash_mode == hash_mode::SOURCE {
             proxy_common::hash::source_hash(u32::from(*src.ip()))
         } else {
             proxy_common::hash::flow_hash(
@@ -171,9 +179,7 @@ impl Table {
                 dst.port(),
                 proto,
             )
-        };
-        let entry = self.entries.get((hash % self.table_size) as usize)?;
-        self.backends.get(usize::from(*entry)).copied()
+        })
     }
 
     /// Bytes this table takes in the kernel.

@@ -160,10 +160,20 @@ fn inspection_commands_show_the_live_datapath() {
     assert_eq!(established[0]["destination"], "10.96.0.10:80");
     // explain computes, with the kernel's hash, the backend that
     // connection really reached, and finds its tracked flow.
-    let SocketAddr::V4(src) = conn.local else { panic!("IPv4") };
+    let SocketAddr::V4(src) = conn.local else {
+        panic!("IPv4")
+    };
     let ex = cli_json(
         &root,
-        &["explain", "--src", &src.to_string(), "--dst", "10.96.0.10:80", "--proto", "tcp"],
+        &[
+            "explain",
+            "--src",
+            &src.to_string(),
+            "--dst",
+            "10.96.0.10:80",
+            "--proto",
+            "tcp",
+        ],
     );
     assert_eq!(ex["service"], "demo/web");
     assert_eq!(ex["frontend"], "10.96.0.10:80/TCP (cluster)");
@@ -171,8 +181,20 @@ fn inspection_commands_show_the_live_datapath() {
     assert_eq!(ex["new_flow_backend"], held, "{ex}");
     assert_eq!(ex["conntrack"]["translated_to"], held, "{ex}");
     assert!(ex["slot"].as_u64().unwrap() < ex["table_size"].as_u64().unwrap());
-    assert_eq!(ex["reply"], format!("replies from {held} get the source 10.96.0.10:80"));
-    let none = cli_json(&root, &["explain", "--src", &src.to_string(), "--dst", "10.96.0.99:80"]);
+    assert_eq!(
+        ex["reply"],
+        format!("replies from {held} get the source 10.96.0.10:80")
+    );
+    let none = cli_json(
+        &root,
+        &[
+            "explain",
+            "--src",
+            &src.to_string(),
+            "--dst",
+            "10.96.0.99:80",
+        ],
+    );
     assert!(none["frontend"].is_null());
     let unknown = Command::new(agent_binary().unwrap())
         .args(["service", "get", "demo/nope", "--bpffs"])
