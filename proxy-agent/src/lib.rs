@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod conntrack;
 pub mod datapath;
+pub mod diagnose;
 pub mod engine;
 pub mod health;
 pub mod healthcheck;

@@ -41,6 +41,9 @@ enum Command {
     /// What the datapath does with a packet: the frontend it matches, the
     /// algorithm and Maglev slot, the backend, the tracked flow, the reply.
     Explain(ExplainArgs),
+    /// The Service troubleshooting checklist for NAMESPACE/NAME: endpoints,
+    /// readiness, ports, the maps, reachability of each backend, refusals.
+    Diagnose(DiagnoseArgs),
     /// Detach every program and remove the pinned maps and links: the node
     /// stops translating Services (run after stopping the agent).
     Uninstall(UninstallArgs),
@@ -110,6 +113,18 @@ struct ExplainArgs {
     /// Protocol.
     #[arg(long, value_name = "tcp|udp", default_value = "tcp")]
     proto: String,
+    #[command(flatten)]
+    args: InspectArgs,
+}
+
+#[derive(clap::Args)]
+struct DiagnoseArgs {
+    /// NAMESPACE/NAME.
+    name: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    node: NodeArgs,
     #[command(flatten)]
     args: InspectArgs,
 }
@@ -222,8 +237,9 @@ impl MaglevArgs {
     }
 }
 
+/// Where Services and EndpointSlices come from.
 #[derive(clap::Args)]
-struct RunArgs {
+struct SourceArgs {
     /// Read Services, EndpointSlices and Nodes from this directory of manifests
     /// (*.yaml, *.yml, *.json) instead of the Kubernetes API.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
@@ -234,6 +250,12 @@ struct RunArgs {
     // conflict with --manifests; kube-rs reads it anyway when this is unset.
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     #[command(flatten)]
     node: NodeArgs,
     /// Pod-facing interface(s) to attach to; globs such as 'veth*' allowed, repeatable.
@@ -571,10 +593,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let healthz = bind("--healthz-bind-address", &args.healthz_bind_address)?;
     let metrics = bind("--metrics-bind-address", &args.metrics_bind_address)?;
-    let source = match args.manifests {
+    let source = match args.source.manifests {
         Some(dir) => Source::Manifests(dir),
         None => Source::Kubernetes {
-            kubeconfig: args.kubeconfig,
+            kubeconfig: args.source.kubeconfig,
         },
     };
     let cfg = RunConfig {
@@ -719,6 +741,54 @@ fn parse_proto(p: &str) -> anyhow::Result<u8> {
     }
 }
 
+fn diagnose_cmd(a: DiagnoseArgs) -> anyhow::Result<()> {
+    use proxy_agent::diagnose::{self, Status};
+    let (ns, name) = a
+        .name
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{:?}: expected NAMESPACE/NAME", a.name))?;
+    let store = match &a.source.manifests {
+        Some(dir) => {
+            manifests::load_dir(dir)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", dir.display()))?
+                .0
+        }
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(diagnose::fetch(a.source.kubeconfig.as_ref(), ns, name))?,
+    };
+    let snapshot = inspect::Snapshot::read(&a.args.bpffs).ok();
+    let checks = diagnose::diagnose(
+        &store,
+        &a.node.translate_options()?,
+        snapshot.as_ref(),
+        ns,
+        name,
+        &diagnose::tcp_reach,
+    );
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    if let Output::Json = a.args.output {
+        print_json(&checks)?;
+    } else {
+        for c in &checks {
+            let status = match c.status {
+                Status::Pass => "PASS",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            println!("{status:<5} {:<20} {}", c.check, c.detail);
+            if !c.hint.is_empty() {
+                println!("      {:<20} → {}", "", c.hint);
+            }
+        }
+    }
+    if failed {
+        anyhow::bail!("{}/{}: some checks failed", ns, name);
+    }
+    Ok(())
+}
+
 fn explain_cmd(a: ExplainArgs) -> anyhow::Result<()> {
     let proto = parse_proto(&a.proto)?;
     let snapshot = inspect::Snapshot::read(&a.args.bpffs)?;
@@ -857,6 +927,7 @@ fn main() -> ExitCode {
         Command::Service(cmd) => service_cmd(cmd),
         Command::Ct(cmd) => ct_cmd(cmd),
         Command::Explain(args) => explain_cmd(args),
+        Command::Diagnose(args) => diagnose_cmd(args),
         Command::Uninstall(args) => uninstall(&args.bpffs),
     };
     match result {

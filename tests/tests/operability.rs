@@ -76,9 +76,35 @@ fn setup() -> Setup {
         servers.push(NameServer::start(pod, &role, 8080).unwrap());
     }
     let eps = [Ep::ready(backend_ip(1)), Ep::ready(backend_ip(2))];
+    let not_ready = [Ep {
+        ip: backend_ip(1),
+        ready: false,
+        terminating: false,
+    }];
+    // Two broken Services for diagnose: a targetPort nothing listens on
+    // (its slice carries that port), and no ready endpoint.
+    let broken = |name: &str, vip: &str, port: u16, eps: &[Ep]| {
+        web_manifest(vip.parse().unwrap(), port, "", "", eps)
+            .replace("name: web\n", &format!("name: {name}\n"))
+            .replace("name: web-abc12", &format!("name: {name}-abc12"))
+            .replace(
+                "kubernetes.io/service-name: web",
+                &format!("kubernetes.io/service-name: {name}"),
+            )
+    };
     let dir = manifest_dir(
         &cluster,
-        &[("web.yaml", &web_manifest(VIP, 8080, "", "", &eps))],
+        &[
+            ("web.yaml", &web_manifest(VIP, 8080, "", "", &eps)),
+            (
+                "wrong-port.yaml",
+                &broken("wrong-port", "10.96.0.20", 9999, &eps),
+            ),
+            (
+                "not-ready.yaml",
+                &broken("not-ready", "10.96.0.21", 8080, &not_ready),
+            ),
+        ],
     )
     .unwrap();
     let agent = Agent::start(
@@ -213,7 +239,10 @@ fn metrics_are_scraped_and_move_with_traffic() {
     let new_conns = r#"ebpf_proxy_service_new_connections_total{namespace="demo",service="web",port="http",protocol="TCP",scope="all"}"#;
     let before = scrape(&s.cluster);
     assert_eq!(before[new_conns], 0.0);
-    assert_eq!(before[r#"ebpf_proxy_map_entries{map="SERVICES"}"#], 2.0);
+    assert_eq!(
+        before[r#"ebpf_proxy_map_entries{map="SERVICES"}"#], 6.0,
+        "3 Services x 2 ports"
+    );
     assert!(before[r#"ebpf_proxy_sync_duration_seconds_count{kind="full"}"#] >= 1.0);
     assert!(before.contains_key(r#"ebpf_proxy_datapath_drops_total{reason="no_local_endpoints"}"#));
     tcp_requests(client, SocketAddrV4::new(VIP, 80), 5).unwrap();
@@ -258,4 +287,67 @@ fn uninstall_removes_programs_and_pins() {
         !attached.contains("tc_pod"),
         "programs still attached: {attached}"
     );
+}
+
+/// `proxy-agent diagnose NS/NAME -o json` run on the node: (exit ok, checks).
+fn diagnose(s: &Setup, name: &str) -> (bool, Vec<serde_json::Value>) {
+    let dir = std::path::PathBuf::from("/run")
+        .join(&s.cluster.prefix)
+        .join("manifests");
+    let bin = agent_binary().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.cluster.node.name])
+        .arg(bin)
+        .args(["diagnose", name, "-o", "json", "--manifests"])
+        .arg(&dir)
+        .arg("--bpffs")
+        .arg(s.cluster.pin_root())
+        .output()
+        .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (out.status.success(), checks.as_array().unwrap().clone())
+}
+
+fn status_of<'a>(checks: &'a [serde_json::Value], check: &str) -> Vec<&'a serde_json::Value> {
+    checks.iter().filter(|c| c["check"] == check).collect()
+}
+
+#[test]
+fn diagnose_walks_the_checklist() {
+    let s = setup();
+    // The node connects to backends from an address of its own, as a real node does.
+    s.cluster
+        .node
+        .ip(&["addr", "add", "10.244.0.1/32", "dev", "lo"])
+        .unwrap();
+    let (ok, checks) = diagnose(&s, "demo/web");
+    assert!(ok, "{checks:#?}");
+    assert!(checks.iter().all(|c| c["status"] == "pass"), "{checks:#?}");
+    assert_eq!(status_of(&checks, "backend reachable").len(), 2);
+    assert_eq!(status_of(&checks, "programmed").len(), 2, "one per port");
+
+    let (ok, checks) = diagnose(&s, "demo/wrong-port");
+    assert!(!ok);
+    let reach = status_of(&checks, "backend reachable");
+    assert!(
+        !reach.is_empty() && reach.iter().all(|c| c["status"] == "fail"),
+        "{checks:#?}"
+    );
+    assert!(reach[0]["hint"].as_str().unwrap().contains("targetPort"));
+    assert!(
+        status_of(&checks, "programmed")
+            .iter()
+            .all(|c| c["status"] == "pass")
+    );
+
+    let (ok, checks) = diagnose(&s, "demo/not-ready");
+    assert!(!ok);
+    let ready = status_of(&checks, "endpoints ready");
+    assert_eq!(ready[0]["status"], "fail", "{checks:#?}");
+    assert_eq!(ready[0]["detail"], "0 of 1 ready");
+    assert!(ready[0]["hint"].as_str().unwrap().contains("readiness"));
+
+    let (ok, checks) = diagnose(&s, "demo/missing");
+    assert!(!ok);
+    assert_eq!(checks[0]["check"], "service exists");
 }
