@@ -40,7 +40,7 @@ use crate::{
     kube_source::{self, Event, Kind, Object},
     manifests, metrics,
     model::NodePortMode,
-    reconcile::{Batch, Reconciler},
+    reconcile::{Batch, Op, Reconciler},
     store::{Dirty, Store, key_of},
     translate::{Cidr, MaglevOptions, TranslateOptions},
 };
@@ -215,6 +215,7 @@ impl Agent {
         }
         let applying = Instant::now();
         let result = self.dp.apply(&batch.ops);
+        let dp_ms = applying.elapsed().as_secs_f64() * 1e3;
         let ok = match result {
             Ok(report) if report.refused.is_empty() => true,
             Ok(report) => {
@@ -239,8 +240,14 @@ impl Agent {
             }
         };
         self.health.synced(ok);
-        self.note_cluster_ips();
-        self.publish(kind, started, ok, batch.refused.len());
+        let frontends_changed = batch
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::SetService(..) | Op::DelService(_)));
+        if kind == "full" || frontends_changed {
+            self.note_cluster_ips();
+        }
+        self.publish(kind, started, ok, &batch);
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
             self.forget_flows(batch.left, batch.gone);
         }
@@ -255,33 +262,27 @@ impl Agent {
             operations = batch.ops.len(),
             plan_ms = planned.as_secs_f64() * 1e3,
             apply_ms = applying.elapsed().as_secs_f64() * 1e3,
+            maps_ms = dp_ms,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
     }
 
     /// Publishes what a sync did to the metrics, and the svc id → Service
-    /// names to `SVC_NAMES` for the inspection commands.
-    fn publish(&mut self, kind: &'static str, started: Instant, ok: bool, refused: usize) {
-        let names: BTreeMap<u32, metrics::PortName> = self
-            .reconciler
-            .tables()
-            .map(|(t, id)| {
-                (
-                    id,
-                    metrics::PortName {
-                        namespace: t.port.namespace.clone(),
-                        name: t.port.name.clone(),
-                        port: t.port.port_name.clone(),
-                        protocol: t.port.protocol.to_string(),
-                        external: t.external,
-                    },
-                )
-            })
-            .collect();
+    /// names it changed to `SVC_NAMES` for the inspection commands (all of
+    /// them only after a full sync: an incremental one costs what it touched).
+    fn publish(&mut self, kind: &'static str, started: Instant, ok: bool, batch: &Batch) {
+        let port_name = |t: &crate::reconcile::TableName| metrics::PortName {
+            namespace: t.port.namespace.clone(),
+            name: t.port.name.clone(),
+            port: t.port.port_name.clone(),
+            protocol: t.port.protocol.to_string(),
+            external: t.external,
+        };
         let cap = self.dp.capacity();
         let maps = self.reconciler.maps();
         let (blocks, block_cap) = self.dp.selection_usage();
+        let ranges: u64 = maps.ranges.values().map(|r| r.len() as u64).sum();
         let fill = vec![
             (
                 "SERVICES",
@@ -299,13 +300,11 @@ impl Agent {
                 u64::from(cap.backends.saturating_sub(1)),
             ),
             ("SELECTION", u64::from(blocks), u64::from(block_cap)),
-            (
-                "SOURCE_RANGES",
-                maps.ranges.values().map(|r| r.len() as u64).sum(),
-                u64::from(cap.ranges),
-            ),
+            ("SOURCE_RANGES", ranges, u64::from(cap.ranges)),
         ];
-        let previous = {
+        let mut set: Vec<(u32, String)> = Vec::new();
+        let mut gone: Vec<u32> = Vec::new();
+        {
             let mut st = self
                 .metrics
                 .state
@@ -316,24 +315,43 @@ impl Agent {
                 st.programming.observe(started.elapsed());
             }
             st.sync_errors += u64::from(!ok);
-            st.refused += refused as u64;
+            st.refused += batch.refused.len() as u64;
             st.fill = fill;
-            std::mem::replace(&mut st.names, names.clone())
-        };
-        if previous != names {
-            let set: Vec<(u32, String)> = names
-                .iter()
-                .filter(|(id, n)| previous.get(id) != Some(n))
-                .map(|(id, n)| (*id, n.to_text()))
-                .collect();
-            let gone: Vec<u32> = previous
-                .keys()
-                .filter(|id| !names.contains_key(id))
-                .copied()
-                .collect();
-            if let Err(e) = self.dp.set_svc_names(&set, &gone) {
-                tracing::warn!("writing SVC_NAMES: {e}");
+            if batch.names_complete {
+                let names: BTreeMap<u32, metrics::PortName> = batch
+                    .named
+                    .iter()
+                    .map(|(t, id)| (*id, port_name(t)))
+                    .collect();
+                gone = st
+                    .names
+                    .keys()
+                    .filter(|id| !names.contains_key(id))
+                    .copied()
+                    .collect();
+                set = names
+                    .iter()
+                    .filter(|(id, n)| st.names.get(id) != Some(n))
+                    .map(|(id, n)| (*id, n.to_text()))
+                    .collect();
+                st.names = names;
+            } else {
+                for id in &batch.unnamed {
+                    if st.names.remove(id).is_some() {
+                        gone.push(*id);
+                    }
+                }
+                for (t, id) in &batch.named {
+                    let n = port_name(t);
+                    set.push((*id, n.to_text()));
+                    st.names.insert(*id, n);
+                }
             }
+        }
+        if (!set.is_empty() || !gone.is_empty())
+            && let Err(e) = self.dp.set_svc_names(&set, &gone)
+        {
+            tracing::warn!("writing SVC_NAMES: {e}");
         }
     }
 

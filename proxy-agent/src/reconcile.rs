@@ -244,6 +244,11 @@ pub struct Batch {
     /// Backends no Service refers to any more (no slice lists them): their
     /// flows, of any protocol, should end.
     pub gone: BTreeSet<SocketAddrV4>,
+    /// Tables that got a svc id in this batch (every table, for a full sync:
+    /// `names_complete`), and svc ids that went.
+    pub named: Vec<(TableName, u32)>,
+    pub unnamed: Vec<u32>,
+    pub names_complete: bool,
 }
 
 /// Raw network-order value of an address, as the datapath compares it.
@@ -472,6 +477,8 @@ struct Work {
     late: Vec<Op>,
     unref: BTreeSet<u32>,
     retired: Vec<u32>,
+    named: Vec<(TableName, u32)>,
+    unnamed: Vec<u32>,
     refused: Vec<(ServicePortName, String)>,
     left: BTreeSet<(u32, u32)>,
 }
@@ -579,6 +586,8 @@ impl Reconciler {
             .map(|s| (s.id.clone(), Some(s)))
             .collect();
         let mut batch = self.plan(&changes, &orphans);
+        batch.named = self.names.iter().map(|(n, id)| (n.clone(), *id)).collect();
+        batch.names_complete = true;
         // Backends nothing refers to (left over from an interrupted apply).
         let stray: Vec<u32> = self
             .maps
@@ -670,6 +679,9 @@ impl Reconciler {
             refused: work.refused,
             left: work.left,
             gone,
+            named: work.named,
+            unnamed: work.unnamed,
+            names_complete: false,
         }
     }
 
@@ -744,6 +756,7 @@ impl Reconciler {
             );
             work.del_tables.insert(id);
             work.retired.push(id);
+            work.unnamed.push(id);
         }
     }
 
@@ -994,6 +1007,9 @@ impl Reconciler {
             }
         }
         self.keys_of.insert(svc_id, keys);
+        if old_id.is_none() {
+            work.named.push((unit.name.clone(), svc_id));
+        }
         self.names.insert(unit.name.clone(), svc_id);
     }
 }

@@ -106,7 +106,9 @@ fn datapath_section() -> Result<String> {
 
     let vip = sa([10, 96, 0, 10], 80);
     let random_vip = sa([10, 96, 0, 11], 80);
-    let backends: Vec<_> = (1..=10u8).map(|i| sa([10, 244, 2, i], 8080)).collect();
+    // Outside 10.244.0.0/16, the range new-flow rows vary the client address
+    // over: a client with a backend's address is that pod (hairpin).
+    let backends: Vec<_> = (1..=10u8).map(|i| sa([10, 245, 2, i], 8080)).collect();
     let mut random = fixture::service("bench-random", random_vip, Protocol::Tcp, &backends);
     random.algorithm = Algorithm::Random;
     random.maglev_table_size = None;
