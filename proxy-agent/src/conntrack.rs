@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{CT_F_SNAT, CtKey, CtValue, ct_dir, ct_state, proto};
+use proxy_common::{CT_F_HAIRPIN, CT_F_SNAT, CtKey, CtValue, ct_dir, ct_state, proto};
 
 /// Idle timeouts by protocol and TCP state (kube-proxy's flag names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +63,10 @@ fn port(raw_be: u16) -> u16 {
 }
 
 /// The REPLY key belonging to a FORWARD entry (the backend's answer as it
-/// is sent: to the client, or to the SNAT address for SNATed flows).
+/// is sent: to the client, or to the address the client's source became:
+/// the SNAT address, or the frontend for hairpin flows).
 pub fn partner(key: &CtKey, v: &CtValue) -> CtKey {
-    let (daddr_be, dport_be) = if v.flags & CT_F_SNAT != 0 {
+    let (daddr_be, dport_be) = if v.flags & (CT_F_SNAT | CT_F_HAIRPIN) != 0 {
         (v.peer_addr_be, v.peer_port_be)
     } else {
         (key.saddr_be, key.sport_be)
@@ -299,6 +300,25 @@ mod tests {
         let [_, r] = flow(9, ct_state::ESTABLISHED, proto::TCP, 800, None);
         orphan.insert(r.0, r.1);
         assert_eq!(expired(&orphan, now, &t), vec![r.0]);
+    }
+
+    #[test]
+    fn partners_of_translated_sources() {
+        let [(k, mut v), _] = flow(1, ct_state::ESTABLISHED, proto::TCP, 1, None);
+        v.peer_addr_be = addr_be(Ipv4Addr::new(10, 96, 0, 1));
+        v.peer_port_be = port_be(1);
+        for flag in [CT_F_SNAT, CT_F_HAIRPIN] {
+            v.flags = flag;
+            let p = partner(&k, &v);
+            assert_eq!((p.daddr_be, p.dport_be), (v.peer_addr_be, v.peer_port_be));
+            assert_eq!((p.saddr_be, p.sport_be), (v.nat_addr_be, v.nat_port_be));
+        }
+        v.flags = 0;
+        assert_eq!(
+            partner(&k, &v).daddr_be,
+            k.saddr_be,
+            "plain flows answer the client"
+        );
     }
 
     #[test]
