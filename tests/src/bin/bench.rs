@@ -102,10 +102,58 @@ fn run() -> Result<String> {
     Ok(md)
 }
 
-/// The per-packet tables (run inside the fixture namespace).
-fn datapath_section() -> Result<String> {
+/// Services in the maps for the scaling table: the measured ones alone, then
+/// filled up to these totals.
+const SCALES: [u32; 4] = [0, 1000, 10_000, 100_000];
+
+/// Services the per-packet rows measure (two ClusterIP, two NodePort).
+const MEASURED: u32 = 4;
+
+/// One run of every per-packet row with `total` Services in the maps.
+struct Scale {
+    services: u32,
+    empty: f64,
+    floor: f64,
+    rows: Vec<Row>,
+    xdp_empty: f64,
+    xdp_floor: f64,
+    xdp_rows: Vec<Row>,
+}
+
+/// `n` more ClusterIP Services (random algorithm, 10 backends each, all
+/// distinct) so lookups run against full maps.
+fn fillers(n: u32) -> Vec<proxy_agent::model::ServicePlan> {
+    (0..n)
+        .map(|i| {
+            let backends: Vec<SocketAddrV4> = (0..10)
+                .map(|k| SocketAddrV4::new(Ipv4Addr::from(0x0a80_0000 + i * 10 + k), 8080))
+                .collect();
+            let mut plan = fixture::service(
+                &format!("filler-{i}"),
+                SocketAddrV4::new(Ipv4Addr::from(0x0a64_0000 + i), 80),
+                Protocol::Tcp,
+                &backends,
+            );
+            plan.algorithm = Algorithm::Random;
+            plan.maglev_table_size = None;
+            plan
+        })
+        .collect()
+}
+
+/// Every per-packet row with `total` Services programmed (run inside the
+/// fixture namespace).
+fn datapath_at(total: u32) -> Result<Scale> {
+    let extra = total.saturating_sub(MEASURED);
+    let defaults = MapSizes::default();
     let mut dp = Datapath::load(&LoadOptions {
-        sizes: MapSizes::default(),
+        sizes: MapSizes {
+            frontends: defaults.frontends.max(total * 2 + 64),
+            services: defaults.services.max(total * 2 + 64),
+            backends: defaults.backends.max(extra * 10 + 1024),
+            selection_blocks: defaults.selection_blocks.max(extra * 2 + 65_536),
+            ..defaults
+        },
         pin_root: None,
     })?;
     dp.load_bench_programs()?;
@@ -118,13 +166,32 @@ fn datapath_section() -> Result<String> {
     let mut random = fixture::service("bench-random", random_vip, Protocol::Tcp, &backends);
     random.algorithm = Algorithm::Random;
     random.maglev_table_size = None;
-    fixture::program(
-        &mut dp,
-        vec![
-            fixture::service("bench", vip, Protocol::Tcp, &backends),
-            random,
-        ],
-    )?;
+    let ext_backends: Vec<_> = (1..=10u8).map(|i| sa([10, 1, 2, i], 8080)).collect();
+    let np = sa(fixture::NODE1, 30080);
+    let np_udp = sa(fixture::NODE1, 30053);
+    let mut plans = fillers(extra);
+    plans.extend([
+        fixture::service("bench", vip, Protocol::Tcp, &backends),
+        random,
+        fixture::node_port(
+            "np",
+            sa([10, 96, 5, 1], 80),
+            np,
+            Protocol::Tcp,
+            &ext_backends,
+            &[],
+        ),
+        fixture::node_port(
+            "np-udp",
+            sa([10, 96, 5, 2], 53),
+            np_udp,
+            Protocol::Udp,
+            &ext_backends,
+            &[],
+        ),
+    ]);
+    let services = u32::try_from(plans.len())?;
+    fixture::program_with_mode(&mut dp, plans, proxy_agent::model::NodePortMode::Hybrid)?;
 
     let client = sa([10, 244, 1, 2], 40000);
     let syn = Frame::tcp_syn(client, vip).build();
@@ -154,14 +221,7 @@ fn datapath_section() -> Result<String> {
     let syn_random = Frame::tcp_syn(client, random_vip).build();
 
     let spec = |program, frame, mode| bench_spec(program, frame, mode, None);
-    let empty_alone = {
-        let mut s = Vec::new();
-        for _ in 0..ROUNDS {
-            s.push(dp.test_run(BENCH_EMPTY, &syn, REPEAT)?.duration_ns as f64);
-        }
-        s.sort_by(f64::total_cmp);
-        s[ROUNDS / 2]
-    };
+    let empty = alone(&mut dp, BENCH_EMPTY, &syn, None)?;
     let (floor, _) = measure(&mut dp, &spec(BENCH_EMPTY, &syn, bench_mode::SAME))?;
     let cases = [
         (
@@ -197,8 +257,31 @@ fn datapath_section() -> Result<String> {
         ),
     ];
     let rows = measure_rows(&mut dp, cases)?;
+    let (xdp_empty, xdp_floor, xdp_rows) = xdp_rows(&mut dp, np, np_udp)?;
+    Ok(Scale {
+        services,
+        empty,
+        floor,
+        rows,
+        xdp_empty,
+        xdp_floor,
+        xdp_rows,
+    })
+}
 
-    let xdp_rows = xdp_rows(&mut dp)?;
+/// The per-packet tables at the smallest scale, then every row against the
+/// number of Services (run inside the fixture namespace).
+fn datapath_section() -> Result<String> {
+    let mut scales = Vec::new();
+    for total in SCALES {
+        let started = Instant::now();
+        scales.push(datapath_at(total)?);
+        eprintln!(
+            "datapath at {total} Services: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let first = &scales[0];
 
     let mut md = String::new();
     writeln!(md, "# Benchmarks\n")?;
@@ -210,10 +293,21 @@ fn datapath_section() -> Result<String> {
          A wrapper program restores the frame before each run (and gives it a new source for new flows) and \
          tail-calls the program under test; the wrapper's own cost (wrapper → empty program) is the floor \
          subtracted in the last column. Each row's path counter is checked to have moved once per run. \
-         One service with 10 backends (Maglev, M = 1009, unless the row says random), default map sizes. Hot cache, one CPU.\n"
+         One service with 10 backends (Maglev, M = 1009, unless the row says random). Hot cache, one CPU.\n"
     )?;
     writeln!(md, "## Datapath cost per packet\n")?;
-    table(&mut md, "`return TCX_NEXT`", empty_alone, floor, &rows)?;
+    writeln!(
+        md,
+        "Only the {} measured Services in the maps, default map sizes.\n",
+        first.services
+    )?;
+    table(
+        &mut md,
+        "`return TCX_NEXT`",
+        first.empty,
+        first.floor,
+        &first.rows,
+    )?;
     writeln!(md, "\n## North-south: NodePort through XDP\n")?;
     writeln!(
         md,
@@ -223,15 +317,83 @@ fn datapath_section() -> Result<String> {
          frame (shrinking the head back after a DSR option) and tail-calls `xdp_ext`; its floor is \
          the wrapper → `xdp_pass`.\n"
     )?;
-    let (xdp_empty, xdp_floor, xdp_rows) = xdp_rows;
     table(
         &mut md,
         "`return XDP_PASS`",
-        xdp_empty,
-        xdp_floor,
-        &xdp_rows,
+        first.xdp_empty,
+        first.xdp_floor,
+        &first.xdp_rows,
     )?;
+    scaling_table(&mut md, &scales)?;
     Ok(md)
+}
+
+/// ns over floor of every row at every scale, and how flat it stays.
+fn scaling_table(md: &mut String, scales: &[Scale]) -> Result<()> {
+    writeln!(md, "\n## Cost as Services grow\n")?;
+    writeln!(
+        md,
+        "The same rows with the maps filled: the measured Services plus ClusterIP Services with 10 \
+         distinct backends each (random algorithm, so 100k of them fit the default selection map; \
+         the measured Services keep Maglev), every map sized to hold them. ns over the floor of \
+         each run; the last column is the largest value over the smallest.\n"
+    )?;
+    let mut header = String::from("| path |");
+    let mut rule = String::from("|---|");
+    for s in scales {
+        let _ = write!(header, " {} Services |", thousands(s.services));
+        rule.push_str("---:|");
+    }
+    writeln!(md, "{header} max ÷ min |\n{rule}---:|")?;
+    let row = |md: &mut String, name: &str, values: Vec<f64>| -> Result<()> {
+        let mut line = format!("| {name} |");
+        for v in &values {
+            let _ = write!(line, " {v:.0} |");
+        }
+        let max = values.iter().copied().fold(f64::MIN, f64::max);
+        let min = values.iter().copied().fold(f64::MAX, f64::min).max(1.0);
+        writeln!(md, "{line} {:.2} |", max / min)?;
+        Ok(())
+    };
+    row(
+        md,
+        "floor (TC wrapper → empty), ns/run",
+        scales.iter().map(|s| s.floor).collect(),
+    )?;
+    for (i, r) in scales[0].rows.iter().enumerate() {
+        row(
+            md,
+            r.name,
+            scales
+                .iter()
+                .map(|s| (s.rows[i].ns - s.floor).max(0.0))
+                .collect(),
+        )?;
+    }
+    for (i, r) in scales[0].xdp_rows.iter().enumerate() {
+        row(
+            md,
+            &format!("XDP: {}", r.name),
+            scales
+                .iter()
+                .map(|s| (s.xdp_rows[i].ns - s.xdp_floor).max(0.0))
+                .collect(),
+        )?;
+    }
+    Ok(())
+}
+
+/// 10000 → "10,000".
+fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// One benchmark setup with the bench's repeat count and vary offsets.
@@ -331,35 +493,15 @@ fn table(
     Ok(())
 }
 
-/// The XDP rows: (empty program alone, floor, rows).
-fn xdp_rows(dp: &mut Datapath) -> Result<(f64, f64, Vec<Row>)> {
+/// The XDP rows against the NodePorts `np` (TCP) and `np_udp` (UDP) that
+/// [`datapath_at`] programmed: (empty program alone, floor, rows).
+fn xdp_rows(
+    dp: &mut Datapath,
+    np: SocketAddrV4,
+    np_udp: SocketAddrV4,
+) -> Result<(f64, f64, Vec<Row>)> {
     use proxy_common::{NODE_F_EXTERNAL, NodeConfig};
     let ext0 = Some(fixture::ifindex("ext0")?);
-    let backends: Vec<_> = (1..=10u8).map(|i| sa([10, 1, 2, i], 8080)).collect();
-    let np = sa(fixture::NODE1, 30080);
-    let np_udp = sa(fixture::NODE1, 30053);
-    fixture::program_with_mode(
-        dp,
-        vec![
-            fixture::node_port(
-                "np",
-                sa([10, 96, 5, 1], 80),
-                np,
-                Protocol::Tcp,
-                &backends,
-                &[],
-            ),
-            fixture::node_port(
-                "np-udp",
-                sa([10, 96, 5, 2], 53),
-                np_udp,
-                Protocol::Udp,
-                &backends,
-                &[],
-            ),
-        ],
-        proxy_agent::model::NodePortMode::Hybrid,
-    )?;
     dp.set_config(&NodeConfig {
         snat_addr_be: u32::from_ne_bytes(fixture::NODE1),
         snat_port_min: 61_000,
