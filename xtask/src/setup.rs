@@ -24,13 +24,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting maps and programs"),
     ("iproute2", "network namespaces and veth pairs"),
     ("ethtool", "checksum offload switches in tests"),
-    ("iptables", "kube-proxy-style baselines"),
-    ("nftables", "kube-proxy-style baselines"),
+    (
+        "iptables",
+        "kube-proxy's iptables rules in the benchmarks (both backends)",
+    ),
+    ("nftables", "kube-proxy's nftables rules in the benchmarks"),
     ("tcpdump", "packet captures"),
     ("curl", "HTTP checks"),
     ("socat", "ad-hoc TCP/UDP endpoints"),
-    ("wrk", "HTTP load"),
-    ("iperf3", "throughput"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

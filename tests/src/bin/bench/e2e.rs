@@ -1,0 +1,401 @@
+//! End to end in namespaces: a client pod to a Service with 10 backend pods
+//! on one node, through our datapath, straight to the pod IPs (the floor),
+//! and through kube-proxy's iptables and nftables rule sets.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use proxy_tests::{
+    cluster::{Agent, Cluster},
+    fake_api::FakeApi,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::rules::{self, KubeSvc};
+
+/// Request and response size, bytes.
+pub const MESSAGE: usize = 64;
+/// Client connections, each with one request in flight.
+pub const CLIENTS: usize = 16;
+/// Backend pods of the Service under test.
+pub const BACKENDS: u8 = 10;
+/// Port the backends serve on.
+const BACKEND_PORT: u16 = 8080;
+/// Measured rounds per metric (the median is reported).
+pub const ROUNDS: usize = 5;
+/// Warm-up before each round, not counted.
+const WARMUP: Duration = Duration::from_millis(500);
+/// Length of a measured round.
+pub const ROUND: Duration = Duration::from_millis(1500);
+
+/// A rule loader: program, arguments, and the rule text it reads on stdin.
+pub type Loader = (
+    &'static str,
+    &'static [&'static str],
+    fn(&[KubeSvc]) -> String,
+);
+
+/// How client traffic reaches the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Straight to the pod IPs, round robin in the client: no translation.
+    PodIp,
+    /// Through the ClusterIP with our agent on the node.
+    Ours,
+    /// Through the ClusterIP with kube-proxy's iptables rules, loaded by
+    /// `iptables-restore` (the nf_tables backend on this distribution).
+    Iptables,
+    /// As `Iptables`, with `iptables-legacy-restore` (the x_tables backend).
+    IptablesLegacy,
+    /// Through the ClusterIP with kube-proxy's nftables rules (`nft -f`).
+    Nft,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::PodIp,
+        Mode::Ours,
+        Mode::Iptables,
+        Mode::IptablesLegacy,
+        Mode::Nft,
+    ];
+
+    /// For kube-proxy's modes: the loader, its arguments, and the rule set
+    /// it loads.
+    pub fn loader(self) -> Option<Loader> {
+        match self {
+            Mode::PodIp | Mode::Ours => None,
+            Mode::Iptables => Some(("iptables-restore", &["-w"], rules::iptables)),
+            Mode::IptablesLegacy => Some(("iptables-legacy-restore", &["-w"], rules::iptables)),
+            Mode::Nft => Some(("nft", &["-f", "-"], rules::nft)),
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::PodIp => "pod IP (floor)",
+            Mode::Ours => "ours",
+            Mode::Iptables => "iptables (nf_tables)",
+            Mode::IptablesLegacy => "iptables (legacy)",
+            Mode::Nft => "nftables",
+        }
+    }
+}
+
+/// Requests per second over one measured round, and failed attempts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub errors: u64,
+}
+
+/// One mode at one size: how long programming took and both rates.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub mode: Mode,
+    pub services: u32,
+    /// Rules loaded or agent synced, seconds (none for the floor).
+    pub program_s: Option<f64>,
+    /// One request per connection: connect, request, response, close.
+    pub short: Rate,
+    /// Requests on long-lived connections, one per client thread.
+    pub keep_alive: Rate,
+    /// Every round's rates (for the range).
+    pub short_rounds: Vec<f64>,
+    pub keep_alive_rounds: Vec<f64>,
+    /// CPU the agent used while traffic ran, as a share of one core.
+    pub agent_cpu: Option<f64>,
+}
+
+/// Echo servers for every backend pod: one tokio runtime serving all their
+/// listeners (the sockets were created inside the pods' namespaces).
+struct Servers {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Servers {
+    fn start(cluster: &Cluster, roles: &[String]) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_io()
+            .build()?;
+        for role in roles {
+            let pod = cluster.pod(role)?;
+            let listener = pod.ns.run(|| {
+                let l = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?;
+            runtime.spawn(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let _ = conn.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; MESSAGE];
+                        while conn.read_exact(&mut buf).await.is_ok() {
+                            if conn.write_all(&buf).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A node with a client pod and the backend pods, programmed for one mode.
+struct Bed {
+    cluster: Cluster,
+    targets: Vec<SocketAddrV4>,
+    program_s: Option<f64>,
+    // Dropped before the cluster: the agent and servers live in its namespaces.
+    agent: Option<(FakeApi, Agent)>,
+    _servers: Servers,
+}
+
+/// The Services programmed at size `n`: the synthetic set with the one at
+/// `n / 2` pointing at `backends`.
+fn services(n: u32, backends: &[Ipv4Addr]) -> (Vec<KubeSvc>, SocketAddrV4) {
+    let mut svcs = rules::services(n, u32::from(BACKENDS));
+    let under_test = &mut svcs[(n / 2) as usize];
+    under_test.endpoints = backends
+        .iter()
+        .map(|ip| SocketAddrV4::new(*ip, BACKEND_PORT))
+        .collect();
+    let vip = under_test.vip;
+    (svcs, vip)
+}
+
+impl Bed {
+    fn new(mode: Mode, n: u32) -> Result<Self> {
+        let mut cluster = Cluster::new()?;
+        let client = cluster.add_pod("client", Ipv4Addr::new(10, 244, 0, 2))?;
+        // Many short connections from one pod: every ephemeral port, and
+        // TIME_WAIT ports reused as soon as TCP allows.
+        client
+            .ns
+            .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        client.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        let mut roles = Vec::new();
+        let mut backends = Vec::new();
+        for i in 1..=BACKENDS {
+            let ip = Ipv4Addr::new(10, 244, 1, i);
+            let role = format!("backend{i}");
+            cluster.add_pod(&role, ip)?;
+            roles.push(role);
+            backends.push(ip);
+        }
+        let servers = Servers::start(&cluster, &roles)?;
+        let (svcs, vip) = services(n, &backends);
+        let mut agent = None;
+        let program_s = match mode {
+            Mode::PodIp => None,
+            Mode::Ours => {
+                let (api, mut a, started) = crate::agent_for(&cluster, &svcs, &[])?;
+                a.wait_for_log("kind=\"full\"", Duration::from_secs(300))?;
+                let took = started.elapsed().as_secs_f64();
+                agent = Some((api, a));
+                Some(took)
+            }
+            Mode::Iptables | Mode::IptablesLegacy | Mode::Nft => {
+                let (program, args, rules) = mode.loader().context("a rules mode")?;
+                Some(crate::timed_restore(
+                    &cluster.node,
+                    program,
+                    args,
+                    &rules(&svcs),
+                )?)
+            }
+        };
+        let targets = if mode == Mode::PodIp {
+            backends
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, BACKEND_PORT))
+                .collect()
+        } else {
+            vec![vip]
+        };
+        Ok(Self {
+            cluster,
+            targets,
+            program_s,
+            agent,
+            _servers: servers,
+        })
+    }
+
+    /// CPU seconds the agent has used so far, if there is one.
+    fn agent_cpu_s(&self) -> Option<f64> {
+        let (_, agent) = self.agent.as_ref()?;
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", agent.process.child.id())).ok()?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 12th and 13th of them, in clock ticks.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / hz)
+    }
+
+    /// `ROUNDS` rounds: the median rate with every round's failures, and
+    /// every round's rate.
+    fn rounds(&self, keep_alive: bool) -> Result<(Rate, Vec<f64>)> {
+        let mut rates = Vec::new();
+        let mut errors = 0;
+        for _ in 0..ROUNDS {
+            let r = self.round(keep_alive)?;
+            rates.push(r.per_sec);
+            errors += r.errors;
+        }
+        let per_sec = median(&mut rates);
+        Ok((Rate { per_sec, errors }, rates))
+    }
+
+    /// One round: `CLIENTS` requests in flight for `WARMUP + ROUND`,
+    /// counting what completes in the last `ROUND`.
+    fn round(&self, keep_alive: bool) -> Result<Rate> {
+        let ns = &self.cluster.pod("client")?.ns;
+        let targets = self.targets.clone();
+        // A current-thread runtime on a thread inside the client pod: every
+        // socket it opens belongs to the pod's namespace.
+        let handle = ns.spawn(move || -> Result<Rate> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let start = tokio::time::Instant::now();
+                let count_from = start + WARMUP;
+                let until = count_from + ROUND;
+                let tasks: Vec<_> = (0..CLIENTS)
+                    .map(|t| {
+                        let targets = targets.clone();
+                        tokio::spawn(client(t, targets, keep_alive, count_from, until))
+                    })
+                    .collect();
+                let mut total = Rate::default();
+                for t in tasks {
+                    let (ok, errors) = t.await?;
+                    total.per_sec += ok as f64 / ROUND.as_secs_f64();
+                    total.errors += errors;
+                }
+                Ok(total)
+            })
+        })?;
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+}
+
+/// One client: (requests answered in the counted window, failures).
+async fn client(
+    t: usize,
+    targets: Vec<SocketAddrV4>,
+    keep_alive: bool,
+    count_from: tokio::time::Instant,
+    until: tokio::time::Instant,
+) -> (u64, u64) {
+    let request = [0x61u8; MESSAGE];
+    let mut response = [0u8; MESSAGE];
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut next = t;
+    let mut conn: Option<tokio::net::TcpStream> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            break;
+        }
+        let result = tokio::time::timeout(Duration::from_secs(1), async {
+            if conn.is_none() {
+                let target = targets[next % targets.len()];
+                next += 1;
+                let s = tokio::net::TcpStream::connect(target).await?;
+                s.set_nodelay(true)?;
+                conn = Some(s);
+            }
+            let s = conn.as_mut().ok_or(std::io::ErrorKind::NotConnected)?;
+            s.write_all(&request).await?;
+            s.read_exact(&mut response).await?;
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) if now >= count_from => ok += 1,
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => {
+                errors += u64::from(now >= count_from);
+                conn = None;
+                continue;
+            }
+        }
+        if !keep_alive {
+            conn = None; // close: the client sends FIN first
+        }
+    }
+    (ok, errors)
+}
+
+/// Every mode at `n` Services, one bed at a time (each in fresh namespaces,
+/// so kernel conntrack entries of one never weigh on the next).
+pub fn at(n: u32) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for mode in Mode::ALL {
+        // Let the previous bed's namespaces finish dying (the kernel frees
+        // their conntrack entries and sockets in the background).
+        std::thread::sleep(Duration::from_secs(3));
+        let bed = Bed::new(mode, n).with_context(|| format!("{} at {n}", mode.label()))?;
+        let cpu_before = bed.agent_cpu_s();
+        let traffic_started = Instant::now();
+        let (short, short_rounds) = bed.rounds(false)?;
+        let (keep_alive, keep_alive_rounds) = bed.rounds(true)?;
+        let agent_cpu = cpu_before
+            .zip(bed.agent_cpu_s())
+            .map(|(a, b)| (b - a) / traffic_started.elapsed().as_secs_f64());
+        eprintln!(
+            "e2e {n} {}: program {:?} s, short {:.0}/s ({} errors), keep-alive {:.0}/s ({} errors)",
+            mode.label(),
+            bed.program_s,
+            short.per_sec,
+            short.errors,
+            keep_alive.per_sec,
+            keep_alive.errors
+        );
+        runs.push(Run {
+            mode,
+            services: n,
+            program_s: bed.program_s,
+            short,
+            keep_alive,
+            short_rounds,
+            keep_alive_rounds,
+            agent_cpu,
+        });
+    }
+    Ok(runs)
+}
+
+/// Median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
