@@ -417,8 +417,8 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let result = ct.entries().and_then(|entries| {
-                let doomed = conntrack::expired(&entries, conntrack::monotonic_ns(), &timeouts);
-                let removed = ct.remove(&entries, &doomed)?;
+                let idle = conntrack::expired(&entries, conntrack::monotonic_ns(), &timeouts);
+                let removed = ct.remove_idle(&entries, &idle)?;
                 Ok((entries.len(), removed, ct.capacity()?))
             });
             match result {

@@ -82,9 +82,11 @@ pub fn partner(key: &CtKey, v: &CtValue) -> CtKey {
     }
 }
 
-/// Entries whose flow has been idle longer than its timeout at `now_ns`
-/// (the kernel's monotonic clock, as `bpf_ktime_get_coarse_ns`).
-pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64, t: &Timeouts) -> Vec<CtKey> {
+/// Flows idle longer than their timeout at `now_ns` (the kernel's
+/// monotonic clock, as `bpf_ktime_get_coarse_ns`), each as its entries: a
+/// FORWARD key with its REPLY partner when there is one, or a REPLY entry on
+/// its own.
+pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64, t: &Timeouts) -> Vec<Vec<CtKey>> {
     let mut out = Vec::new();
     let mut paired = BTreeSet::new();
     let idle_too_long = |proto: u8, state: u8, last: u64| {
@@ -100,10 +102,11 @@ pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64, t: &Timeouts) -> 
             paired.insert(reply_key);
         }
         if idle_too_long(k.proto, state, last) {
-            out.push(*k);
-            if reply.is_some() {
-                out.push(reply_key);
-            }
+            out.push(if reply.is_some() {
+                vec![*k, reply_key]
+            } else {
+                vec![*k]
+            });
         }
     }
     // REPLY entries on their own (learned from a DSR option, or whose
@@ -113,7 +116,7 @@ pub fn expired(entries: &HashMap<CtKey, CtValue>, now_ns: u64, t: &Timeouts) -> 
         .filter(|(k, _)| k.dir == ct_dir::REPLY && !paired.contains(k))
     {
         if idle_too_long(k.proto, v.state, v.last_seen_ns) {
-            out.push(*k);
+            out.push(vec![*k]);
         }
     }
     out
@@ -285,7 +288,7 @@ mod tests {
         let mut f = flow(8, ct_state::SYN_SENT, proto::TCP, 997, None);
         f[1].1.state = ct_state::CLOSING;
         entries.extend(f);
-        let gone: BTreeSet<CtKey> = expired(&entries, now, &t).into_iter().collect();
+        let gone: BTreeSet<CtKey> = expired(&entries, now, &t).into_iter().flatten().collect();
         for (name, f, want) in &cases {
             for (k, _) in f {
                 assert_eq!(gone.contains(k), *want, "{name} ({:?})", k.dir);
@@ -299,7 +302,7 @@ mod tests {
         let mut orphan = HashMap::new();
         let [_, r] = flow(9, ct_state::ESTABLISHED, proto::TCP, 800, None);
         orphan.insert(r.0, r.1);
-        assert_eq!(expired(&orphan, now, &t), vec![r.0]);
+        assert_eq!(expired(&orphan, now, &t), vec![vec![r.0]]);
     }
 
     #[test]

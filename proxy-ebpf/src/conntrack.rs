@@ -79,6 +79,21 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
     CONNTRACK.get_ptr_mut(key)
 }
 
+/// Whether client packet `pkt` continues the flow whose FORWARD entry is
+/// `v`. Anything but a SYN does: a tracked flow keeps its backend for its
+/// whole life, even after the backend leaves the Service (not ready,
+/// terminating, scaled away), so a draining pod finishes its connections as
+/// with kube-proxy. A SYN reusing the tuple is a new connection when the
+/// client has already closed this one (FIN or RST seen from it, as the
+/// kernel's conntrack reopens a TIME_WAIT tuple) or its backend is gone;
+/// the caller then picks a backend afresh and records the flow anew.
+#[inline(always)]
+pub fn continues(v: &CtValue, pkt: &Packet) -> bool {
+    !pkt.tcp_syn_only
+        || (v.state < ct_state::CLOSING
+            && crate::select::backend_is(v.backend_id, v.nat_addr_be, v.nat_port_be))
+}
+
 /// The state a packet's TCP flags move a connection to, from `state`
 /// (states only advance).
 #[inline(always)]

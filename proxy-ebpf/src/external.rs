@@ -108,11 +108,7 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt)) {
         // SAFETY: a valid map value pointer for this run; copied out.
         let v = unsafe { *entry };
-        // As in `tc_pod_ingress`: a tracked flow keeps its backend; only a
-        // SYN reusing the tuple of a flow whose backend is gone picks again.
-        if v.svc_id == svc.svc_id
-            && (!pkt.tcp_syn_only || select::backend_is(v.backend_id, v.nat_addr_be, v.nat_port_be))
-        {
+        if v.svc_id == svc.svc_id && conntrack::continues(&v, pkt) {
             return send(ctx, pkt, &v, SvcEvent::Packet, Counter::Established, || {
                 conntrack::seen(entry, pkt, now);
                 Ok(v.peer_port_be)

@@ -287,20 +287,11 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         && unsafe { (*entry).svc_id } == svc_id
     {
         // SAFETY: as above.
-        let (backend_id, addr_be, port_be) = unsafe {
-            (
-                (*entry).backend_id,
-                (*entry).nat_addr_be,
-                (*entry).nat_port_be,
-            )
-        };
-        // A tracked flow keeps its backend for its whole life, even after the
-        // backend leaves the Service (not ready, terminating, scaled away):
-        // as with kube-proxy, a draining pod finishes its connections. Only a
-        // new connection attempt (a SYN reusing the tuple) whose backend is
-        // gone picks again. UDP flows to departed backends are removed by the
-        // agent. A flow tracked for another Service (address reused) starts anew.
-        if !pkt.tcp_syn_only || select::backend_is(backend_id, addr_be, port_be) {
+        let (addr_be, port_be) = unsafe { ((*entry).nat_addr_be, (*entry).nat_port_be) };
+        // UDP flows to departed backends are removed by the agent. A flow
+        // tracked for another Service (address reused) starts anew.
+        // SAFETY: as above.
+        if conntrack::continues(unsafe { &*entry }, pkt) {
             conntrack::seen(entry, pkt, now);
             // SAFETY: as above.
             let v = unsafe { *entry };

@@ -719,6 +719,28 @@ fn tcp_flags_move_conntrack_state_on() {
     dp.test_run(INGRESS, &with_flags(client, vip, 0x10), 1)
         .unwrap();
     assert_eq!(state(&dp, ct_dir::FORWARD), Some(ct_state::CLOSING));
+    // A SYN reusing the tuple after the client closed is its next
+    // connection (a TIME_WAIT port reused): picked and recorded anew, so it
+    // gets the timeouts of a new flow, not those of the closed one.
+    let before = counters(&dp).unwrap();
+    let out = dp
+        .test_run(INGRESS, &with_flags(client, vip, 0x02), 1)
+        .unwrap();
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_eq!(packet::dst_of(&out.frame), backend);
+    assert_eq!(
+        moved(&before, &counters(&dp).unwrap()),
+        vec![(Counter::NewFlow, 1)]
+    );
+    assert_eq!(state(&dp, ct_dir::FORWARD), Some(ct_state::SYN_SENT));
+    // A retransmitted SYN of that connection stays in it.
+    let before = counters(&dp).unwrap();
+    dp.test_run(INGRESS, &with_flags(client, vip, 0x02), 1)
+        .unwrap();
+    assert_eq!(
+        moved(&before, &counters(&dp).unwrap()),
+        vec![(Counter::Established, 1)]
+    );
 }
 
 /// Pins the calling thread to one CPU: per-CPU state (round robin) then
@@ -913,4 +935,53 @@ fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
         },
     ];
     run_cases(&mut dp, cases);
+}
+
+#[test]
+fn idle_flow_removal_spares_flows_touched_since_the_scan() {
+    use proxy_common::ct_dir;
+    let mut dp = fixture::load().unwrap();
+    let vip = sa([10, 96, 0, 60], 80);
+    let backend = sa([10, 244, 1, 61], 8080);
+    fixture::program(
+        &mut dp,
+        vec![fixture::service("web", vip, Protocol::Tcp, &[backend])],
+    )
+    .unwrap();
+    let (quiet, busy) = (sa(CLIENT, 43000), sa(CLIENT, 43001));
+    for c in [quiet, busy] {
+        dp.test_run(INGRESS, &Frame::tcp_syn(c, vip).build(), 1)
+            .unwrap();
+        dp.test_run(EGRESS, &Frame::tcp_syn(backend, c).build(), 1)
+            .unwrap();
+    }
+    let ct = dp.conntrack_handle().unwrap();
+    let scanned = ct.entries().unwrap();
+    let flow_of = |c: SocketAddrV4| -> Vec<_> {
+        let port = c.port().to_be();
+        let mut keys: Vec<_> = scanned
+            .keys()
+            .filter(|k| k.sport_be == port || k.dport_be == port)
+            .copied()
+            .collect();
+        keys.sort_by_key(|k| k.dir != ct_dir::FORWARD);
+        keys
+    };
+    let flows = [flow_of(quiet), flow_of(busy)];
+    assert!(flows.iter().all(|f| f.len() == 2), "{flows:?}");
+    // After the scan, the busy flow's client closes it: its entry changes.
+    let mut fin = Frame::tcp_syn(busy, vip).build();
+    packet::set_tcp_flags(&mut fin, 0x11);
+    dp.test_run(INGRESS, &fin, 1).unwrap();
+
+    assert_eq!(ct.remove_idle(&scanned, &flows).unwrap(), 2);
+    let left = ct.entries().unwrap();
+    assert!(
+        flows[0].iter().all(|k| !left.contains_key(k)),
+        "quiet flow removed"
+    );
+    assert!(
+        flows[1].iter().all(|k| left.contains_key(k)),
+        "busy flow kept whole"
+    );
 }

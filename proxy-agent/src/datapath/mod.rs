@@ -528,6 +528,28 @@ impl ConntrackHandle {
         entries: &std::collections::HashMap<CtKey, CtValue>,
         keys: &[CtKey],
     ) -> Result<usize, DatapathError> {
+        self.remove_flows(entries, keys.iter().map(std::slice::from_ref), false)
+    }
+
+    /// As [`Self::remove`] for idle flows (each one or two keys of
+    /// `entries`), except that a flow is re-read just before it goes and
+    /// kept whole if any of its entries changed since `entries` was read: a
+    /// packet refreshed it, or a new connection reused its tuple while the
+    /// table was being scanned.
+    pub fn remove_idle(
+        &self,
+        entries: &std::collections::HashMap<CtKey, CtValue>,
+        flows: &[Vec<CtKey>],
+    ) -> Result<usize, DatapathError> {
+        self.remove_flows(entries, flows.iter().map(Vec::as_slice), true)
+    }
+
+    fn remove_flows<'a>(
+        &self,
+        entries: &std::collections::HashMap<CtKey, CtValue>,
+        flows: impl Iterator<Item = &'a [CtKey]>,
+        only_unchanged: bool,
+    ) -> Result<usize, DatapathError> {
         // One writer of BACKEND_REAPED at a time (gc and flow cleanup run on
         // blocking threads).
         static REAPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -541,21 +563,30 @@ impl ConntrackHandle {
         .map_err(map_err(maps::BACKENDS))?;
         let mut reaped: BTreeMap<u32, u32> = BTreeMap::new();
         let mut removed = 0;
-        for k in keys {
-            if ct.remove(k).is_err() {
+        for flow in flows {
+            if only_unchanged
+                && flow
+                    .iter()
+                    .any(|k| ct.get(k, 0).is_ok_and(|now| Some(&now) != entries.get(k)))
+            {
                 continue;
             }
-            removed += 1;
-            let Some(v) = entries.get(k) else { continue };
-            let counted =
-                k.dir == proxy_common::ct_dir::FORWARD && v.flags & proxy_common::CT_F_COUNTED != 0;
-            let same_backend = || {
-                backends
-                    .get(&v.backend_id, 0)
-                    .is_ok_and(|b| b.addr_be == v.nat_addr_be && b.port_be == v.nat_port_be)
-            };
-            if counted && same_backend() {
-                *reaped.entry(v.backend_id).or_default() += 1;
+            for k in flow {
+                if ct.remove(k).is_err() {
+                    continue;
+                }
+                removed += 1;
+                let Some(v) = entries.get(k) else { continue };
+                let counted = k.dir == proxy_common::ct_dir::FORWARD
+                    && v.flags & proxy_common::CT_F_COUNTED != 0;
+                let same_backend = || {
+                    backends
+                        .get(&v.backend_id, 0)
+                        .is_ok_and(|b| b.addr_be == v.nat_addr_be && b.port_be == v.nat_port_be)
+                };
+                if counted && same_backend() {
+                    *reaped.entry(v.backend_id).or_default() += 1;
+                }
             }
         }
         if reaped.is_empty() {
