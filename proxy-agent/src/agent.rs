@@ -528,6 +528,25 @@ impl Agent {
     }
 
     /// Applies one watch event to the store.
+    /// Applies a batch of API events: the first full sync once every kind
+    /// has been listed, incremental syncs after that.
+    fn kube_events(&mut self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut dirty = Dirty::default();
+        for e in events {
+            self.watch_event(e, &mut dirty);
+        }
+        if !self.synced {
+            if Kind::ALL.iter().all(|k| self.listed.contains(k)) {
+                self.full_sync();
+            }
+        } else {
+            self.store_changed(dirty);
+        }
+    }
+
     fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
         match event {
             Event::Apply(o) => dirty.merge(upsert(&mut self.engine.store, o)),
@@ -649,7 +668,36 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         });
     }
-    let mut dp = Datapath::load(&cfg.load).context("loading the datapath")?;
+    // Watch the API before loading the datapath: listing tens of thousands
+    // of objects then overlaps program verification and map creation, and
+    // the events that arrive meanwhile wait here in order.
+    let mut kube_watch = match &cfg.source {
+        Source::Kubernetes { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_ref()).await?;
+            let watch = kube_source::watch(client, &cfg.node_name);
+            tracing::info!(node = %cfg.node_name, "watching Services, EndpointSlices and this Node");
+            Some(watch)
+        }
+        Source::Manifests(_) => None,
+    };
+    let load = cfg.load.clone();
+    let mut loading = tokio::task::spawn_blocking(move || Datapath::load(&load));
+    let mut early_events = Vec::new();
+    let mut dp = loop {
+        tokio::select! {
+            loaded = &mut loading => {
+                break loaded
+                    .context("datapath load task")?
+                    .context("loading the datapath")?;
+            }
+            Some(event) = async {
+                match kube_watch.as_mut() {
+                    Some((rx, _)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => early_events.push(event),
+        }
+    };
     let metrics = metrics::Metrics::new(dp.layout_dir().map(|d| {
         d.parent()
             .map_or_else(|| d.to_path_buf(), std::path::Path::to_path_buf)
@@ -715,11 +763,12 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             _dir_watcher = Some(w);
             dir_events = Some(rx);
         }
-        Source::Kubernetes { kubeconfig } => {
-            let client = kube_source::client(kubeconfig.as_ref()).await?;
-            let (rx, _handles) = kube_source::watch(client, &agent.cfg.node_name);
-            tracing::info!(node = %agent.cfg.node_name, "watching Services, EndpointSlices and this Node");
-            kube_events = Some(rx);
+        Source::Kubernetes { .. } => {
+            // The watch tasks run detached; the channel is what matters.
+            if let Some((rx, _)) = kube_watch.take() {
+                kube_events = Some(rx);
+            }
+            agent.kube_events(early_events);
         }
     }
 
@@ -760,20 +809,13 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
             Some(first) = async { match kube_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                 // Apply everything already queued as one batch.
-                let mut dirty = Dirty::default();
-                agent.watch_event(first, &mut dirty);
+                let mut batch = vec![first];
                 if let Some(rx) = kube_events.as_mut() {
                     while let Ok(e) = rx.try_recv() {
-                        agent.watch_event(e, &mut dirty);
+                        batch.push(e);
                     }
                 }
-                if !agent.synced {
-                    if Kind::ALL.iter().all(|k| agent.listed.contains(k)) {
-                        agent.full_sync();
-                    }
-                } else {
-                    agent.store_changed(dirty);
-                }
+                agent.kube_events(batch);
             }
             changed = links.changed() => {
                 if let Err(e) = changed {
