@@ -4,6 +4,7 @@
 //! (see `proxy-agent --help`). The agent pins all of these except the log ring.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -68,5 +69,8 @@ pub static BACKEND_REAPED: Array<u32, 262_144> = Array::new();
 
 /// svc id → its Service port's name, for inspection tools (`proxy-agent
 /// service`, `bpftool map dump`). Written by the agent; no program reads it.
+/// Not preallocated: its memory follows the Services there are, not the
+/// capacity (20 MiB preallocated at 65,536 names of 320 bytes).
 #[btf_map]
-pub static SVC_NAMES: HashMap<u32, SvcName, 65_536> = HashMap::new();
+pub static SVC_NAMES: HashMap<u32, SvcName, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
