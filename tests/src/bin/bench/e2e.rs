@@ -4,7 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -25,11 +25,11 @@ pub const BACKENDS: u8 = 10;
 /// Port the backends serve on.
 const BACKEND_PORT: u16 = 8080;
 /// Measured rounds per metric (the median is reported).
-pub const ROUNDS: usize = 5;
+pub const ROUNDS: usize = 7;
 /// Warm-up before each round, not counted.
-const WARMUP: Duration = Duration::from_millis(500);
+pub const WARMUP: Duration = Duration::from_millis(300);
 /// Length of a measured round.
-pub const ROUND: Duration = Duration::from_millis(1500);
+pub const ROUND: Duration = Duration::from_secs(1);
 
 /// A rule loader: program, arguments, and the rule text it reads on stdin.
 pub type Loader = (
@@ -257,20 +257,6 @@ impl Bed {
         Some(ticks / hz)
     }
 
-    /// `ROUNDS` rounds: the median rate with every round's failures, and
-    /// every round's rate.
-    fn rounds(&self, keep_alive: bool) -> Result<(Rate, Vec<f64>)> {
-        let mut rates = Vec::new();
-        let mut errors = 0;
-        for _ in 0..ROUNDS {
-            let r = self.round(keep_alive)?;
-            rates.push(r.per_sec);
-            errors += r.errors;
-        }
-        let per_sec = median(&mut rates);
-        Ok((Rate { per_sec, errors }, rates))
-    }
-
     /// One round: `CLIENTS` requests in flight for `WARMUP + ROUND`,
     /// counting what completes in the last `ROUND`.
     fn round(&self, keep_alive: bool) -> Result<Rate> {
@@ -355,22 +341,49 @@ async fn client(
     (ok, errors)
 }
 
-/// Every mode at `n` Services, one bed at a time (each in fresh namespaces,
-/// so kernel conntrack entries of one never weigh on the next).
+/// Every mode at `n` Services. All five beds are built first, then the
+/// rounds interleave (each round visits every bed, starting one further
+/// along each time), so slow drifts of this shared VM fall on every mode
+/// alike instead of on whichever ran last.
 pub fn at(n: u32) -> Result<Vec<Run>> {
-    let mut runs = Vec::new();
+    // Let the previous size's namespaces finish dying (the kernel frees
+    // their conntrack entries and sockets in the background).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut beds = Vec::new();
     for mode in Mode::ALL {
-        // Let the previous bed's namespaces finish dying (the kernel frees
-        // their conntrack entries and sockets in the background).
-        std::thread::sleep(Duration::from_secs(3));
         let bed = Bed::new(mode, n).with_context(|| format!("{} at {n}", mode.label()))?;
-        let cpu_before = bed.agent_cpu_s();
-        let traffic_started = Instant::now();
-        let (short, short_rounds) = bed.rounds(false)?;
-        let (keep_alive, keep_alive_rounds) = bed.rounds(true)?;
-        let agent_cpu = cpu_before
+        beds.push((mode, bed));
+    }
+    let cpu_before: Vec<Option<f64>> = beds.iter().map(|(_, b)| b.agent_cpu_s()).collect();
+    // rates[keep_alive][bed]
+    let mut rates = [vec![Vec::new(); beds.len()], vec![Vec::new(); beds.len()]];
+    let mut errors = [vec![0u64; beds.len()], vec![0u64; beds.len()]];
+    for (k, keep_alive) in [false, true].into_iter().enumerate() {
+        for round in 0..ROUNDS {
+            for j in 0..beds.len() {
+                let i = (j + round) % beds.len();
+                let r = beds[i].1.round(keep_alive)?;
+                rates[k][i].push(r.per_sec);
+                errors[k][i] += r.errors;
+            }
+        }
+    }
+    // Each bed carried traffic for this long (warm-ups included).
+    let busy = 2.0 * ROUNDS as f64 * (WARMUP + ROUND).as_secs_f64();
+    let mut runs = Vec::new();
+    for (i, (mode, bed)) in beds.iter().enumerate() {
+        let [short_rounds, keep_alive_rounds] = [rates[0][i].clone(), rates[1][i].clone()];
+        let short = Rate {
+            per_sec: median(&mut short_rounds.clone()),
+            errors: errors[0][i],
+        };
+        let keep_alive = Rate {
+            per_sec: median(&mut keep_alive_rounds.clone()),
+            errors: errors[1][i],
+        };
+        let agent_cpu = cpu_before[i]
             .zip(bed.agent_cpu_s())
-            .map(|(a, b)| (b - a) / traffic_started.elapsed().as_secs_f64());
+            .map(|(a, b)| (b - a) / busy);
         eprintln!(
             "e2e {n} {}: program {:?} s, short {:.0}/s ({} errors), keep-alive {:.0}/s ({} errors)",
             mode.label(),
@@ -381,7 +394,7 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             keep_alive.errors
         );
         runs.push(Run {
-            mode,
+            mode: *mode,
             services: n,
             program_s: bed.program_s,
             short,
