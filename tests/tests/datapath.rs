@@ -647,14 +647,9 @@ fn replies_are_reverse_natted() {
 #[test]
 fn tcp_flags_move_conntrack_state_on() {
     use proxy_common::{ct_dir, ct_state};
-    let mut dp = fixture::load().unwrap();
     let vip = sa([10, 96, 0, 50], 80);
     let backend = sa([10, 244, 1, 51], 8080);
-    fixture::program(
-        &mut dp,
-        vec![fixture::service("web", vip, Protocol::Tcp, &[backend])],
-    )
-    .unwrap();
+    let mut dp = one_backend(vip, backend);
     let client = sa(CLIENT, 42000);
     let state = |dp: &Datapath, dir| {
         dp.conntrack()
@@ -741,6 +736,17 @@ fn tcp_flags_move_conntrack_state_on() {
         moved(&before, &counters(&dp).unwrap()),
         vec![(Counter::Established, 1)]
     );
+}
+
+/// A datapath with Service "web" at `vip` (TCP) and its one backend.
+fn one_backend(vip: SocketAddrV4, backend: SocketAddrV4) -> Datapath {
+    let mut dp = fixture::load().unwrap();
+    fixture::program(
+        &mut dp,
+        vec![fixture::service("web", vip, Protocol::Tcp, &[backend])],
+    )
+    .unwrap();
+    dp
 }
 
 /// Pins the calling thread to one CPU: per-CPU state (round robin) then
@@ -940,14 +946,9 @@ fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
 #[test]
 fn idle_flow_removal_spares_flows_touched_since_the_scan() {
     use proxy_common::ct_dir;
-    let mut dp = fixture::load().unwrap();
     let vip = sa([10, 96, 0, 60], 80);
     let backend = sa([10, 244, 1, 61], 8080);
-    fixture::program(
-        &mut dp,
-        vec![fixture::service("web", vip, Protocol::Tcp, &[backend])],
-    )
-    .unwrap();
+    let mut dp = one_backend(vip, backend);
     let (quiet, busy) = (sa(CLIENT, 43000), sa(CLIENT, 43001));
     for c in [quiet, busy] {
         dp.test_run(INGRESS, &Frame::tcp_syn(c, vip).build(), 1)
@@ -984,4 +985,28 @@ fn idle_flow_removal_spares_flows_touched_since_the_scan() {
         flows[1].iter().all(|k| left.contains_key(k)),
         "busy flow kept whole"
     );
+}
+
+#[test]
+fn batched_conntrack_read_sees_every_entry() {
+    let vip = sa([10, 96, 0, 62], 80);
+    let backend = sa([10, 244, 1, 63], 8080);
+    let mut dp = one_backend(vip, backend);
+    // 2 entries per flow: more than one batch (4096 entries per call).
+    for port in 20_000..25_000u16 {
+        let out = dp
+            .test_run(INGRESS, &Frame::tcp_syn(sa(CLIENT, port), vip).build(), 1)
+            .unwrap();
+        assert_eq!(out.verdict, TCX_NEXT);
+    }
+    let one_by_one: BTreeMap<_, _> = dp.conntrack().unwrap().into_iter().collect();
+    let batched: BTreeMap<_, _> = dp
+        .conntrack_handle()
+        .unwrap()
+        .entries_batched()
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(one_by_one.len(), 10_000);
+    assert_eq!(batched, one_by_one);
 }

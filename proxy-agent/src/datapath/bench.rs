@@ -90,3 +90,24 @@ impl Datapath {
         self.test_run_on(wrapper, spec.frame, spec.repeat, spec.ifindex)
     }
 }
+
+/// Kernel run-time statistics, counted for as long as the returned
+/// descriptor stays open (BPF_ENABLE_STATS; nothing is left switched on).
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, DatapathError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| DatapathError::Bench(format!("enabling run-time statistics: {e}")))
+}
+
+/// Runs and total run time, summed over every loaded program called `name`
+/// (counted only while [`enable_run_stats`] is in force).
+pub fn program_run_stats(name: &str) -> Result<(u64, std::time::Duration), DatapathError> {
+    let mut total = (0, std::time::Duration::ZERO);
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|e| DatapathError::Bench(format!("listing programs: {e}")))?;
+        if info.name_as_str() == Some(name) {
+            total.0 += info.run_count();
+            total.1 += info.run_time();
+        }
+    }
+    Ok(total)
+}

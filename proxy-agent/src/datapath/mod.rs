@@ -31,7 +31,10 @@ use proxy_common::{
 };
 
 pub use self::{
-    bench::{BENCH_EMPTY, BENCH_EMPTY_XDP, BENCH_WRAPPER, BENCH_WRAPPER_XDP, BenchSpec},
+    bench::{
+        BENCH_EMPTY, BENCH_EMPTY_XDP, BENCH_WRAPPER, BENCH_WRAPPER_XDP, BenchSpec,
+        enable_run_stats, program_run_stats,
+    },
     tables::{ApplyReport, Blocks, QUARANTINE},
 };
 use crate::reconcile::{Capacity, Programmed, Table};
@@ -73,6 +76,11 @@ pub enum DatapathError {
     Attach { iface: String, message: String },
     #[error("benchmark: {0}")]
     Bench(String),
+    #[error("batch read of map {name}: {source}")]
+    Batch {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("selection table of svc {svc_id} is unreadable")]
     BadTable { svc_id: u32 },
 }
@@ -515,8 +523,28 @@ impl ConntrackHandle {
 
     /// Every entry (entries the datapath adds or evicts meanwhile may be
     /// missed or seen: callers decide on a consistent-enough snapshot).
+    /// Read in batches where the kernel can, key by key otherwise.
     pub fn entries(&self) -> Result<std::collections::HashMap<CtKey, CtValue>, DatapathError> {
-        Ok(self.open()?.iter().filter_map(Result::ok).collect())
+        match self.entries_batched() {
+            Ok(entries) => Ok(entries),
+            Err(e) => {
+                tracing::debug!("{e}; reading entry by entry");
+                Ok(self.open()?.iter().filter_map(Result::ok).collect())
+            }
+        }
+    }
+
+    /// Every entry, read thousands per system call (`BPF_MAP_LOOKUP_BATCH`).
+    pub fn entries_batched(
+        &self,
+    ) -> Result<std::collections::HashMap<CtKey, CtValue>, DatapathError> {
+        let data = MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?;
+        batch::read_hash::<CtKey, CtValue>(data.fd().as_fd())
+            .map(|entries| entries.into_iter().collect())
+            .map_err(|source| DatapathError::Batch {
+                name: maps::CONNTRACK,
+                source,
+            })
     }
 
     /// Removes `keys` (entries of `entries`), returning how many were still
