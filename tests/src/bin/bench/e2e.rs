@@ -106,8 +106,40 @@ pub struct Run {
     /// Every round's rates (for the range).
     pub short_rounds: Vec<f64>,
     pub keep_alive_rounds: Vec<f64>,
-    /// CPU the agent used while traffic ran, as a share of one core.
+    /// CPU the agent used while this size's traffic ran (all beds), as a
+    /// share of one core.
     pub agent_cpu: Option<f64>,
+    /// Ours: (program, runs, mean ns per run) under one extra round of each
+    /// kind, with the kernel's run-time statistics on.
+    pub program_costs: Vec<(&'static str, u64, f64)>,
+}
+
+/// Our programs on the pod interfaces.
+const POD_PROGRAMS: [&str; 2] = [
+    proxy_common::maps::programs::TC_POD_INGRESS,
+    proxy_common::maps::programs::TC_POD_EGRESS,
+];
+
+/// What our programs cost per run under real traffic: one more round of
+/// each kind on `bed`, with run-time statistics switched on only for it
+/// (they add two clock reads per run, so the measured rounds go without).
+fn program_costs(bed: &Bed) -> Result<Vec<(&'static str, u64, f64)>> {
+    use proxy_agent::datapath::{enable_run_stats, program_run_stats};
+    let stats = enable_run_stats()?;
+    let before = POD_PROGRAMS
+        .iter()
+        .map(|p| program_run_stats(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    bed.round(false)?;
+    bed.round(true)?;
+    let mut costs = Vec::new();
+    for (p, (runs0, time0)) in POD_PROGRAMS.iter().zip(before) {
+        let (runs, time) = program_run_stats(p)?;
+        let n = runs.saturating_sub(runs0);
+        costs.push((*p, n, (time - time0).as_nanos() as f64 / n.max(1) as f64));
+    }
+    drop(stats);
+    Ok(costs)
 }
 
 /// Echo servers for every backend pod: one tokio runtime serving all their
@@ -355,6 +387,7 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
         beds.push((mode, bed));
     }
     let cpu_before: Vec<Option<f64>> = beds.iter().map(|(_, b)| b.agent_cpu_s()).collect();
+    let traffic_started = std::time::Instant::now();
     // rates[keep_alive][bed]
     let mut rates = [vec![Vec::new(); beds.len()], vec![Vec::new(); beds.len()]];
     let mut errors = [vec![0u64; beds.len()], vec![0u64; beds.len()]];
@@ -368,8 +401,9 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             }
         }
     }
-    // Each bed carried traffic for this long (warm-ups included).
-    let busy = 2.0 * ROUNDS as f64 * (WARMUP + ROUND).as_secs_f64();
+    // The agent runs all along (its conntrack collection too), not only
+    // while its own bed carries traffic: its share of a core over it all.
+    let wall = traffic_started.elapsed().as_secs_f64();
     let mut runs = Vec::new();
     for (i, (mode, bed)) in beds.iter().enumerate() {
         let [short_rounds, keep_alive_rounds] = [rates[0][i].clone(), rates[1][i].clone()];
@@ -383,7 +417,7 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
         };
         let agent_cpu = cpu_before[i]
             .zip(bed.agent_cpu_s())
-            .map(|(a, b)| (b - a) / busy);
+            .map(|(a, b)| (b - a) / wall);
         eprintln!(
             "e2e {n} {}: program {:?} s, short {:.0}/s ({} errors), keep-alive {:.0}/s ({} errors)",
             mode.label(),
@@ -393,6 +427,11 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             keep_alive.per_sec,
             keep_alive.errors
         );
+        let program_costs = if *mode == Mode::Ours {
+            program_costs(bed)?
+        } else {
+            Vec::new()
+        };
         runs.push(Run {
             mode: *mode,
             services: n,
@@ -402,6 +441,7 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             short_rounds,
             keep_alive_rounds,
             agent_cpu,
+            program_costs,
         });
     }
     Ok(runs)

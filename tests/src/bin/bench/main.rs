@@ -169,6 +169,23 @@ struct Scale {
     xdp_rows: Vec<Row>,
 }
 
+impl Scale {
+    /// Keeps, row by row, the faster of this run and `other` (same rows).
+    fn keep_faster(&mut self, other: &Scale) {
+        let min = |a: &mut f64, b: f64| *a = a.min(b);
+        min(&mut self.empty, other.empty);
+        min(&mut self.floor, other.floor);
+        min(&mut self.xdp_empty, other.xdp_empty);
+        min(&mut self.xdp_floor, other.xdp_floor);
+        for (a, b) in self.rows.iter_mut().zip(&other.rows) {
+            min(&mut a.ns, b.ns);
+        }
+        for (a, b) in self.xdp_rows.iter_mut().zip(&other.xdp_rows) {
+            min(&mut a.ns, b.ns);
+        }
+    }
+}
+
 /// `n` more ClusterIP Services (random algorithm, 10 backends each, all
 /// distinct) so lookups run against full maps.
 fn fillers(n: u32) -> Vec<proxy_agent::model::ServicePlan> {
@@ -308,7 +325,13 @@ fn datapath_scales() -> Result<Vec<Scale>> {
     let mut scales = Vec::new();
     for total in SCALES {
         let started = Instant::now();
-        scales.push(datapath_at(total)?);
+        // Best of two loads: on this shared VM a load now and then runs a
+        // row 50% slower (placement, neighbours), which is not what grows
+        // with the Services.
+        let mut best = datapath_at(total)?;
+        let again = datapath_at(total)?;
+        best.keep_faster(&again);
+        scales.push(best);
         eprintln!(
             "datapath at {total} Services: {:.1} s",
             started.elapsed().as_secs_f64()
@@ -324,7 +347,8 @@ fn datapath_section(report: &mut Report, scales: &[Scale]) -> Result<()> {
     let md = &mut report.md;
     writeln!(
         md,
-        "Method: BPF_PROG_TEST_RUN, {REPEAT} runs per round, median of {ROUNDS} rounds, kernel-measured ns per run. \
+        "Method: BPF_PROG_TEST_RUN, {REPEAT} runs per round, median of {ROUNDS} rounds, kernel-measured ns per run, \
+         the better of two loads of the datapath. \
          A wrapper program restores the frame before each run (and gives it a new source for new flows) and \
          tail-calls the program under test; the wrapper's own cost (wrapper → empty program) is the floor \
          subtracted in the last column. Each row's path counter is checked to have moved once per run. \
@@ -1180,8 +1204,9 @@ fn e2e_section(report: &mut Report) -> Result<Vec<e2e::Run>> {
          {} rounds of {} ms after {} ms of warm-up (the range shows all rounds); failed attempts are counted. \
          All five beds of a size exist at once and the rounds interleave, so the VM's drifts fall on every \
          mode alike. *Programmed in*: rules loaded, or agent start → first full sync written (listing and \
-         translation included). *Agent CPU*: the agent's CPU time over the time its bed carried traffic, as a \
-         share of one core (conntrack garbage collection every 10 s included). The Service under test sits \
+         translation included). *Agent CPU*: the agent's CPU time while the size's rounds ran (all beds \
+         take turns, so its own bed carried a fifth of that traffic), as a share of one core; mostly \
+         conntrack garbage collection every 10 s. The Service under test sits \
          in the middle of N Services with 10 endpoints each (iptables walks its KUBE-SERVICES list linearly \
          for every new connection). **pod IP**: the client connects to the backends' addresses in turn, \
          nothing translates (the floor). **ours**: the agent watching a fake API server with the N Services. \
@@ -1233,6 +1258,20 @@ fn e2e_section(report: &mut Report) -> Result<Vec<e2e::Run>> {
             r.agent_cpu
                 .map(|c| format!("{:.1}%", c * 100.0))
                 .unwrap_or_else(|| "—".into()),
+        )?;
+    }
+    for r in runs.iter().filter(|r| !r.program_costs.is_empty()) {
+        let costs: Vec<String> = r
+            .program_costs
+            .iter()
+            .map(|(p, n, ns)| format!("`{p}` {ns:.0} ns/run over {n} runs"))
+            .collect();
+        writeln!(
+            md,
+            "\nOur programs under this traffic at {} Services (one more round of each kind with the kernel's \
+             run-time statistics on): {}.",
+            thousands(r.services),
+            costs.join(", ")
         )?;
     }
     writeln!(
@@ -1535,7 +1574,7 @@ fn goals_section(
     if let Some((r, at)) = worst(Mode::PodIp) {
         rows.push((
             "End to end at least 0.9 of the direct-pod floor".into(),
-            format!("lowest {r:.2} ({at})"),
+            format!("lowest {r:.3} ({at})"),
             verdict(r >= 0.9),
         ));
     }
@@ -1555,7 +1594,7 @@ fn goals_section(
     if let Some((r, at)) = worst(Mode::Nft) {
         rows.push((
             "At or above nftables everywhere (end to end)".into(),
-            format!("lowest {r:.2} ({at})"),
+            format!("lowest {r:.3} ({at})"),
             verdict(r >= 1.0),
         ));
     }
