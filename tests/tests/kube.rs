@@ -126,13 +126,13 @@ fn programmed_backends(s: &Setup, vip: Ipv4Addr) -> Option<Vec<Ipv4Addr>> {
         scope: 0,
     };
     let v = maps.services.get(&key)?;
-    let t = &maps.tables[&v.svc_id];
-    Some(
-        t.backends
-            .iter()
-            .map(|id| *backend_sockaddr(&maps.backends[id]).ip())
-            .collect(),
-    )
+    // Read while the agent may be writing: an entry gone between maps
+    // reads as "not programmed (yet)", and the caller polls again.
+    let t = maps.tables.get(&v.svc_id)?;
+    t.backends
+        .iter()
+        .map(|id| maps.backends.get(id).map(|b| *backend_sockaddr(b).ip()))
+        .collect()
 }
 
 fn ok_requests(s: &Setup, vip: Ipv4Addr, n: usize) -> Vec<Answer> {

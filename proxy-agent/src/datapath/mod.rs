@@ -297,7 +297,7 @@ impl Datapath {
             self.map(maps::SERVICES)?,
             self.map(maps::BACKENDS)?,
             self.map(maps::SOURCE_RANGES)?,
-            tables,
+            || Ok(tables),
         )
     }
 
@@ -440,22 +440,24 @@ impl Datapath {
 }
 
 /// What the service maps hold, given the tables already read.
+/// Reads in the order the agent writes backwards (frontends, then the
+/// tables they point at, then the backends those list), so a snapshot taken
+/// while an agent writes never has a frontend without its table or a table
+/// entry without its backend, only possibly entries already left behind.
 fn read_programmed_with(
     services: &Map,
     backends: &Map,
     ranges: &Map,
-    tables: BTreeMap<u32, Table>,
+    read_tables: impl FnOnce() -> Result<BTreeMap<u32, Table>, DatapathError>,
 ) -> Result<Programmed, DatapathError> {
-    let mut out = Programmed {
-        tables,
-        ..Programmed::default()
-    };
+    let mut out = Programmed::default();
     let services: HashMap<_, ServiceKey, ServiceValue> =
         HashMap::try_from(services).map_err(map_err(maps::SERVICES))?;
     for entry in services.iter() {
         let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
         out.services.insert(k, v);
     }
+    out.tables = read_tables()?;
     let backends_data = map_data(backends).ok_or(DatapathError::MissingMap {
         name: maps::BACKENDS,
     })?;
@@ -495,15 +497,13 @@ fn open_pinned(pin_root: &Path, name: &'static str) -> Result<MapData, DatapathE
 /// Reads the service maps a running (or stopped) agent pinned under
 /// `pin_root`, without loading anything: for inspection commands.
 pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
-    let (tables, _) = tables::read_tables_from(
-        &open_pinned(pin_root, maps::SVC_TABLE)?,
-        &open_pinned(pin_root, maps::SELECTION)?,
-    )?;
+    let svc_table = open_pinned(pin_root, maps::SVC_TABLE)?;
+    let selection = open_pinned(pin_root, maps::SELECTION)?;
     read_programmed_with(
         &Map::HashMap(open_pinned(pin_root, maps::SERVICES)?),
         &Map::Array(open_pinned(pin_root, maps::BACKENDS)?),
         &Map::LpmTrie(open_pinned(pin_root, maps::SOURCE_RANGES)?),
-        tables,
+        || Ok(tables::read_tables_from(&svc_table, &selection)?.0),
     )
 }
 
