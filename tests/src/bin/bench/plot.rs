@@ -117,7 +117,10 @@ pub fn grouped_bars(
         .min(max);
     let (tick_list, pos) = ticks(max, min_positive, scale);
     let legend_rows = series.len().div_ceil(4);
-    let h = TOP + PLOT_H + BOTTOM + legend_rows as f64 * 20.0;
+    // Many groups: their names slant, and need the room below.
+    let slant = groups.len() > 4;
+    let bottom = if slant { BOTTOM + 110.0 } else { BOTTOM };
+    let h = TOP + PLOT_H + bottom + legend_rows as f64 * 20.0;
     let plot_w = W - LEFT - RIGHT;
     let group_w = plot_w / groups.len().max(1) as f64;
     let bar_w = (group_w * 0.8) / series.len().max(1) as f64;
@@ -169,21 +172,34 @@ pub fn grouped_bars(
                 escape(series.get(k).map_or("", String::as_str)),
                 short(*v)
             );
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
-                x + bar_w / 2.0 - 1.0,
-                top - 3.0,
-                short(*v)
-            );
+            // Values on the bars only where they fit; the tooltip has them always.
+            if bar_w >= 24.0 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
+                    x + bar_w / 2.0 - 1.0,
+                    top - 3.0,
+                    short(*v)
+                );
+            }
         }
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+        let (gx, gy) = (
             LEFT + g as f64 * group_w + group_w / 2.0,
             TOP + PLOT_H + 18.0,
-            escape(name)
         );
+        if slant {
+            let _ = writeln!(
+                s,
+                r#"<text x="{gx:.1}" y="{gy:.1}" text-anchor="end" transform="rotate(-30 {gx:.1} {gy:.1})">{}</text>"#,
+                escape(name)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                r#"<text x="{gx:.1}" y="{gy:.1}" text-anchor="middle">{}</text>"#,
+                escape(name)
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -194,7 +210,7 @@ pub fn grouped_bars(
     );
     for (k, name) in series.iter().enumerate() {
         let lx = LEFT + (k % 4) as f64 * (plot_w / 4.0);
-        let ly = TOP + PLOT_H + 50.0 + (k / 4) as f64 * 20.0;
+        let ly = TOP + PLOT_H + bottom - 60.0 + (k / 4) as f64 * 20.0;
         let _ = writeln!(
             s,
             r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
