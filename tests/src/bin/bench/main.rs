@@ -734,7 +734,7 @@ fn memory_table(md: &mut String, r: &CpRun) -> Result<()> {
     writeln!(
         md,
         "The median run above after its slice changes, with the agent's default map sizes. Kernel memory per \
-         pinned map as the kernel accounts it (`bpftool map show`, `bytes_memlock`); hash maps preallocate, \
+         pinned map as the kernel accounts it (`bpftool map show`, `bytes_memlock`); maps other than `SVC_NAMES` preallocate, \
          so most of this is fixed by `--max-*` and `--ct-entries`, not by the number of Services. \
          Total BPF map memory **{:.1} MiB**; agent RSS **{:.0} MiB**.\n",
         total as f64 / 1048576.0,
