@@ -527,7 +527,6 @@ impl Agent {
         }
     }
 
-    /// Applies one watch event to the store.
     /// Applies a batch of API events: the first full sync once every kind
     /// has been listed, incremental syncs after that.
     fn kube_events(&mut self, events: Vec<Event>) {
@@ -547,6 +546,7 @@ impl Agent {
         }
     }
 
+    /// Applies one watch event to the store.
     fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
         match event {
             Event::Apply(o) => dirty.merge(upsert(&mut self.engine.store, o)),
