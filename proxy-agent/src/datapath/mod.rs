@@ -439,11 +439,11 @@ impl Datapath {
     }
 }
 
-/// What the service maps hold, given the tables already read.
-/// Reads in the order the agent writes backwards (frontends, then the
-/// tables they point at, then the backends those list), so a snapshot taken
-/// while an agent writes never has a frontend without its table or a table
-/// entry without its backend, only possibly entries already left behind.
+/// What the service maps hold. Reads in the reverse of the agent's write
+/// order (frontends, then the tables they point at, then the backends those
+/// list), so a snapshot taken while an agent writes never has a frontend
+/// without its table or a table entry without its backend, only possibly
+/// entries already left behind.
 fn read_programmed_with(
     services: &Map,
     backends: &Map,

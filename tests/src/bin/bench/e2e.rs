@@ -14,7 +14,10 @@ use proxy_tests::{
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::rules::{self, KubeSvc};
+use crate::{
+    median,
+    rules::{self, KubeSvc},
+};
 
 /// Request and response size, bytes.
 pub const MESSAGE: usize = 64;
@@ -406,13 +409,14 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
     let wall = traffic_started.elapsed().as_secs_f64();
     let mut runs = Vec::new();
     for (i, (mode, bed)) in beds.iter().enumerate() {
-        let [short_rounds, keep_alive_rounds] = [rates[0][i].clone(), rates[1][i].clone()];
+        let mut short_rounds = std::mem::take(&mut rates[0][i]);
+        let mut keep_alive_rounds = std::mem::take(&mut rates[1][i]);
         let short = Rate {
-            per_sec: median(&mut short_rounds.clone()),
+            per_sec: median(&mut short_rounds),
             errors: errors[0][i],
         };
         let keep_alive = Rate {
-            per_sec: median(&mut keep_alive_rounds.clone()),
+            per_sec: median(&mut keep_alive_rounds),
             errors: errors[1][i],
         };
         let agent_cpu = cpu_before[i]
@@ -445,10 +449,4 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
         });
     }
     Ok(runs)
-}
-
-/// Median of `v` (sorted in place).
-pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

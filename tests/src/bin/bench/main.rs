@@ -52,7 +52,6 @@ fn measure(dp: &mut Datapath, spec: &BenchSpec<'_>) -> Result<(f64, BTreeMap<Cou
         samples.push(dp.bench(spec)?.duration_ns as f64);
     }
     let after = counters(dp)?;
-    samples.sort_by(f64::total_cmp);
     let moved = after
         .iter()
         .filter_map(|(c, v)| {
@@ -60,7 +59,13 @@ fn measure(dp: &mut Datapath, spec: &BenchSpec<'_>) -> Result<(f64, BTreeMap<Cou
             (d > 0).then_some((*c, d / ROUNDS as u64))
         })
         .collect();
-    Ok((samples[ROUNDS / 2], moved))
+    Ok((median(&mut samples), moved))
+}
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn machine() -> String {
@@ -522,8 +527,7 @@ fn alone(
     for _ in 0..ROUNDS {
         s.push(dp.test_run_on(program, frame, REPEAT, ifindex)?.duration_ns as f64);
     }
-    s.sort_by(f64::total_cmp);
-    Ok(s[ROUNDS / 2])
+    Ok(median(&mut s))
 }
 
 /// Measures each case, checking its counter moved once per run (or none).
@@ -1048,8 +1052,7 @@ fn maglev_section(md: &mut String) -> Result<()> {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
                 std::hint::black_box(table);
             }
-            times.sort_by(f64::total_cmp);
-            cells.push(format!("{:.2} ms", times[4]));
+            cells.push(format!("{:.2} ms", median(&mut times)));
         }
         writeln!(md, "| {n} | {} | {} |", cells[0], cells[1])?;
     }
@@ -1468,11 +1471,11 @@ fn programming_section(report: &mut Report) -> Result<Vec<Programming>> {
                 ))?;
                 times.push(timed_restore(&ns, program, args, &text)?);
             }
-            theirs.push(e2e::median(&mut times));
+            theirs.push(median(&mut times));
         }
         let r = Programming {
             services: n,
-            ours: e2e::median(&mut ours),
+            ours: median(&mut ours),
             iptables: theirs[0],
             iptables_legacy: theirs[1],
             nft: theirs[2],
