@@ -15,7 +15,7 @@
 //! programs attached and maps pinned).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::SocketAddr,
     os::fd::AsRawFd as _,
     path::PathBuf,
@@ -31,18 +31,21 @@ use tokio::{
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, gc::Collector},
     datapath::{Datapath, LoadOptions},
     engine::Engine,
     health::{self, Health},
     healthcheck::HealthChecks,
     ifaces::{self, IfaceMatcher, LinkWatcher},
-    kube_source::{self, Event, Kind, Object},
-    manifests, metrics,
-    model::NodePortMode,
-    reconcile::{Batch, Op, Reconciler},
-    store::{Dirty, Store, key_of},
-    translate::{Cidr, MaglevOptions, TranslateOptions},
+    kube_source::{self, Event, Kind},
+    manifests,
+    metrics::{MapFill, Metrics, SyncKind},
+    model::{Cidr, NodePortMode},
+    node::NodeSettings,
+    programmed::Op,
+    reconcile::{Batch, Reconciler},
+    store::Dirty,
+    translate::{MaglevOptions, TranslateOptions},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -91,24 +94,21 @@ struct Agent {
     engine: Engine,
     pods: IfaceMatcher,
     exts: IfaceMatcher,
-    /// The datapath settings written to `CONFIG`, and their inputs.
-    node_config: proxy_common::NodeConfig,
-    snat: Option<std::net::Ipv4Addr>,
-    external: bool,
-    vip_range: (u32, u32),
+    /// What `CONFIG` is derived from.
+    node: NodeSettings,
     health: Arc<Health>,
     health_checks: HealthChecks,
-    metrics: Arc<metrics::Metrics>,
-    /// A conntrack GC pass is running.
-    gc_running: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<Metrics>,
+    conntrack_gc: Collector,
     /// The first full sync has been applied.
     synced: bool,
     /// Kinds that have been listed completely at least once.
     listed: BTreeSet<Kind>,
-    /// Objects of a (re-)list in progress, by kind.
-    relists: BTreeMap<Kind, Store>,
     last_source_error: Option<(String, Instant)>,
 }
+
+/// Origin of the objects the API server sends, for error messages.
+const API: &str = "api";
 
 impl Agent {
     /// Attaches to matching interfaces that are new, forgets vanished ones.
@@ -142,65 +142,35 @@ impl Agent {
     /// Notes this node's external side (SNAT address: the flag, else the
     /// first address of an external interface) and writes `CONFIG`.
     fn update_node_config(&mut self, exts: &BTreeSet<(u32, String)>) {
-        self.snat = self.cfg.snat_address.or_else(|| {
-            exts.iter()
-                .find_map(|(_, name)| ifaces::ipv4_addresses(name).ok()?.into_iter().next())
-        });
-        self.external = !exts.is_empty();
-        self.write_config();
-    }
-
-    /// The lowest and highest ClusterIP programmed (hairpin replies are
-    /// looked up only for addresses in between).
-    fn note_cluster_ips(&mut self) {
-        let (mut lo, mut hi) = (u32::MAX, 0);
-        for k in self.reconciler.maps().services.keys() {
-            if k.scope == proxy_common::scope::INTERNAL {
-                let a = u32::from_be(k.addr_be);
-                lo = lo.min(a);
-                hi = hi.max(a);
-            }
-        }
-        self.vip_range = (lo, hi);
+        let first = exts
+            .iter()
+            .find_map(|(_, name)| ifaces::ipv4_addresses(name).ok()?.into_iter().next());
+        self.node.set_external(!exts.is_empty(), first);
         self.write_config();
     }
 
     /// Writes `CONFIG` when it changed.
     fn write_config(&mut self) {
-        let config = proxy_common::NodeConfig {
-            snat_addr_be: self.snat.map_or(0, crate::reconcile::addr_be),
-            snat_port_min: self.cfg.snat_ports.0,
-            snat_port_max: self.cfg.snat_ports.1,
-            flags: if self.external {
-                proxy_common::NODE_F_EXTERNAL
-            } else {
-                0
-            },
-            vip_min: self.vip_range.0,
-            vip_max: self.vip_range.1,
-        };
-        if config == self.node_config {
+        let Some(change) = self.node.change() else {
             return;
-        }
-        let announce = (config.snat_addr_be, config.flags)
-            != (self.node_config.snat_addr_be, self.node_config.flags);
-        match self.dp.set_config(&config) {
+        };
+        match self.dp.set_config(&change.config) {
             Ok(()) => {
-                if announce {
+                if change.north_south {
                     tracing::info!(
-                        snat_address = ?self.snat,
-                        snat_ports = ?self.cfg.snat_ports,
+                        snat_address = ?self.node.snat_address(),
+                        snat_ports = ?self.node.snat_ports(),
                         mode = ?self.cfg.nodeport_mode,
-                        external = self.external,
+                        external = self.node.external(),
                         "north-south settings"
                     );
-                    if self.snat.is_none() && self.external {
+                    if self.node.snat_address().is_none() && self.node.external() {
                         tracing::warn!(
                             "no SNAT address (no --snat-address, external interfaces have no IPv4 address): external flows to remote backends are dropped unless DSR applies"
                         );
                     }
                 }
-                self.node_config = config;
+                self.node.written(change.config);
             }
             Err(e) => tracing::error!("writing CONFIG: {e}"),
         }
@@ -208,25 +178,17 @@ impl Agent {
 
     /// Runs a batch against the maps; on failure rebuilds the reconciler from
     /// what the maps really hold so the next sync repairs it.
-    fn apply(&mut self, batch: Batch, started: Instant, kind: &'static str, changes: usize) {
+    fn apply(&mut self, batch: Batch, started: Instant, kind: SyncKind, changes: usize) {
         let planned = started.elapsed();
         for (svc, why) in &batch.refused {
             tracing::error!(service = %svc, "not programmed: {why}");
         }
         let applying = Instant::now();
-        let result = self.dp.apply(&batch.ops);
+        let result = self.dp.apply(&batch.ops, batch.tables_not_before);
         let dp_ms = applying.elapsed().as_secs_f64() * 1e3;
         let ok = match result {
-            Ok(report) if report.refused.is_empty() => true,
-            Ok(report) => {
-                // Tables that found no room were not switched to and their
-                // frontends not set: those services keep their previous state.
-                // The mirror assumed otherwise, so it is rebuilt from the maps.
-                tracing::error!(
-                    svc_ids = ?report.refused,
-                    "service ports not (re)programmed: SELECTION is full; raise --selection-blocks"
-                );
-                self.mirror_maps();
+            Ok(()) => {
+                self.reconciler.applied(Instant::now());
                 true
             }
             Err((index, e)) => {
@@ -235,7 +197,7 @@ impl Agent {
                     "applying failed after {index} of {} operations: {e}; will resync",
                     batch.ops.len()
                 );
-                self.mirror_maps();
+                self.rebuild_reconciler();
                 false
             }
         };
@@ -244,17 +206,24 @@ impl Agent {
             .ops
             .iter()
             .any(|o| matches!(o, Op::SetService(..) | Op::DelService(_)));
-        if kind == "full" || frontends_changed {
-            self.note_cluster_ips();
+        if kind == SyncKind::Full || frontends_changed {
+            self.node.set_cluster_ips(&self.reconciler.maps().services);
+            self.write_config();
         }
-        self.publish(kind, started, ok, &batch);
+        self.metrics.record_sync(
+            kind,
+            started.elapsed(),
+            ok,
+            batch.refused.len(),
+            self.fill(),
+        );
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
-            self.forget_flows(batch.left, batch.gone);
+            conntrack::gc::forget_flows(&self.dp, batch.left, batch.gone);
         }
         let maps = self.reconciler.maps();
-        let (blocks, _) = self.dp.selection_usage();
+        let (blocks, _) = self.reconciler.selection_usage();
         tracing::info!(
-            kind,
+            kind = kind.name(),
             changed_service_ports = changes,
             frontends = maps.services.len(),
             backends = maps.backends.len(),
@@ -268,182 +237,40 @@ impl Agent {
         );
     }
 
-    /// Publishes what a sync did to the metrics, and the svc id → Service
-    /// names it changed to `SVC_NAMES` for the inspection commands (all of
-    /// them only after a full sync: an incremental one costs what it touched).
-    fn publish(&mut self, kind: &'static str, started: Instant, ok: bool, batch: &Batch) {
-        let port_name = |t: &crate::reconcile::TableName| metrics::PortName {
-            namespace: t.port.namespace.clone(),
-            name: t.port.name.clone(),
-            port: t.port.port_name.clone(),
-            protocol: t.port.protocol.to_string(),
-            external: t.external,
-        };
-        let cap = self.dp.capacity();
+    /// Entries in use and capacity of the maps the agent writes.
+    fn fill(&self) -> Vec<MapFill> {
+        let cap = self.reconciler.capacity();
         let maps = self.reconciler.maps();
-        let (blocks, block_cap) = self.dp.selection_usage();
-        let ranges: u64 = maps.ranges.values().map(|r| r.len() as u64).sum();
-        let fill = vec![
-            (
-                "SERVICES",
-                maps.services.len() as u64,
-                u64::from(cap.frontends),
-            ),
-            (
+        let (blocks, block_cap) = self.reconciler.selection_usage();
+        let ranges: usize = maps.ranges.values().map(BTreeSet::len).sum();
+        let fill = |map, used: usize, capacity: u32| MapFill {
+            map,
+            used: used as u64,
+            capacity: u64::from(capacity),
+        };
+        vec![
+            fill("SERVICES", maps.services.len(), cap.frontends),
+            fill(
                 "SVC_TABLE",
-                maps.tables.len() as u64,
-                u64::from(cap.services.saturating_sub(1)),
+                maps.tables.len(),
+                cap.services.saturating_sub(1),
             ),
-            (
+            fill(
                 "BACKENDS",
-                maps.backends.len() as u64,
-                u64::from(cap.backends.saturating_sub(1)),
+                maps.backends.len(),
+                cap.backends.saturating_sub(1),
             ),
-            ("SELECTION", u64::from(blocks), u64::from(block_cap)),
-            ("SOURCE_RANGES", ranges, u64::from(cap.ranges)),
-        ];
-        let mut set: Vec<(u32, String)> = Vec::new();
-        let mut gone: Vec<u32> = Vec::new();
-        {
-            let mut st = self
-                .metrics
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.syncs.entry(kind).or_default().observe(started.elapsed());
-            if kind == "incremental" {
-                st.programming.observe(started.elapsed());
-            }
-            st.sync_errors += u64::from(!ok);
-            st.refused += batch.refused.len() as u64;
-            st.fill = fill;
-            if batch.names_complete {
-                let names: BTreeMap<u32, metrics::PortName> = batch
-                    .named
-                    .iter()
-                    .map(|(t, id)| (*id, port_name(t)))
-                    .collect();
-                gone = st
-                    .names
-                    .keys()
-                    .filter(|id| !names.contains_key(id))
-                    .copied()
-                    .collect();
-                set = names
-                    .iter()
-                    .filter(|(id, n)| st.names.get(id) != Some(n))
-                    .map(|(id, n)| (*id, n.to_text()))
-                    .collect();
-                st.names = names;
-            } else {
-                for id in &batch.unnamed {
-                    if st.names.remove(id).is_some() {
-                        gone.push(*id);
-                    }
-                }
-                for (t, id) in &batch.named {
-                    let n = port_name(t);
-                    set.push((*id, n.to_text()));
-                    st.names.insert(*id, n);
-                }
-            }
-        }
-        if (!set.is_empty() || !gone.is_empty())
-            && let Err(e) = self.dp.set_svc_names(&set, &gone)
-        {
-            tracing::warn!("writing SVC_NAMES: {e}");
-        }
+            fill("SELECTION", blocks as usize, block_cap),
+            fill("SOURCE_RANGES", ranges, cap.ranges),
+        ]
     }
 
     /// Rebuilds the reconciler from what the maps really hold.
-    fn mirror_maps(&mut self) {
+    fn rebuild_reconciler(&mut self) {
         match self.dp.read_programmed() {
-            Ok(maps) => {
-                self.reconciler =
-                    Reconciler::new(maps, self.dp.capacity()).with_mode(self.cfg.nodeport_mode);
-            }
+            Ok(maps) => self.reconciler = self.reconciler.rebuild(maps),
             Err(e) => tracing::error!("reading the maps back: {e}"),
         }
-    }
-
-    /// Ends flows off the event loop: those of backends that are gone (no
-    /// slice lists them: their connections cannot succeed, and a client
-    /// should see a reset instead of a hang), and UDP flows whose backend
-    /// left their Service (UDP has no connection to end, so clients' next
-    /// datagrams pick a live backend).
-    fn forget_flows(&self, left: BTreeSet<(u32, u32)>, gone: BTreeSet<std::net::SocketAddrV4>) {
-        match self.dp.conntrack_handle() {
-            Ok(ct) => {
-                tokio::task::spawn_blocking(move || {
-                    let result = ct
-                        .entries()
-                        .and_then(|e| ct.remove(&e, &conntrack::departed(&e, &gone, &left)));
-                    match result {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(
-                            entries = n,
-                            gone_backends = gone.len(),
-                            "ended flows of departed backends"
-                        ),
-                        Err(e) => tracing::warn!("cleaning conntrack: {e}"),
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("cleaning conntrack: {e}"),
-        }
-    }
-
-    /// Garbage-collects conntrack (off the event loop, one pass at a time):
-    /// flows idle longer than their state's timeout go. Says so when the
-    /// table is nearly full (the LRU then evicts the least recently used).
-    fn conntrack_gc(&self) {
-        if self
-            .gc_running
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            return;
-        }
-        let running = Arc::clone(&self.gc_running);
-        let published = Arc::clone(&self.metrics);
-        let timeouts = self.cfg.ct_timeouts;
-        let ct = match self.dp.conntrack_handle() {
-            Ok(ct) => ct,
-            Err(e) => {
-                tracing::warn!("conntrack gc: {e}");
-                running.store(false, std::sync::atomic::Ordering::Release);
-                return;
-            }
-        };
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let result = ct.entries().and_then(|entries| {
-                let idle = conntrack::expired(&entries, conntrack::monotonic_ns(), &timeouts);
-                let removed = ct.remove_idle(&entries, &idle)?;
-                Ok((entries.len(), removed, ct.capacity()?))
-            });
-            match result {
-                Ok((scanned, removed, capacity)) => {
-                    if let Ok(mut st) = published.state.lock() {
-                        st.conntrack = Some(((scanned - removed) as u64, u64::from(capacity)));
-                    }
-                    tracing::debug!(
-                        scanned,
-                        removed,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        "conntrack gc"
-                    );
-                    if scanned * 10 >= capacity as usize * 9 {
-                        tracing::warn!(
-                            entries = scanned,
-                            capacity,
-                            "conntrack table over 90% full: least recently used flows are evicted; raise --ct-entries"
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!("conntrack gc: {e}"),
-            }
-            running.store(false, std::sync::atomic::Ordering::Release);
-        });
     }
 
     fn log_errors(&self, errors: &[crate::store::ObjectError]) {
@@ -464,7 +291,7 @@ impl Agent {
         // The first sync plans against the maps as read at load (nothing has
         // written them since); later ones re-read them to catch drift.
         if self.synced {
-            self.mirror_maps();
+            self.rebuild_reconciler();
         }
         let read = started.elapsed();
         let desired = self.engine.desired();
@@ -479,7 +306,7 @@ impl Agent {
         self.health_checks.full(&desired);
         drop(desired);
         self.synced = true;
-        self.apply(batch, started, "full", n);
+        self.apply(batch, started, SyncKind::Full, n);
         release_freed_memory();
     }
 
@@ -503,7 +330,7 @@ impl Agent {
             reconcile_us = (started.elapsed() - translated).as_micros() as u64,
             "incremental update planned"
         );
-        self.apply(batch, started, "incremental", n);
+        self.apply(batch, started, SyncKind::Incremental, n);
     }
 
     /// Re-reads the manifest directory.
@@ -548,32 +375,14 @@ impl Agent {
 
     /// Applies one watch event to the store.
     fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
+        let store = &mut self.engine.store;
         match event {
-            Event::Apply(o) => dirty.merge(upsert(&mut self.engine.store, o)),
-            Event::Delete(o) => dirty.merge(match o {
-                Object::Service(s) => self.engine.store.remove_service(&key_of(&s.metadata)),
-                Object::Slice(s) => self.engine.store.remove_slice(&key_of(&s.metadata)),
-                Object::Node(n) => self
-                    .engine
-                    .store
-                    .remove_node(n.metadata.name.as_deref().unwrap_or_default()),
-            }),
-            Event::ListStart(kind) => {
-                self.relists.insert(kind, Store::default());
-            }
-            Event::ListItem(o) => {
-                upsert(self.relists.entry(o.kind()).or_default(), o);
-            }
+            Event::Apply(o) => dirty.merge(store.upsert(o, Some(API.to_owned()))),
+            Event::Delete(o) => dirty.merge(store.remove(&o)),
+            Event::ListStart(kind) => store.relist_start(kind),
+            Event::ListItem(o) => store.relist_item(o),
             Event::ListDone(kind) => {
-                let listed = self.relists.remove(&kind).unwrap_or_default();
-                let store = &mut self.engine.store;
-                let changed = match kind {
-                    Kind::Service => {
-                        store.replace_services(listed.services.into_values().collect())
-                    }
-                    Kind::Slice => store.replace_slices(listed.slices.into_values().collect()),
-                    Kind::Node => store.replace_nodes(listed.nodes.into_values().collect()),
-                };
+                dirty.merge(store.relist_done(kind, Some(API)));
                 if self.listed.insert(kind) {
                     tracing::info!(kind = kind.name(), "initial list complete");
                 } else {
@@ -582,7 +391,6 @@ impl Agent {
                         "re-listed (resync from the store, not a flush)"
                     );
                 }
-                dirty.merge(changed);
             }
             Event::Error(kind, e) => {
                 let repeat = self.last_source_error.as_ref().is_some_and(|(m, at)| {
@@ -613,16 +421,6 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only returns free memory to the kernel.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// Puts a watched object into `store`.
-fn upsert(store: &mut Store, o: Object) -> Dirty {
-    let origin = Some("api".to_owned());
-    match o {
-        Object::Service(s) => store.upsert_service(*s, origin),
-        Object::Slice(s) => store.upsert_slice(*s, origin),
-        Object::Node(n) => store.upsert_node(*n, origin),
     }
 }
 
@@ -698,7 +496,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             } => early_events.push(event),
         }
     };
-    let metrics = metrics::Metrics::new(dp.layout_dir().map(|d| {
+    let metrics = Metrics::new(dp.layout_dir().map(|d| {
         d.parent()
             .map_or_else(|| d.to_path_buf(), std::path::Path::to_path_buf)
     }));
@@ -722,6 +520,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // The logger stays owned by the datapath; the event loop only polls its fd.
     let logger = dp.logger_mut().map(|l| l.as_raw_fd());
     let reconciler = Reconciler::new(maps, dp.capacity()).with_mode(cfg.nodeport_mode);
+    let node = NodeSettings::new(cfg.snat_address, cfg.snat_ports);
     let mut agent = Agent {
         engine: Engine::new(TranslateOptions {
             node_name: cfg.node_name.clone(),
@@ -733,21 +532,13 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         reconciler,
         pods,
         exts,
-        // Never equal to a real one: the first interface sync writes CONFIG.
-        node_config: proxy_common::NodeConfig {
-            flags: u32::MAX,
-            ..proxy_common::NodeConfig::default()
-        },
-        snat: None,
-        external: false,
-        vip_range: (u32::MAX, 0),
+        node,
         health,
         health_checks: HealthChecks::default(),
         metrics,
-        gc_running: Arc::default(),
+        conntrack_gc: Collector::default(),
         synced: false,
         listed: BTreeSet::new(),
-        relists: BTreeMap::new(),
         last_source_error: None,
     };
     agent.sync_interfaces();
@@ -824,7 +615,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                 }
                 agent.sync_interfaces();
             }
-            _ = ct_gc.tick() => agent.conntrack_gc(),
+            _ = ct_gc.tick() => {
+                agent.conntrack_gc.start(&agent.dp, agent.cfg.ct_timeouts, &agent.metrics);
+            }
             _ = resync.tick() => {
                 agent.sync_interfaces();
                 match agent.cfg.source.clone() {

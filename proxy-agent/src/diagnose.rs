@@ -206,9 +206,10 @@ pub fn diagnose(
     // What the datapath counted for it.
     if let Some(snap) = snapshot {
         let rejected: u64 = snap
+            .maps
             .names
             .iter()
-            .filter(|(_, n)| n.namespace == namespace && n.name == name)
+            .filter(|(_, n)| n.port.namespace == namespace && n.port.name == name)
             .filter_map(|(id, _)| snap.counters.get(id))
             .map(|c| c.rejected)
             .sum();
@@ -255,7 +256,7 @@ fn programmed(snap: &Snapshot, plan: &ServicePlan) -> Check {
             .backends
             .iter()
             .filter_map(|id| snap.maps.backends.get(id))
-            .map(crate::reconcile::backend_sockaddr)
+            .map(proxy_common::Backend::addr)
             .collect();
         let external = k.scope == proxy_common::scope::EXTERNAL && plan.has_external_table();
         let want: BTreeSet<SocketAddrV4> = if external {
@@ -309,7 +310,7 @@ pub async fn fetch(
         store.upsert_service(svc, None);
     }
     let slices: Api<EndpointSlice> = Api::namespaced(client, namespace);
-    let selector = format!("{}={name}", translate::LABEL_SERVICE_NAME);
+    let selector = format!("{}={name}", crate::store::LABEL_SERVICE_NAME);
     for slice in slices
         .list(&ListParams::default().labels(&selector))
         .await?

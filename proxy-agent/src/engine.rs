@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     model::{DesiredState, ServicePlan, ServicePortName},
-    store::{Dirty, Key, ObjectError, ObjectRef, Store},
+    store::{Dirty, ErrorKind, Key, ObjectError, ObjectRef, Store},
     translate::{
-        Claims, FrontendClaim, NodeContext, ServiceTranslation, TranslateOptions, slice_errors,
-        translate_service,
+        Claims, FrontendClaim, NodeContext, ServiceTranslation, TranslateOptions, orphaned_message,
+        slice_errors, translate_service,
     },
 };
 
@@ -221,11 +221,11 @@ impl Engine {
                 let object = ObjectRef::new("EndpointSlice", &key.0, name);
                 errors.push(ObjectError {
                     origin: self.store.origin_of(&object),
-                    object: Some(object),
-                    message: format!(
-                        "belongs to Service {}/{}, which does not exist; ignored",
-                        key.0, key.1
-                    ),
+                    ..ObjectError::new(
+                        Some(object),
+                        ErrorKind::Orphaned,
+                        orphaned_message(&key.0, &key.1),
+                    )
                 });
             }
         }
@@ -263,7 +263,7 @@ impl Engine {
             // Not tied to one Service: unlabelled slices, frontend conflicts.
             let mut other: Vec<ObjectError> = slice_errors(&self.store)
                 .into_iter()
-                .filter(|e| e.message.starts_with("no "))
+                .filter(|e| e.kind == ErrorKind::Unlabelled)
                 .collect();
             other.extend(self.claim_errors.iter().cloned());
             updates.push(((String::new(), String::new()), other));

@@ -1,30 +1,25 @@
-//! Read-only views of a running agent's datapath for `proxy-agent service`
-//! and `proxy-agent ct`: built from the pinned maps and the svc id → Service
-//! names the agent writes next to them (`names.json`). Nothing here writes.
+//! Read-only views of a running agent's datapath for `proxy-agent service`,
+//! `ct` and `explain`: built from the pinned maps, with the svc id → Service
+//! port names the agent writes into `SVC_NAMES`. Nothing here writes.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-};
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4, path::Path};
 
 use anyhow::{Context as _, Result};
 use proxy_common::{
     CT_F_DSR, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CtKey, CtValue, ServiceKey, ct_dir, ct_state,
     hash_mode, proto, scope,
 };
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::{
-    datapath,
-    metrics::PortName,
-    reconcile::{Programmed, backend_sockaddr},
+    datapath, maglev,
+    model::Protocol,
+    programmed::{Programmed, Table},
 };
 
 /// Everything the views are built from.
 pub struct Snapshot {
     pub maps: Programmed,
-    pub names: BTreeMap<u32, PortName>,
     pub counters: BTreeMap<u32, proxy_common::SvcCounters>,
 }
 
@@ -38,42 +33,26 @@ impl Snapshot {
                 pin_root.display()
             )
         })?;
-        let names = datapath::read_pinned_names(pin_root)?
-            .into_iter()
-            .filter_map(|(id, text)| Some((id, PortName::from_text(&text)?)))
-            .collect();
         let ids: Vec<u32> = maps.tables.keys().copied().collect();
         let counters = datapath::read_pinned_service_counters(pin_root, ids)?
             .into_iter()
             .collect();
-        Ok(Self {
-            maps,
-            names,
-            counters,
-        })
+        Ok(Self { maps, counters })
     }
 
     fn name(&self, svc_id: u32) -> String {
-        self.names.get(&svc_id).map_or_else(
+        self.maps.names.get(&svc_id).map_or_else(
             || format!("svc#{svc_id}"),
-            |n| format!("{}/{}", n.namespace, n.name),
+            |n| format!("{}/{}", n.port.namespace, n.port.name),
         )
     }
 }
 
-fn ip(raw_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw_be.to_ne_bytes())
-}
-
-fn sock(addr_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip(addr_be), u16::from_be(port_be))
-}
-
 fn protocol(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "TCP",
-        proto::UDP => "UDP",
-        _ => "?",
+    match Protocol::from_number(p) {
+        Some(Protocol::Tcp) => "TCP",
+        Some(Protocol::Udp) => "UDP",
+        None => "?",
     }
 }
 
@@ -83,11 +62,7 @@ fn frontend(k: &ServiceKey) -> String {
     } else {
         "cluster"
     };
-    format!(
-        "{}/{} ({scope})",
-        sock(k.addr_be, k.port_be),
-        protocol(k.proto)
-    )
+    format!("{}/{} ({scope})", k.frontend(), protocol(k.proto))
 }
 
 /// One row of `service list`.
@@ -108,7 +83,7 @@ pub struct ServiceRow {
     pub rejected: u64,
 }
 
-fn algorithm(t: &crate::reconcile::Table) -> &'static str {
+fn algorithm(t: &Table) -> &'static str {
     match (t.algorithm, t.hash_mode) {
         (proxy_common::algorithm::MAGLEV, hash_mode::SOURCE) => "maglev (client address)",
         (proxy_common::algorithm::MAGLEV, _) => "maglev",
@@ -129,13 +104,14 @@ pub fn services(s: &Snapshot) -> Vec<ServiceRow> {
         .tables
         .iter()
         .map(|(id, t)| {
-            let n = s.names.get(id);
+            let n = s.maps.names.get(id);
+            let p = n.map(|n| &n.port);
             let c = s.counters.get(id).copied().unwrap_or_default();
             ServiceRow {
-                namespace: n.map(|n| n.namespace.clone()).unwrap_or_default(),
-                name: n.map_or_else(|| format!("svc#{id}"), |n| n.name.clone()),
-                port: n.map(|n| n.port.clone()).unwrap_or_default(),
-                protocol: n.map(|n| n.protocol.clone()).unwrap_or_default(),
+                namespace: p.map(|p| p.namespace.clone()).unwrap_or_default(),
+                name: p.map_or_else(|| format!("svc#{id}"), |p| p.name.clone()),
+                port: p.map(|p| p.port_name.clone()).unwrap_or_default(),
+                protocol: p.map(|p| p.protocol.to_string()).unwrap_or_default(),
                 svc_id: *id,
                 table: if n.is_some_and(|n| n.external) {
                     "external"
@@ -205,10 +181,10 @@ pub fn service(s: &Snapshot, namespace: &str, name: &str) -> Vec<ServiceDetail> 
                         f64::from(*n) * 100.0 / f64::from(t.table_size.max(1))
                     });
                 BackendRow {
-                    address: backend_sockaddr(&b).to_string(),
+                    address: b.addr().to_string(),
                     backend_id: *id,
                     state,
-                    local: b.flags & proxy_common::BACKEND_F_LOCAL != 0,
+                    local: b.is_local(),
                     weight,
                     slot_share_percent: (share * 100.0).round() / 100.0,
                 }
@@ -236,7 +212,7 @@ pub fn service(s: &Snapshot, namespace: &str, name: &str) -> Vec<ServiceDetail> 
                     .get(&summary.svc_id)
                     .into_iter()
                     .flatten()
-                    .map(|(a, p)| format!("{a}/{p}"))
+                    .map(ToString::to_string)
                     .collect(),
                 backend_list,
                 summary,
@@ -301,9 +277,9 @@ pub fn conntrack(
                     "reply"
                 },
                 protocol: protocol(k.proto),
-                source: sock(k.saddr_be, k.sport_be).to_string(),
-                destination: sock(k.daddr_be, k.dport_be).to_string(),
-                translated_to: sock(v.nat_addr_be, v.nat_port_be).to_string(),
+                source: k.src().to_string(),
+                destination: k.dst().to_string(),
+                translated_to: v.nat().to_string(),
                 state: match (k.proto, v.state) {
                     (proto::UDP, _) => "-",
                     (_, ct_state::SYN_SENT) => "syn-sent",
@@ -337,6 +313,48 @@ pub fn conntrack(
     rows
 }
 
+/// What the datapath does with the packet `explain` is asked about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not addressed to a frontend.
+    NotAFrontend,
+    /// A frontend with no endpoint: refused, or dropped when endpoints
+    /// exist but a traffic policy allows none of them here.
+    NoEndpoints { dropped: bool },
+    /// A tracked flow, DNATed to its backend.
+    Tracked(SocketAddrV4),
+    /// A new flow, DNATed to the backend Maglev picks.
+    NewFlow(SocketAddrV4),
+    /// A new flow; the algorithm picks at the time.
+    ChosenAtTheTime(&'static str),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::NotAFrontend => f.write_str("not a Service frontend: passed untouched"),
+            Verdict::NoEndpoints { dropped: true } => {
+                f.write_str("no endpoint may take it here (traffic policy): dropped")
+            }
+            Verdict::NoEndpoints { dropped: false } => f.write_str(
+                "no endpoints: refused (ICMP port unreachable; dropped on external frontends)",
+            ),
+            Verdict::Tracked(b) => write!(f, "tracked flow: DNAT to {b}"),
+            Verdict::NewFlow(b) => write!(f, "new flow: DNAT to {b}"),
+            Verdict::ChosenAtTheTime(a) => {
+                write!(f, "new flow: a backend chosen by {a} at the time")
+            }
+        }
+    }
+}
+
+/// JSON shows the verdict as its sentence.
+impl Serialize for Verdict {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// `explain`: what the datapath does with a packet, from the live maps and
 /// the kernel's own hash functions.
 #[derive(Debug, Serialize)]
@@ -360,7 +378,7 @@ pub struct Explanation {
     /// The tracked flow, if any: its backend, state, idle time.
     pub conntrack: Option<CtRow>,
     /// What the packet is rewritten to now.
-    pub verdict: String,
+    pub verdict: Verdict,
     /// What the backend's replies are rewritten to.
     pub reply: Option<String>,
 }
@@ -374,8 +392,6 @@ pub fn explain(
     proto_: u8,
     now_ns: u64,
 ) -> Explanation {
-    let addr_be = crate::reconcile::addr_be;
-    let port_be = crate::reconcile::port_be;
     let mut e = Explanation {
         source: src.to_string(),
         destination: dst.to_string(),
@@ -391,18 +407,15 @@ pub fn explain(
         table_size: None,
         new_flow_backend: None,
         conntrack: None,
-        verdict: "not a Service frontend: passed untouched".into(),
+        verdict: Verdict::NotAFrontend,
         reply: None,
-    };
-    let key = |scope| ServiceKey {
-        addr_be: addr_be(*dst.ip()),
-        port_be: port_be(dst.port()),
-        proto: proto_,
-        scope,
     };
     let found = [scope::INTERNAL, scope::EXTERNAL]
         .into_iter()
-        .find_map(|sc| s.maps.services.get(&key(sc)).map(|v| (key(sc), *v)));
+        .find_map(|sc| {
+            let key = ServiceKey::new(dst, proto_, sc);
+            s.maps.services.get(&key).map(|v| (key, *v))
+        });
     let Some((k, v)) = found else {
         return e;
     };
@@ -415,16 +428,9 @@ pub fn explain(
     if v.flags & proxy_common::SVC_F_SOURCE_RANGES != 0 {
         e.flags.push("source-ranges");
     }
-    let fwd = CtKey {
-        saddr_be: addr_be(*src.ip()),
-        daddr_be: addr_be(*dst.ip()),
-        sport_be: port_be(src.port()),
-        dport_be: port_be(dst.port()),
-        proto: proto_,
-        dir: ct_dir::FORWARD,
-        _pad: 0,
-    };
+    let fwd = CtKey::new(src, dst, proto_, ct_dir::FORWARD);
     let tracked = entries.iter().find(|(ek, _)| *ek == fwd);
+    let mut new_flow = None;
     if let Some(t) = s.maps.tables.get(&v.svc_id) {
         e.algorithm = Some(algorithm(t));
         e.hash = Some(if t.hash_mode == hash_mode::SOURCE {
@@ -432,38 +438,31 @@ pub fn explain(
         } else {
             "5-tuple"
         });
-        if let Some(h) = t.maglev_hash(src, dst, proto_) {
+        if let Some(h) = maglev::flow_hash(t, src, dst, proto_) {
             e.flow_hash = Some(h);
             e.slot = Some(h % t.table_size);
             e.table_size = Some(t.table_size);
         }
-        e.new_flow_backend = t
-            .predict(src, dst, proto_)
+        new_flow = maglev::predict(t, src, dst, proto_)
             .and_then(|id| s.maps.backends.get(&id))
-            .map(|b| backend_sockaddr(b).to_string());
-        if t.backends.is_empty() {
-            e.verdict = if t.drop_when_empty {
-                "no endpoint may take it here (traffic policy): dropped".into()
-            } else {
-                "no endpoints: refused (ICMP port unreachable; dropped on external frontends)"
-                    .into()
-            };
-        }
+            .map(|b| b.addr());
+        e.new_flow_backend = new_flow.map(|b| b.to_string());
+        e.verdict = if t.backends.is_empty() {
+            Verdict::NoEndpoints {
+                dropped: t.drop_when_empty,
+            }
+        } else {
+            Verdict::ChosenAtTheTime(algorithm(t))
+        };
     }
     if let Some((_, cv)) = tracked {
-        let row = conntrack(s, &[(fwd, *cv)], &CtFilter::default(), now_ns).pop();
-        let backend = sock(cv.nat_addr_be, cv.nat_port_be);
-        e.verdict = format!("tracked flow: DNAT to {backend}");
-        e.reply = Some(format!("replies from {backend} get the source {dst}"));
-        e.conntrack = row;
-    } else if let Some(b) = &e.new_flow_backend {
-        e.verdict = format!("new flow: DNAT to {b}");
+        e.verdict = Verdict::Tracked(cv.nat());
+        e.conntrack = conntrack(s, &[(fwd, *cv)], &CtFilter::default(), now_ns).pop();
+    } else if let Some(b) = new_flow {
+        e.verdict = Verdict::NewFlow(b);
+    }
+    if let Verdict::Tracked(b) | Verdict::NewFlow(b) = e.verdict {
         e.reply = Some(format!("replies from {b} get the source {dst}"));
-    } else if e.algorithm.is_some() && !e.verdict.starts_with("no ") {
-        e.verdict = format!(
-            "new flow: a backend chosen by {} at the time",
-            e.algorithm.unwrap_or("the algorithm")
-        );
     }
     e
 }

@@ -22,43 +22,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-/// A watched object.
-#[derive(Clone, Debug)]
-pub enum Object {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Node(Box<Node>),
-}
-
-impl Object {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Object::Service(_) => Kind::Service,
-            Object::Slice(_) => Kind::Slice,
-            Object::Node(_) => Kind::Node,
-        }
-    }
-}
-
-/// The kinds watched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Service,
-    Slice,
-    Node,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Slice, Kind::Node];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Service => "Services",
-            Kind::Slice => "EndpointSlices",
-            Kind::Node => "Node",
-        }
-    }
-}
+pub use crate::store::{Kind, Object};
 
 /// What a watcher reports.
 #[derive(Clone, Debug)]

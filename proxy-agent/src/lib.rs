@@ -1,8 +1,10 @@
 //! proxy-agent: the userspace half of the eBPF kube-proxy replacement.
 //!
-//! Layers, each testable alone:
-//! sources ([`manifests`] → [`store`]) → [`translate`] (pure) →
-//! [`reconcile`] (pure diff) → [`datapath`] (the only module touching aya).
+//! Data flows one way (docs/ARCHITECTURE.md has the module map):
+//! sources ([`kube_source`], [`manifests`]) → [`store`] → [`translate`]
+//! (pure) → [`engine`] (incremental) → [`reconcile`] (pure plan) →
+//! [`datapath`] (the only module touching aya), with [`programmed`] the
+//! contract between the last two. [`agent`] is the loop that wires them.
 
 pub mod agent;
 pub mod conntrack;
@@ -18,6 +20,8 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod node;
+pub mod programmed;
 pub mod reconcile;
 pub mod store;
 pub mod translate;

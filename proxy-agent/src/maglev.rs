@@ -19,7 +19,10 @@
 
 use std::net::SocketAddrV4;
 
-use proxy_common::hash::{MAGLEV_OFFSET_SEED, MAGLEV_SKIP_SEED, murmur3_32};
+use proxy_common::{
+    hash::{MAGLEV_OFFSET_SEED, MAGLEV_SKIP_SEED, murmur3_32},
+    selection::Table,
+};
 
 /// Largest table size the datapath can hold (entries are indices < 2^16 and
 /// the verifier-friendly lookup assumes M < 2^17).
@@ -119,11 +122,33 @@ pub fn default_size(backends: usize, max: u32) -> u32 {
     if want >= cap { cap } else { next_prime(want) }
 }
 
-/// Bytes of a selection table with `backends` backends and a table of `size`
-/// entries in the datapath (see `proxy_common::SelBlock`).
-pub fn table_bytes(backends: u32, draining: u32, size: u32) -> u64 {
-    u64::from(proxy_common::sel_blocks(backends, draining, size))
-        * size_of::<proxy_common::SelBlock>() as u64
+/// The hash a new flow's Maglev slot comes from (`hash % table_size`), for
+/// a Maglev table; `None` otherwise. Mirrors `proxy-ebpf/src/select.rs`
+/// with the same hash functions.
+pub fn flow_hash(table: &Table, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<u32> {
+    if table.algorithm != proxy_common::algorithm::MAGLEV || table.table_size == 0 {
+        return None;
+    }
+    Some(if table.hash_mode == proxy_common::hash_mode::SOURCE {
+        proxy_common::hash::source_hash(u32::from(*src.ip()))
+    } else {
+        proxy_common::hash::flow_hash(
+            u32::from(*src.ip()),
+            u32::from(*dst.ip()),
+            src.port(),
+            dst.port(),
+            proto,
+        )
+    })
+}
+
+/// The backend id the datapath picks for a new flow from `src` to `dst`
+/// with `table`, when the choice is deterministic (Maglev); `None` for the
+/// other algorithms or an empty table.
+pub fn predict(table: &Table, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<u32> {
+    let hash = flow_hash(table, src, dst, proto)?;
+    let entry = table.entries.get((hash % table.table_size) as usize)?;
+    table.backends.get(usize::from(*entry)).copied()
 }
 
 /// The identity hashed for a backend: address and port, network order.
@@ -345,11 +370,5 @@ mod tests {
             x.1 = 0;
         }
         assert_eq!(build(&b, 101).unwrap(), Vec::<u16>::new());
-    }
-
-    #[test]
-    fn memory_per_service() {
-        assert_eq!(table_bytes(10, 0, 1009), 64 * 35);
-        assert_eq!(table_bytes(100, 0, 10_007), 64 * (1 + 7 + 7 + 313));
     }
 }

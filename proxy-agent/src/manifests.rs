@@ -18,7 +18,7 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use crate::store::{ObjectError, ObjectRef, Store};
+use crate::store::{ErrorKind, ObjectError, ObjectRef, Store};
 
 /// Files `kubectl apply -f DIR` reads.
 fn is_manifest(path: &Path) -> bool {
@@ -48,8 +48,7 @@ pub fn load_dir(dir: &Path) -> Result<(Store, Vec<ObjectError>), std::io::Error>
             Ok(text) => load_str(&text, &origin, &mut store, &mut errors),
             Err(e) => errors.push(ObjectError {
                 origin: Some(origin),
-                object: None,
-                message: format!("cannot read: {e}"),
+                ..ObjectError::new(None, ErrorKind::Unreadable, format!("cannot read: {e}"))
             }),
         }
     }
@@ -64,8 +63,11 @@ pub fn load_str(text: &str, origin: &str, store: &mut Store, errors: &mut Vec<Ob
             Err(e) => {
                 errors.push(ObjectError {
                     origin: Some(origin.to_owned()),
-                    object: None,
-                    message: format!("document {}: invalid YAML: {e}", index + 1),
+                    ..ObjectError::new(
+                        None,
+                        ErrorKind::Unreadable,
+                        format!("document {}: invalid YAML: {e}", index + 1),
+                    )
                 });
                 // The parser cannot resynchronise after a syntax error.
                 break;
@@ -88,8 +90,7 @@ fn load_value(value: Value, origin: &str, store: &mut Store, errors: &mut Vec<Ob
     }
     let error = |object: Option<ObjectRef>, message: String| ObjectError {
         origin: Some(origin.to_owned()),
-        object,
-        message,
+        ..ObjectError::new(object, ErrorKind::Invalid, message)
     };
     let (Some(kind), Some(api_version)) = (
         str_field(&value, &["kind"]),

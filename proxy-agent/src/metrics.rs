@@ -2,10 +2,11 @@
 //! `--metrics-bind-address` (kube-proxy's flag; default 127.0.0.1:10249),
 //! together with `/healthz` and `/readyz` (`health::serve`).
 //!
-//! Datapath counters are read from the pinned maps at scrape time (per-CPU
-//! values summed), so a scrape never waits for the event loop; what only the
-//! agent knows (sync durations, svc id → Service names, map fill) is
-//! published by the event loop into [`Metrics`].
+//! Datapath counters and the svc id → Service port names (`SVC_NAMES`) are
+//! read from the pinned maps at scrape time (per-CPU values summed), so a
+//! scrape never waits for the event loop; what only the agent knows (sync
+//! durations, map fill, conntrack use) is recorded by the event loop through
+//! [`Metrics::record_sync`] and [`Metrics::record_conntrack`].
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use crate::{datapath::PinnedView, model::TableName};
 
 /// Histogram bucket upper bounds in seconds (kube-proxy's sync buckets).
 const BUCKETS: [f64; 12] = [
@@ -57,70 +58,52 @@ impl Histogram {
     }
 }
 
-/// A Service port as the metrics and the CLI name it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortName {
-    pub namespace: String,
-    pub name: String,
-    pub port: String,
-    pub protocol: String,
-    /// The table of external frontends (a traffic policy sets it apart).
-    #[serde(default)]
-    pub external: bool,
+/// What a sync was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SyncKind {
+    /// Everything, from the store and the maps read back.
+    Full,
+    /// The Service ports a change touched.
+    Incremental,
 }
 
-impl PortName {
-    /// As stored in `SVC_NAMES`: `NAMESPACE/NAME:PORT/PROTOCOL[ external]`.
-    pub fn to_text(&self) -> String {
-        let ext = if self.external { " external" } else { "" };
-        format!(
-            "{}/{}:{}/{}{ext}",
-            self.namespace, self.name, self.port, self.protocol
-        )
-    }
-
-    /// Parses [`PortName::to_text`].
-    pub fn from_text(text: &str) -> Option<Self> {
-        let (text, external) = match text.strip_suffix(" external") {
-            Some(t) => (t, true),
-            None => (text, false),
-        };
-        let (ns, rest) = text.split_once('/')?;
-        let (name, rest) = rest.split_once(':')?;
-        let (port, protocol) = rest.rsplit_once('/')?;
-        Some(Self {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            port: port.to_owned(),
-            protocol: protocol.to_owned(),
-            external,
-        })
+impl SyncKind {
+    /// The `kind` label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::Incremental => "incremental",
+        }
     }
 }
 
-/// What the event loop publishes.
+/// Entries in use and capacity of one map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub used: u64,
+    pub capacity: u64,
+}
+
+/// What the event loop recorded.
 #[derive(Debug, Default)]
-pub struct State {
-    /// svc id → its Service port.
-    pub names: BTreeMap<u32, PortName>,
-    /// (kind) → sync durations.
-    pub syncs: BTreeMap<&'static str, Histogram>,
+struct State {
+    syncs: BTreeMap<SyncKind, Histogram>,
     /// Change received → maps written.
-    pub programming: Histogram,
-    pub sync_errors: u64,
-    pub refused: u64,
-    /// (map, entries in use, capacity).
-    pub fill: Vec<(&'static str, u64, u64)>,
+    programming: Histogram,
+    sync_errors: u64,
+    refused: u64,
+    fill: Vec<MapFill>,
     /// Conntrack entries at the last collection, and its capacity.
-    pub conntrack: Option<(u64, u64)>,
+    conntrack: Option<(u64, u64)>,
 }
 
 /// Shared metrics state.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    pub state: Mutex<State>,
+    state: Mutex<State>,
     /// Pin root of the maps read at scrape time.
-    pub pin_root: Option<PathBuf>,
+    pin_root: Option<PathBuf>,
 }
 
 fn escape(v: &str) -> String {
@@ -137,14 +120,49 @@ impl Metrics {
         })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A sync ended: how long it took (an incremental one is a change's
+    /// network programming latency), whether its apply succeeded, how many
+    /// Service ports it refused, and the maps' fill after it.
+    pub fn record_sync(
+        &self,
+        kind: SyncKind,
+        took: Duration,
+        ok: bool,
+        refused: usize,
+        fill: Vec<MapFill>,
+    ) {
+        let mut st = self.state();
+        st.syncs.entry(kind).or_default().observe(took);
+        if kind == SyncKind::Incremental {
+            st.programming.observe(took);
+        }
+        st.sync_errors += u64::from(!ok);
+        st.refused += refused as u64;
+        st.fill = fill;
+    }
+
+    /// A conntrack collection found `entries` of `capacity`.
+    pub fn record_conntrack(&self, entries: u64, capacity: u64) {
+        self.state().conntrack = Some((entries, capacity));
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let names = state.names.clone();
+        let names: BTreeMap<u32, TableName> = self
+            .pin_root
+            .as_deref()
+            .and_then(|root| PinnedView::open(root).and_then(|v| v.names()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, text)| Some((id, text.parse().ok()?)))
+            .collect();
 
         out.push_str("# HELP ebpf_proxy_datapath_packets_total Packets by the path they took or the reason they were left alone or dropped (one per packet).\n# TYPE ebpf_proxy_datapath_packets_total counter\n");
         if let Some(root) = &self.pin_root
@@ -201,25 +219,36 @@ impl Metrics {
             for (id, c) in &per_service {
                 let Some(n) = names.get(id) else { continue };
                 let v = [c.packets, c.bytes, c.new_flows, c.rejected][pick];
+                let p = &n.port;
                 let _ = writeln!(
                     out,
                     "ebpf_proxy_service_{metric}_total{{namespace=\"{}\",service=\"{}\",port=\"{}\",protocol=\"{}\",scope=\"{}\"}} {v}",
-                    escape(&n.namespace),
-                    escape(&n.name),
-                    escape(&n.port),
-                    n.protocol,
+                    escape(&p.namespace),
+                    escape(&p.name),
+                    escape(&p.port_name),
+                    p.protocol,
                     if n.external { "external" } else { "all" }
                 );
             }
         }
 
+        // The maps are read above, without holding up the event loop's records.
+        let state = self.state();
         out.push_str("# HELP ebpf_proxy_map_entries Entries in use per BPF map.\n# TYPE ebpf_proxy_map_entries gauge\n");
-        for (map, used, _) in &state.fill {
-            let _ = writeln!(out, "ebpf_proxy_map_entries{{map=\"{map}\"}} {used}");
+        for f in &state.fill {
+            let _ = writeln!(
+                out,
+                "ebpf_proxy_map_entries{{map=\"{}\"}} {}",
+                f.map, f.used
+            );
         }
         out.push_str("# HELP ebpf_proxy_map_capacity Capacity per BPF map.\n# TYPE ebpf_proxy_map_capacity gauge\n");
-        for (map, _, cap) in &state.fill {
-            let _ = writeln!(out, "ebpf_proxy_map_capacity{{map=\"{map}\"}} {cap}");
+        for f in &state.fill {
+            let _ = writeln!(
+                out,
+                "ebpf_proxy_map_capacity{{map=\"{}\"}} {}",
+                f.map, f.capacity
+            );
         }
         if let Some((entries, cap)) = state.conntrack {
             let _ = writeln!(
@@ -236,7 +265,7 @@ impl Metrics {
             h.write(
                 &mut out,
                 "ebpf_proxy_sync_duration_seconds",
-                &format!("kind=\"{kind}\""),
+                &format!("kind=\"{}\"", kind.name()),
             );
         }
         out.push_str("# HELP ebpf_proxy_network_programming_duration_seconds From a change reaching the agent to the maps written.\n# TYPE ebpf_proxy_network_programming_duration_seconds histogram\n");
@@ -287,39 +316,34 @@ mod tests {
     }
 
     #[test]
-    fn port_names_round_trip() {
-        for external in [false, true] {
-            for port in ["", "http"] {
-                let n = PortName {
-                    namespace: "kube-system".into(),
-                    name: "dns".into(),
-                    port: port.into(),
-                    protocol: "UDP".into(),
-                    external,
-                };
-                assert_eq!(PortName::from_text(&n.to_text()), Some(n));
-            }
-        }
-        assert_eq!(PortName::from_text("garbage"), None);
-    }
-
-    #[test]
     fn renders_published_state_without_maps() {
         let m = Metrics::new(None);
-        {
-            let mut s = m.state.lock().unwrap();
-            s.fill.push(("SERVICES", 3, 100));
-            s.sync_errors = 2;
-            s.syncs
-                .entry("full")
-                .or_default()
-                .observe(Duration::from_millis(5));
-        }
+        let fill = vec![MapFill {
+            map: "SERVICES",
+            used: 3,
+            capacity: 100,
+        }];
+        m.record_sync(
+            SyncKind::Full,
+            Duration::from_millis(5),
+            false,
+            0,
+            fill.clone(),
+        );
+        m.record_sync(
+            SyncKind::Incremental,
+            Duration::from_millis(1),
+            false,
+            2,
+            fill,
+        );
         let text = m.render();
         assert!(text.contains("ebpf_proxy_map_entries{map=\"SERVICES\"} 3"));
         assert!(text.contains("ebpf_proxy_map_capacity{map=\"SERVICES\"} 100"));
         assert!(text.contains("ebpf_proxy_sync_errors_total 2"));
         assert!(text.contains("ebpf_proxy_sync_duration_seconds_count{kind=\"full\"} 1"));
+        assert!(text.contains("ebpf_proxy_refused_service_ports_total 2"));
+        assert!(text.contains("ebpf_proxy_network_programming_duration_seconds_count{} 1"));
         assert_eq!(escape("a\"b"), "a\\\"b");
     }
 }

@@ -5,9 +5,10 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    str::FromStr,
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 /// L4 protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -26,12 +27,37 @@ impl Protocol {
         }
     }
 
-    /// Parses a Kubernetes protocol name (`TCP`, `UDP`; unset means TCP).
+    /// Parses a Kubernetes protocol field (`TCP`, `UDP`; unset means TCP).
     pub fn from_k8s(name: Option<&str>) -> Option<Self> {
-        match name.unwrap_or("TCP") {
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
+        name.unwrap_or("TCP").parse().ok()
+    }
+
+    /// The protocol with IANA number `n`, if it is one of ours.
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::proto::TCP => Some(Protocol::Tcp),
+            proxy_common::proto::UDP => Some(Protocol::Udp),
             _ => None,
+        }
+    }
+
+    /// Parses a protocol given on the command line: `tcp`, `udp`, any case.
+    pub fn from_cli(text: &str) -> Result<Self, String> {
+        text.to_ascii_uppercase()
+            .parse()
+            .map_err(|_| format!("{text:?}: expected tcp or udp"))
+    }
+}
+
+/// The one protocol parser: the Kubernetes (and [`fmt::Display`]) names.
+impl FromStr for Protocol {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            _ => Err(()),
         }
     }
 }
@@ -84,6 +110,16 @@ impl FrontendKind {
     pub const fn is_internal(self) -> bool {
         matches!(self, Self::ClusterIP)
     }
+
+    /// How messages name a frontend of this kind.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer IP",
+            Self::ExternalIP => "externalIP",
+        }
+    }
 }
 
 /// One address:port a Service port is reachable at.
@@ -110,6 +146,121 @@ impl fmt::Display for ServicePortName {
             write!(f, ":{}", self.port_name)?;
         }
         write!(f, "/{}", self.protocol)
+    }
+}
+
+/// Names one selection table of a Service port: the one its ClusterIPs use
+/// (and its external frontends too, when they use the same backends), or the
+/// external frontends' own (a traffic policy sets their backends apart).
+///
+/// Its text form, `NAMESPACE/NAME:PORT/PROTOCOL[ external]` (the port part
+/// empty for an unnamed port), is what `SVC_NAMES` holds for every svc id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub port: ServicePortName,
+    /// The external frontends' table.
+    pub external: bool,
+}
+
+impl TableName {
+    /// Suffix of an external table's text.
+    const EXTERNAL: &str = " external";
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.port;
+        write!(
+            f,
+            "{}/{}:{}/{}",
+            p.namespace, p.name, p.port_name, p.protocol
+        )?;
+        if self.external {
+            f.write_str(Self::EXTERNAL)?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for TableName {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?}: expected NAMESPACE/NAME:PORT/PROTOCOL[ external]");
+        let (rest, external) = match text.strip_suffix(Self::EXTERNAL) {
+            Some(t) => (t, true),
+            None => (text, false),
+        };
+        let (namespace, rest) = rest.split_once('/').ok_or_else(bad)?;
+        let (name, rest) = rest.split_once(':').ok_or_else(bad)?;
+        let (port_name, protocol) = rest.rsplit_once('/').ok_or_else(bad)?;
+        Ok(Self {
+            port: ServicePortName {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port_name: port_name.to_owned(),
+                protocol: protocol.parse().map_err(|()| bad())?,
+            },
+            external,
+        })
+    }
+}
+
+/// An IPv4 CIDR, its host bits cleared: `loadBalancerSourceRanges` entries
+/// and `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// The CIDR of `addr/prefix` (host bits cleared); `None` if `prefix` > 32.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
+        (prefix <= 32).then(|| Self {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
+            prefix,
+        })
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.addr)
+    }
+}
+
+/// `a.b.c.d/n`, or a bare address for a /32.
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+        prefix
+            .trim()
+            .parse()
+            .ok()
+            .and_then(|p| Self::new(addr, p))
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -194,8 +345,8 @@ pub struct ServicePlan {
     pub external_backends: Vec<SocketAddrV4>,
     /// `sessionAffinity: ClientIP`: the flow hash covers the client address only.
     pub session_affinity_timeout_seconds: Option<u32>,
-    /// `loadBalancerSourceRanges`, normalised IPv4 CIDRs, sorted.
-    pub source_ranges: Vec<String>,
+    /// `loadBalancerSourceRanges` (IPv4), sorted, no duplicates.
+    pub source_ranges: Vec<Cidr>,
     /// Served by the agent when `externalTrafficPolicy: Local` (LoadBalancer).
     pub health_check_node_port: Option<u16>,
     /// Some endpoint anywhere can serve: an empty backend list then means
@@ -312,5 +463,72 @@ mod tests {
         );
         assert!(!Algorithm::LeastConnections.needs_table(true));
         assert_eq!(Algorithm::parse("wlc"), None);
+    }
+
+    #[test]
+    fn protocol_names() {
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            assert_eq!(p.to_string().parse(), Ok(p));
+            assert_eq!(Protocol::from_cli(&p.to_string().to_lowercase()), Ok(p));
+            assert_eq!(Protocol::from_number(p.number()), Some(p));
+        }
+        assert_eq!(Protocol::from_k8s(None), Some(Protocol::Tcp));
+        assert_eq!(Protocol::from_k8s(Some("SCTP")), None);
+        assert_eq!(
+            Protocol::from_k8s(Some("tcp")),
+            None,
+            "the API's names only"
+        );
+        assert!(Protocol::from_cli("icmp").is_err());
+    }
+
+    #[test]
+    fn table_names_round_trip() {
+        for external in [false, true] {
+            for port_name in ["", "http"] {
+                let n = TableName {
+                    port: ServicePortName {
+                        namespace: "kube-system".into(),
+                        name: "dns".into(),
+                        port_name: port_name.into(),
+                        protocol: Protocol::Udp,
+                    },
+                    external,
+                };
+                assert_eq!(n.to_string().parse(), Ok(n.clone()));
+            }
+        }
+        assert_eq!(
+            "ns/web:/TCP external"
+                .parse::<TableName>()
+                .map(|n| n.external),
+            Ok(true)
+        );
+        for bad in ["garbage", "ns/web/TCP", "ns/web:p/ICMP"] {
+            assert!(bad.parse::<TableName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains(Ipv4Addr::new(10, 200, 0, 1)));
+        assert!(!c.contains(Ipv4Addr::new(11, 0, 0, 1)));
+        assert_eq!("192.168.1.1".parse::<Cidr>().unwrap().prefix, 32);
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains(Ipv4Addr::BROADCAST)
+        );
+        for bad in ["10.0.0.0/33", "fd00::/8", "x/8", "10.0.0.0/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            "\"10.0.0.0/8\"",
+            "plan -o json shows CIDRs as text"
+        );
     }
 }

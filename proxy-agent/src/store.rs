@@ -4,6 +4,10 @@
 //! Every mutation reports which Services it affects (a Service's own object,
 //! or a slice labelled for it), so the agent re-translates only those. A Node
 //! change affects every Service (zone, addresses), reported as `all`.
+//!
+//! The store is also the reflector's writer: a (re-)list of one kind is
+//! buffered here until it is complete and then applied as a diff, so a watch
+//! restart ends in a resync of what changed, never a flush.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +19,46 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::translate::LABEL_SERVICE_NAME;
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// An object of a kind the store keeps.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::Slice(_) => Kind::Slice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+}
+
+/// The kinds the store keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    Slice,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Slice, Kind::Node];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Services",
+            Kind::Slice => "EndpointSlices",
+            Kind::Node => "Node",
+        }
+    }
+}
 
 /// Kind + namespace/name of an object, for keys and error messages.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +88,22 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// What kind of problem an [`ObjectError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A manifest file or document could not be read or parsed.
+    Unreadable,
+    /// An object, or a field or annotation of it, is invalid; what can be
+    /// used of it still is.
+    Invalid,
+    /// An EndpointSlice without the `kubernetes.io/service-name` label.
+    Unlabelled,
+    /// An EndpointSlice of a Service that does not exist.
+    Orphaned,
+    /// A frontend another Service port already uses.
+    FrontendConflict,
+}
+
 /// An object that could not be used, and why. The rest keeps working.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectError {
@@ -52,7 +111,20 @@ pub struct ObjectError {
     pub origin: Option<String>,
     /// The object, when it could be identified.
     pub object: Option<ObjectRef>,
+    pub kind: ErrorKind,
     pub message: String,
+}
+
+impl ObjectError {
+    /// An error about `object` (origin unknown yet).
+    pub fn new(object: Option<ObjectRef>, kind: ErrorKind, message: String) -> Self {
+        Self {
+            origin: None,
+            object,
+            kind,
+            message,
+        }
+    }
 }
 
 impl fmt::Display for ObjectError {
@@ -104,6 +176,8 @@ pub struct Store {
     pub nodes: BTreeMap<String, Stored<Node>>,
     /// Slice names by the Service they are labelled for.
     slices_by_service: BTreeMap<Key, BTreeSet<String>>,
+    /// Objects of a (re-)list in progress, by kind.
+    relists: BTreeMap<Kind, Vec<Object>>,
 }
 
 /// Keys of `map` that are not in `keep`.
@@ -307,6 +381,62 @@ impl Store {
         )
     }
 
+    /// Inserts or replaces an object of any kind.
+    pub fn upsert(&mut self, object: Object, origin: Option<String>) -> Dirty {
+        match object {
+            Object::Service(s) => self.upsert_service(*s, origin),
+            Object::Slice(s) => self.upsert_slice(*s, origin),
+            Object::Node(n) => self.upsert_node(*n, origin),
+        }
+    }
+
+    /// Removes an object of any kind.
+    pub fn remove(&mut self, object: &Object) -> Dirty {
+        match object {
+            Object::Service(s) => self.remove_service(&key_of(&s.metadata)),
+            Object::Slice(s) => self.remove_slice(&key_of(&s.metadata)),
+            Object::Node(n) => self.remove_node(n.metadata.name.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// A (re-)list of `kind` starts: its objects are buffered until
+    /// [`Self::relist_done`] (a list restarted midway starts over).
+    pub fn relist_start(&mut self, kind: Kind) {
+        self.relists.insert(kind, Vec::new());
+    }
+
+    /// One object of a (re-)list in progress.
+    pub fn relist_item(&mut self, object: Object) {
+        self.relists.entry(object.kind()).or_default().push(object);
+    }
+
+    /// The (re-)list of `kind` is complete: the kind now holds exactly what
+    /// it listed (`origin` each), reporting what changed.
+    pub fn relist_done(&mut self, kind: Kind, origin: Option<&str>) -> Dirty {
+        fn stored<T>(object: T, origin: Option<&str>) -> Stored<T> {
+            Stored {
+                object,
+                origin: origin.map(str::to_owned),
+            }
+        }
+        let listed = self.relists.remove(&kind).unwrap_or_default();
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        let mut nodes = Vec::new();
+        for o in listed {
+            match o {
+                Object::Service(s) => services.push(stored(*s, origin)),
+                Object::Slice(s) => slices.push(stored(*s, origin)),
+                Object::Node(n) => nodes.push(stored(*n, origin)),
+            }
+        }
+        match kind {
+            Kind::Service => self.replace_services(services),
+            Kind::Slice => self.replace_slices(slices),
+            Kind::Node => self.replace_nodes(nodes),
+        }
+    }
+
     /// Makes this store hold exactly what `other` holds, reporting what that
     /// changed: how a fresh manifest read is applied without a wholesale flush.
     pub fn sync_from(&mut self, other: Store) -> Dirty {
@@ -355,6 +485,26 @@ mod tests {
         let d = store.remove_slice(&key("s1"));
         assert_eq!(d.services, [key("api")].into());
         assert!(store.slices.is_empty());
+    }
+
+    #[test]
+    fn relists_are_buffered_and_applied_as_a_diff() {
+        let mut store = Store::default();
+        let api = || Some("api".to_owned());
+        store.upsert(Object::Slice(Box::new(slice("a", "web"))), api());
+        store.upsert(Object::Slice(Box::new(slice("b", "api"))), api());
+        store.relist_start(Kind::Slice);
+        store.relist_item(Object::Slice(Box::new(slice("a", "web"))));
+        assert_eq!(store.slices.len(), 2, "nothing changes while listing");
+        // A restarted list starts over.
+        store.relist_start(Kind::Slice);
+        store.relist_item(Object::Slice(Box::new(slice("a", "web"))));
+        store.relist_item(Object::Slice(Box::new(slice("c", "db"))));
+        let d = store.relist_done(Kind::Slice, Some("api"));
+        assert_eq!(d.services, [key("api"), key("db")].into(), "web unchanged");
+        let names: Vec<&String> = store.slices.keys().map(|(_, n)| n).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(store.slices[&key("c")].origin.as_deref(), Some("api"));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use proxy_agent::{
     model::{
         DesiredState, Frontend, FrontendKind, NodePortMode, Protocol, ServicePlan, ServicePortName,
     },
-    reconcile::{Programmed, Reconciler},
+    programmed::Programmed,
+    reconcile::Reconciler,
 };
 use proxy_common::Counter;
 
@@ -88,7 +89,7 @@ pub fn program_with_mode(
     if !batch.refused.is_empty() {
         return Err(anyhow!("refused: {:?}", batch.refused));
     }
-    dp.apply(&batch.ops)
+    dp.apply(&batch.ops, batch.tables_not_before)
         .map_err(|(i, e)| anyhow!("op {i}: {e}"))?;
     Ok(reconciler.maps().clone())
 }

@@ -11,7 +11,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4};
 
-use proxy_agent::{datapath::Datapath, model::Protocol, reconcile::Op};
+use proxy_agent::{datapath::Datapath, model::Protocol, programmed::Op};
 use proxy_common::{Backend, Counter, maps::programs};
 use proxy_tests::{
     fixture::{
@@ -498,13 +498,8 @@ fn backends_no_table_refers_to_are_removed_by_a_full_sync() {
     let services = || vec![fixture::service("stray", vip, Protocol::Tcp, &[backend])];
     fixture::program(&mut dp, services()).unwrap();
     // What an apply interrupted after its backend phase leaves behind.
-    let stray = Backend {
-        addr_be: u32::from_ne_bytes([10, 244, 1, 99]),
-        port_be: 8080u16.to_be(),
-        flags: 0,
-        _pad: 0,
-    };
-    dp.apply(&[Op::SetBackend(77, stray)]).unwrap();
+    let stray = Backend::new(sa([10, 244, 1, 99], 8080), false);
+    dp.apply(&[Op::SetBackend(77, stray)], None).unwrap();
     assert_eq!(
         dp.read_programmed().unwrap().backends.get(&77),
         Some(&stray)
@@ -637,7 +632,7 @@ fn replies_are_reverse_natted() {
     let key = programmed
         .services
         .iter()
-        .find(|(k, _)| k.port_be == 80u16.to_be())
+        .find(|(k, _)| k.frontend().port() == 80)
         .map(|(_, v)| v.svc_id)
         .unwrap();
     let c = dp.service_counters(key).unwrap();
@@ -656,8 +651,8 @@ fn tcp_flags_move_conntrack_state_on() {
             .unwrap()
             .into_iter()
             .find(|(k, _)| {
-                let port = client.port().to_be();
-                k.dir == dir && (k.sport_be == port || k.dport_be == port)
+                let port = client.port();
+                k.dir == dir && (k.src().port() == port || k.dst().port() == port)
             })
             .map(|(_, v)| v.state)
     };
@@ -874,13 +869,9 @@ fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
         vec![fixture::service("self", vip, Protocol::Tcp, &[pod])],
     )
     .unwrap();
-    let vip_u32 = u32::from_be_bytes([10, 96, 0, 60]);
-    dp.set_config(&proxy_common::NodeConfig {
-        vip_min: vip_u32,
-        vip_max: vip_u32,
-        ..proxy_common::NodeConfig::default()
-    })
-    .unwrap();
+    let mut config = proxy_common::NodeConfig::default();
+    config.set_vip_range(Some((*vip.ip(), *vip.ip())));
+    dp.set_config(&config).unwrap();
     let client = sa(CLIENT, 41500);
     let back_in = |f: &Frame, src, dst| {
         Frame {
@@ -959,10 +950,9 @@ fn idle_flow_removal_spares_flows_touched_since_the_scan() {
     let ct = dp.conntrack_handle().unwrap();
     let scanned = ct.entries().unwrap();
     let flow_of = |c: SocketAddrV4| -> Vec<_> {
-        let port = c.port().to_be();
         let mut keys: Vec<_> = scanned
             .keys()
-            .filter(|k| k.sport_be == port || k.dport_be == port)
+            .filter(|k| k.src().port() == c.port() || k.dst().port() == c.port())
             .copied()
             .collect();
         keys.sort_by_key(|k| k.dir != ct_dir::FORWARD);

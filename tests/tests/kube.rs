@@ -15,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_agent::{datapath::read_pinned, reconcile::backend_sockaddr};
-use proxy_common::ServiceKey;
+use proxy_agent::datapath::read_pinned;
+use proxy_common::{ServiceKey, proto, scope};
 use proxy_tests::{
     cluster::{
         Agent, Answer, Cluster, LongLived, NameServer, eventually, http_get, tally, tcp_requests,
@@ -119,19 +119,14 @@ fn start_agent(s: &Setup) -> Agent {
 /// Backend addresses programmed for a ClusterIP frontend (port 80/TCP), if any.
 fn programmed_backends(s: &Setup, vip: Ipv4Addr) -> Option<Vec<Ipv4Addr>> {
     let maps = read_pinned(&s.cluster.pin_root()).unwrap();
-    let key = ServiceKey {
-        addr_be: u32::from_ne_bytes(vip.octets()),
-        port_be: 80u16.to_be(),
-        proto: 6,
-        scope: 0,
-    };
+    let key = ServiceKey::new(SocketAddrV4::new(vip, 80), proto::TCP, scope::INTERNAL);
     let v = maps.services.get(&key)?;
     // Read while the agent may be writing: an entry gone between maps
     // reads as "not programmed (yet)", and the caller polls again.
     let t = maps.tables.get(&v.svc_id)?;
     t.backends
         .iter()
-        .map(|id| maps.backends.get(id).map(|b| *backend_sockaddr(b).ip()))
+        .map(|id| maps.backends.get(id).map(|b| *b.addr().ip()))
         .collect()
 }
 

@@ -14,8 +14,9 @@ use std::{
 };
 
 use proxy_agent::{
+    maglev::predict,
     model::{Algorithm, Protocol},
-    reconcile::{Programmed, backend_sockaddr},
+    programmed::{Programmed, Table},
 };
 use proxy_common::maps::programs;
 use proxy_tests::{
@@ -35,7 +36,7 @@ impl Rng {
     }
 }
 
-fn table_of(programmed: &Programmed) -> &proxy_agent::reconcile::Table {
+fn table_of(programmed: &Programmed) -> &Table {
     assert_eq!(programmed.tables.len(), 1);
     programmed.tables.values().next().unwrap()
 }
@@ -74,11 +75,10 @@ fn kernel_and_userspace_agree_on_10000_random_flows() {
         let svc = programmed
             .services
             .iter()
-            .find(|(k, _)| k.port_be == target.port().to_be() && k.proto == proto);
+            .find(|(k, _)| k.frontend() == target && k.proto == proto);
         let table = &programmed.tables[&svc.unwrap().1.svc_id];
-        let predicted = table
-            .predict(client, target, proto)
-            .map(|id| backend_sockaddr(&programmed.backends[&id]));
+        let predicted =
+            predict(table, client, target, proto).map(|id| programmed.backends[&id].addr());
         used.insert(chosen);
         if predicted != Some(chosen) {
             mismatches.push((client, predicted, chosen));
@@ -117,8 +117,7 @@ fn session_affinity_hashes_the_client_address_only() {
                 )
                 .unwrap();
             let chosen = packet::dst_of(&out.frame);
-            let predicted =
-                backend_sockaddr(&programmed.backends[&table.predict(client, vip, 6).unwrap()]);
+            let predicted = programmed.backends[&predict(table, client, vip, 6).unwrap()].addr();
             assert_eq!(chosen, predicted);
             seen.insert(chosen);
         }

@@ -390,11 +390,7 @@ fn udp_flows_move_on_when_their_backend_leaves() {
         proxy_agent::datapath::read_pinned_conntrack(&w.cluster.pin_root())
             .unwrap()
             .iter()
-            .any(|(k, v)| {
-                k.proto == 17
-                    && (v.nat_addr_be == u32::from(ip).to_be()
-                        || k.saddr_be == u32::from(ip).to_be())
-            })
+            .any(|(k, v)| k.proto == 17 && (*v.nat().ip() == ip || *k.src().ip() == ip))
     };
     assert!(has_flows_to(gone_ip));
 

@@ -25,20 +25,24 @@ const TC_EXT: &str = programs::TC_EXT_INGRESS;
 const POD_INGRESS: &str = programs::TC_POD_INGRESS;
 const SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 
-fn raw(ip: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(ip)
+/// node1 serving external traffic, SNATing to its address on `ports`.
+fn node1_config(ports: (u16, u16)) -> NodeConfig {
+    let mut c = NodeConfig {
+        snat_port_min: ports.0,
+        snat_port_max: ports.1,
+        flags: NODE_F_EXTERNAL,
+        ..NodeConfig::default()
+    };
+    c.set_snat_addr(Some(NODE1.into()));
+    c
 }
 
 /// The SNAT port the datapath picks first for a flow (the hash of its tuple
-/// placed in the range), network byte order as the kernel computes it.
+/// placed in the range), the tuple's raw network-order values as the kernel
+/// hashes them.
 fn first_snat_port(client: SocketAddrV4, frontend: SocketAddrV4, proto: u8) -> u16 {
-    let h = proxy_common::hash::flow_hash(
-        raw(client.ip().octets()),
-        raw(frontend.ip().octets()),
-        client.port().to_be(),
-        frontend.port().to_be(),
-        proto,
-    );
+    let k = proxy_common::CtKey::new(client, frontend, proto, proxy_common::ct_dir::FORWARD);
+    let h = proxy_common::hash::flow_hash(k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, proto);
     let range = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
     SNAT_PORTS.0 + (h % range) as u16
 }
@@ -146,13 +150,7 @@ fn xdp_nodeport_paths() {
             ],
             NodePortMode::Hybrid,
         )?;
-        dp.set_config(&NodeConfig {
-            snat_addr_be: raw(NODE1),
-            snat_port_min: SNAT_PORTS.0,
-            snat_port_max: SNAT_PORTS.1,
-            flags: NODE_F_EXTERNAL,
-            ..NodeConfig::default()
-        })?;
+        dp.set_config(&node1_config(SNAT_PORTS))?;
 
         let c1 = sa(CLIENT, 40001);
         let syn = from_client(c1, np, SYN);
@@ -397,13 +395,7 @@ fn xdp_snat_ports_never_collide() {
             NodePortMode::Snat,
         )?;
         // A 4-port range: the fifth flow finds no port.
-        dp.set_config(&NodeConfig {
-            snat_addr_be: raw(NODE1),
-            snat_port_min: 62_000,
-            snat_port_max: 62_003,
-            flags: NODE_F_EXTERNAL,
-            ..NodeConfig::default()
-        })?;
+        dp.set_config(&node1_config((62_000, 62_003)))?;
         let mut ports = std::collections::BTreeSet::new();
         for i in 0..4u16 {
             let out = dp.test_run_on(
@@ -548,7 +540,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
                 address: *lb.ip(),
                 port: lb.port(),
             });
-            p.source_ranges = ranges.iter().map(|r| (*r).to_owned()).collect();
+            p.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
             p
         };
         fixture::program(

@@ -1,16 +1,18 @@
-//! Connection-tracking lifecycle, decided in userspace (pure): which entries
-//! have been idle longer than their state allows, and which belong to
-//! backends that are gone. The datapath only records flows and moves their
-//! TCP state on; the agent's garbage collection deletes what these
-//! functions pick (`datapath::ConntrackHandle`).
+//! Connection-tracking lifecycle, decided in userspace: which entries have
+//! been idle longer than their state allows, and which belong to backends
+//! that are gone (pure, here), and the passes that delete them off the event
+//! loop ([`gc`], through `datapath::ConntrackHandle`). The datapath only
+//! records flows and moves their TCP state on.
 //!
 //! A flow has two entries (FORWARD, REPLY); it is judged as one: its state
 //! is the furthest of the two, its idle time since the later of the two
 //! last-seen times, and both entries go together.
 
+pub mod gc;
+
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     time::Duration,
 };
 
@@ -52,14 +54,6 @@ impl Timeouts {
             _ => self.tcp_syn,
         }
     }
-}
-
-fn ip(raw_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw_be.to_ne_bytes())
-}
-
-fn port(raw_be: u16) -> u16 {
-    u16::from_be(raw_be)
 }
 
 /// The REPLY key belonging to a FORWARD entry (the backend's answer as it
@@ -134,9 +128,9 @@ pub fn departed(
         .iter()
         .filter(|(k, v)| {
             let backend = if k.dir == ct_dir::FORWARD {
-                SocketAddrV4::new(ip(v.nat_addr_be), port(v.nat_port_be))
+                v.nat()
             } else {
-                SocketAddrV4::new(ip(k.saddr_be), port(k.sport_be))
+                k.src()
             };
             gone.contains(&backend)
                 || (k.proto == proto::UDP && udp_left.contains(&(v.svc_id, v.backend_id)))
@@ -193,8 +187,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
-    use crate::reconcile::{addr_be, port_be};
 
     const S: u64 = 1_000_000_000;
 
@@ -205,24 +200,20 @@ mod tests {
         last_s: u64,
         reply_last_s: Option<u64>,
     ) -> [(CtKey, CtValue); 2] {
-        let fwd = CtKey {
-            saddr_be: addr_be(Ipv4Addr::new(10, 0, 1, 2)),
-            daddr_be: addr_be(Ipv4Addr::new(10, 96, 0, 1)),
-            sport_be: port_be(client),
-            dport_be: port_be(80),
+        let fwd = CtKey::new(
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), client),
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80),
             proto,
-            dir: ct_dir::FORWARD,
-            _pad: 0,
-        };
-        let v = CtValue {
-            nat_addr_be: addr_be(Ipv4Addr::new(10, 0, 2, 9)),
-            nat_port_be: port_be(8080),
+            ct_dir::FORWARD,
+        );
+        let mut v = CtValue {
             state,
             backend_id: 7,
             svc_id: 3,
             last_seen_ns: last_s * S,
             ..CtValue::default()
         };
+        v.set_nat(SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 9), 8080));
         let rk = partner(&fwd, &v);
         let rv = CtValue {
             nat_addr_be: fwd.daddr_be,
@@ -308,8 +299,7 @@ mod tests {
     #[test]
     fn partners_of_translated_sources() {
         let [(k, mut v), _] = flow(1, ct_state::ESTABLISHED, proto::TCP, 1, None);
-        v.peer_addr_be = addr_be(Ipv4Addr::new(10, 96, 0, 1));
-        v.peer_port_be = port_be(1);
+        v.set_peer(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 1));
         for flag in [CT_F_SNAT, CT_F_HAIRPIN] {
             v.flags = flag;
             let p = partner(&k, &v);

@@ -6,38 +6,41 @@
 //! programs, attaches them with tcx links pinned under `.../links/`, and reads
 //! and writes the maps on behalf of reconcile.
 
+mod apply;
 mod batch;
 mod bench;
 pub mod bpffs;
+mod conntrack;
 mod links;
-mod tables;
+mod read;
+mod test_run;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    os::fd::AsFd as _,
+    collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
-    programs::{Program, ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    maps::{Array, Map, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, Xdp},
 };
 use aya_log::EbpfLogger;
-use proxy_common::{
-    Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue,
-    SourceRange, SvcCounters, SvcName, maps,
-};
+use proxy_common::{Counter, NodeConfig, PIN_LAYOUT_VERSION, SvcCounters, maps};
 
 pub use self::{
     bench::{
         BENCH_EMPTY, BENCH_EMPTY_XDP, BENCH_WRAPPER, BENCH_WRAPPER_XDP, BenchSpec,
         enable_run_stats, program_run_stats,
     },
-    tables::{ApplyReport, Blocks, QUARANTINE},
+    conntrack::ConntrackHandle,
+    read::{
+        PinnedView, read_pinned, read_pinned_conntrack, read_pinned_counters,
+        read_pinned_service_counters,
+    },
+    test_run::TestRunOutput,
 };
-use crate::reconcile::{Capacity, Programmed, Table};
+use crate::programmed::{Capacity, Programmed};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time
 /// (empty when the agent was built without it).
@@ -83,6 +86,8 @@ pub enum DatapathError {
     },
     #[error("selection table of svc {svc_id} is unreadable")]
     BadTable { svc_id: u32 },
+    #[error("selection tables of svc {0} and svc {1} overlap")]
+    TablesOverlap(u32, u32),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -138,8 +143,6 @@ pub struct Datapath {
     capacity: Capacity,
     /// Interfaces (ifindex, name) this process has attached to or adopted.
     attached: BTreeSet<(u32, String)>,
-    /// Regions of `SELECTION` in use.
-    blocks: Blocks,
 }
 
 /// The map data behind any map variant.
@@ -224,12 +227,12 @@ impl Datapath {
             layout_dir,
             logger,
             attached: BTreeSet::new(),
-            blocks: Blocks::new(sizes.selection_blocks),
             capacity: Capacity {
-                frontends: sizes.frontends,
-                services: sizes.services,
-                backends: sizes.backends,
-                ranges: sizes.source_ranges,
+                frontends: 0,
+                services: 0,
+                backends: 0,
+                ranges: 0,
+                blocks: 0,
             },
         };
         dp.capacity = Capacity {
@@ -239,10 +242,12 @@ impl Datapath {
                 .min(dp.max_entries(maps::SVC_STATS)?),
             backends: dp.max_entries(maps::BACKENDS)?,
             ranges: dp.max_entries(maps::SOURCE_RANGES)?,
+            blocks: dp.max_entries(maps::SELECTION)?,
         };
         if dp.capacity.frontends != sizes.frontends
             || dp.capacity.backends != sizes.backends
             || dp.capacity.services != sizes.services
+            || dp.capacity.blocks != sizes.selection_blocks
         {
             tracing::warn!(
                 actual = ?dp.capacity,
@@ -290,25 +295,23 @@ impl Datapath {
             .ok_or(DatapathError::MissingMap { name })
     }
 
-    /// Reads what the service maps hold, adopting the regions of the tables.
-    pub fn read_programmed(&mut self) -> Result<Programmed, DatapathError> {
-        let tables = self.read_tables()?;
-        read_programmed_with(
-            self.map(maps::SERVICES)?,
-            self.map(maps::BACKENDS)?,
-            self.map(maps::SOURCE_RANGES)?,
-            || Ok(tables),
-        )
-    }
-
-    /// Blocks of `SELECTION` in use, and its capacity.
-    pub fn selection_usage(&self) -> (u32, u32) {
-        (self.blocks.used(), self.blocks.capacity())
+    /// Reads what the service maps hold.
+    pub fn read_programmed(&self) -> Result<Programmed, DatapathError> {
+        read::programmed(&read::ServiceMaps {
+            services: self.map(maps::SERVICES)?,
+            svc_table: self.map(maps::SVC_TABLE)?,
+            selection: self.map(maps::SELECTION)?,
+            backends: self.map(maps::BACKENDS)?,
+            ranges: self.map(maps::SOURCE_RANGES)?,
+            names: self.map(maps::SVC_NAMES)?,
+        })
     }
 
     /// Global counters, summed over CPUs, in `Counter` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        sum_counters(&PerCpuArray::try_from(self.map(maps::STATS)?).map_err(map_err(maps::STATS))?)
+        read::sum_counters(
+            &PerCpuArray::try_from(self.map(maps::STATS)?).map_err(map_err(maps::STATS))?,
+        )
     }
 
     /// Counters of one service port, summed over CPUs.
@@ -316,51 +319,7 @@ impl Datapath {
         let m: PerCpuArray<_, SvcCounters> =
             PerCpuArray::try_from(self.map(maps::SVC_STATS)?).map_err(map_err(maps::SVC_STATS))?;
         let values = m.get(&svc_id, 0).map_err(map_err(maps::SVC_STATS))?;
-        Ok(sum_service(values.iter()))
-    }
-
-    /// A conntrack handle for another thread.
-    pub fn conntrack_handle(&self) -> Result<ConntrackHandle, DatapathError> {
-        let id = |name: &'static str| -> Result<u32, DatapathError> {
-            let data = map_data(self.map(name)?).ok_or(DatapathError::MissingMap { name })?;
-            Ok(data.info().map_err(map_err(name))?.id())
-        };
-        Ok(ConntrackHandle {
-            id: id(maps::CONNTRACK)?,
-            backends_id: id(maps::BACKENDS)?,
-            reaped_id: id(maps::BACKEND_REAPED)?,
-        })
-    }
-
-    /// Every conntrack entry.
-    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-        let m: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
-        m.iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::CONNTRACK))
-    }
-
-    /// Names svc ids for inspection tools (`SVC_NAMES`): sets `set`, removes `gone`.
-    pub fn set_svc_names(
-        &mut self,
-        set: &[(u32, String)],
-        gone: &[u32],
-    ) -> Result<(), DatapathError> {
-        let mut m: HashMap<_, u32, SvcName> =
-            HashMap::try_from(self.map_mut(maps::SVC_NAMES)?).map_err(map_err(maps::SVC_NAMES))?;
-        for (id, text) in set {
-            let mut v = SvcName::default();
-            let bytes = text.as_bytes();
-            let n = bytes.len().min(proxy_common::SVC_NAME_MAX);
-            v.text[..n].copy_from_slice(&bytes[..n]);
-            v.len = u32::try_from(n).unwrap_or(0);
-            m.insert(id, v, 0).map_err(map_err(maps::SVC_NAMES))?;
-        }
-        for id in gone {
-            ignore_missing(m.remove(id)).map_err(map_err(maps::SVC_NAMES))?;
-        }
-        Ok(())
+        Ok(read::sum_service(values.iter()))
     }
 
     /// This node's datapath settings.
@@ -369,412 +328,6 @@ impl Datapath {
             Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         m.set(0, config, 0).map_err(map_err(maps::CONFIG))
     }
-
-    /// Runs a program once on `frame` with BPF_PROG_TEST_RUN, returning the
-    /// verdict and the output frame.
-    pub fn test_run(
-        &mut self,
-        program: &'static str,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunOutput, DatapathError> {
-        self.test_run_on(program, frame, repeat, None)
-    }
-
-    /// As [`Datapath::test_run`], with the frame arriving on interface
-    /// `ifindex` of the caller's network namespace (XDP:
-    /// `xdp_md.ingress_ifindex`; TC: `__sk_buff.ingress_ifindex` and `ifindex`).
-    pub fn test_run_on(
-        &mut self,
-        program: &'static str,
-        frame: &[u8],
-        repeat: u32,
-        ifindex: Option<u32>,
-    ) -> Result<TestRunOutput, DatapathError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let mut xdp_md = [0u8; 24];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        let err = |source| DatapathError::Program {
-            name: program,
-            source,
-        };
-        // struct __sk_buff (192 bytes): ingress_ifindex at 36, ifindex at 40.
-        let mut skb = [0u8; 192];
-        let result = match self.ebpf.program_mut(program) {
-            Some(Program::SchedClassifier(p)) => {
-                if let Some(index) = ifindex {
-                    skb[36..40].copy_from_slice(&index.to_ne_bytes());
-                    skb[40..44].copy_from_slice(&index.to_ne_bytes());
-                    opts.ctx_in = Some(&skb);
-                }
-                p.test_run(opts).map_err(err)?
-            }
-            Some(Program::Xdp(p)) => {
-                if let Some(index) = ifindex {
-                    // The kernel wants data_end to be the frame's length.
-                    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-                    xdp_md[4..8].copy_from_slice(&len.to_ne_bytes());
-                    xdp_md[12..16].copy_from_slice(&index.to_ne_bytes());
-                    opts.ctx_in = Some(&xdp_md);
-                }
-                p.test_run(opts).map_err(err)?
-            }
-            Some(_) => {
-                return Err(DatapathError::Bench(format!(
-                    "{program}: not a TC or XDP program"
-                )));
-            }
-            None => return Err(DatapathError::MissingProgram { name: program }),
-        };
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            verdict: result.return_value as i32,
-            frame: out,
-            duration_ns: result.duration.as_nanos() as u64,
-        })
-    }
-}
-
-/// What the service maps hold. Reads in the reverse of the agent's write
-/// order (frontends, then the tables they point at, then the backends those
-/// list), so a snapshot taken while an agent writes never has a frontend
-/// without its table or a table entry without its backend, only possibly
-/// entries already left behind.
-fn read_programmed_with(
-    services: &Map,
-    backends: &Map,
-    ranges: &Map,
-    read_tables: impl FnOnce() -> Result<BTreeMap<u32, Table>, DatapathError>,
-) -> Result<Programmed, DatapathError> {
-    let mut out = Programmed::default();
-    let services: HashMap<_, ServiceKey, ServiceValue> =
-        HashMap::try_from(services).map_err(map_err(maps::SERVICES))?;
-    for entry in services.iter() {
-        let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
-        out.services.insert(k, v);
-    }
-    out.tables = read_tables()?;
-    let backends_data = map_data(backends).ok_or(DatapathError::MissingMap {
-        name: maps::BACKENDS,
-    })?;
-    let len = backends_data
-        .info()
-        .map_err(map_err(maps::BACKENDS))?
-        .max_entries();
-    let all: Vec<Backend> = batch::read_array(backends_data.fd().as_fd(), 0, len)
-        .map_err(|e| map_err(maps::BACKENDS)(MapError::IoError(e)))?;
-    // Every set entry, also those no table refers to (left by an interrupted
-    // apply): a full sync then deletes them.
-    out.backends
-        .extend((0u32..).zip(all).filter(|(_, b)| b.is_set()));
-    let trie: LpmTrie<_, SourceRange, u32> =
-        LpmTrie::try_from(ranges).map_err(map_err(maps::SOURCE_RANGES))?;
-    for key in trie.keys() {
-        let key = key.map_err(map_err(maps::SOURCE_RANGES))?;
-        let data = key.data();
-        let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32);
-        out.ranges
-            .entry(u32::from_be(data.svc_id_be))
-            .or_default()
-            .insert((Ipv4Addr::from(data.addr_be.to_ne_bytes()), prefix));
-    }
-    Ok(out)
-}
-
-/// Opens one of the maps pinned under `pin_root`.
-fn open_pinned(pin_root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
-    let path = pin_root
-        .join(format!("v{PIN_LAYOUT_VERSION}"))
-        .join("maps")
-        .join(name);
-    MapData::from_pin(path).map_err(|source| DatapathError::Map { name, source })
-}
-
-/// Reads the service maps a running (or stopped) agent pinned under
-/// `pin_root`, without loading anything: for inspection commands.
-pub fn read_pinned(pin_root: &Path) -> Result<Programmed, DatapathError> {
-    let svc_table = open_pinned(pin_root, maps::SVC_TABLE)?;
-    let selection = open_pinned(pin_root, maps::SELECTION)?;
-    read_programmed_with(
-        &Map::HashMap(open_pinned(pin_root, maps::SERVICES)?),
-        &Map::Array(open_pinned(pin_root, maps::BACKENDS)?),
-        &Map::LpmTrie(open_pinned(pin_root, maps::SOURCE_RANGES)?),
-        || Ok(tables::read_tables_from(&svc_table, &selection)?.0),
-    )
-}
-
-/// A handle on the conntrack map that can live on another thread (for
-/// scans that must not hold up the event loop).
-pub struct ConntrackHandle {
-    id: u32,
-    backends_id: u32,
-    reaped_id: u32,
-}
-
-impl ConntrackHandle {
-    fn open(&self) -> Result<HashMap<MapData, CtKey, CtValue>, DatapathError> {
-        let map = Map::LruHashMap(MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?);
-        HashMap::try_from(map).map_err(map_err(maps::CONNTRACK))
-    }
-
-    /// Every entry (entries the datapath adds or evicts meanwhile may be
-    /// missed or seen: callers decide on a consistent-enough snapshot).
-    /// Read in batches where the kernel can, key by key otherwise.
-    pub fn entries(&self) -> Result<std::collections::HashMap<CtKey, CtValue>, DatapathError> {
-        match self.entries_batched() {
-            Ok(entries) => Ok(entries),
-            Err(e) => {
-                tracing::debug!("{e}; reading entry by entry");
-                Ok(self.open()?.iter().filter_map(Result::ok).collect())
-            }
-        }
-    }
-
-    /// Every entry, read thousands per system call (`BPF_MAP_LOOKUP_BATCH`).
-    pub fn entries_batched(
-        &self,
-    ) -> Result<std::collections::HashMap<CtKey, CtValue>, DatapathError> {
-        let data = MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?;
-        batch::read_hash::<CtKey, CtValue>(data.fd().as_fd())
-            .map(|entries| entries.into_iter().collect())
-            .map_err(|source| DatapathError::Batch {
-                name: maps::CONNTRACK,
-                source,
-            })
-    }
-
-    /// Removes `keys` (entries of `entries`), returning how many were still
-    /// there. FORWARD entries still counted for least-connections are
-    /// recorded in `BACKEND_REAPED` (when the backend id still names their
-    /// backend), so the datapath's open-flow counts stay true.
-    pub fn remove(
-        &self,
-        entries: &std::collections::HashMap<CtKey, CtValue>,
-        keys: &[CtKey],
-    ) -> Result<usize, DatapathError> {
-        self.remove_flows(entries, keys.iter().map(std::slice::from_ref), false)
-    }
-
-    /// As [`Self::remove`] for idle flows (each one or two keys of
-    /// `entries`), except that a flow is re-read just before it goes and
-    /// kept whole if any of its entries changed since `entries` was read: a
-    /// packet refreshed it, or a new connection reused its tuple while the
-    /// table was being scanned.
-    pub fn remove_idle(
-        &self,
-        entries: &std::collections::HashMap<CtKey, CtValue>,
-        flows: &[Vec<CtKey>],
-    ) -> Result<usize, DatapathError> {
-        self.remove_flows(entries, flows.iter().map(Vec::as_slice), true)
-    }
-
-    fn remove_flows<'a>(
-        &self,
-        entries: &std::collections::HashMap<CtKey, CtValue>,
-        flows: impl Iterator<Item = &'a [CtKey]>,
-        only_unchanged: bool,
-    ) -> Result<usize, DatapathError> {
-        // One writer of BACKEND_REAPED at a time (gc and flow cleanup run on
-        // blocking threads).
-        static REAPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = REAPING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut ct = self.open()?;
-        let backends: Array<_, Backend> = Array::try_from(Map::Array(
-            MapData::from_id(self.backends_id).map_err(map_err(maps::BACKENDS))?,
-        ))
-        .map_err(map_err(maps::BACKENDS))?;
-        let mut reaped: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut removed = 0;
-        for flow in flows {
-            if only_unchanged
-                && flow
-                    .iter()
-                    .any(|k| ct.get(k, 0).is_ok_and(|now| Some(&now) != entries.get(k)))
-            {
-                continue;
-            }
-            for k in flow {
-                if ct.remove(k).is_err() {
-                    continue;
-                }
-                removed += 1;
-                let Some(v) = entries.get(k) else { continue };
-                let counted = k.dir == proxy_common::ct_dir::FORWARD
-                    && v.flags & proxy_common::CT_F_COUNTED != 0;
-                let same_backend = || {
-                    backends
-                        .get(&v.backend_id, 0)
-                        .is_ok_and(|b| b.addr_be == v.nat_addr_be && b.port_be == v.nat_port_be)
-                };
-                if counted && same_backend() {
-                    *reaped.entry(v.backend_id).or_default() += 1;
-                }
-            }
-        }
-        if reaped.is_empty() {
-            return Ok(removed);
-        }
-        let mut counts: Array<_, u32> = Array::try_from(Map::Array(
-            MapData::from_id(self.reaped_id).map_err(map_err(maps::BACKEND_REAPED))?,
-        ))
-        .map_err(map_err(maps::BACKEND_REAPED))?;
-        for (id, n) in reaped {
-            let before = counts.get(&id, 0).unwrap_or(0);
-            counts
-                .set(id, before.wrapping_add(n), 0)
-                .map_err(map_err(maps::BACKEND_REAPED))?;
-        }
-        Ok(removed)
-    }
-
-    /// The table's capacity.
-    pub fn capacity(&self) -> Result<u32, DatapathError> {
-        let data = MapData::from_id(self.id).map_err(map_err(maps::CONNTRACK))?;
-        Ok(data.info().map_err(map_err(maps::CONNTRACK))?.max_entries())
-    }
-}
-
-/// Read-only handles on an agent's pinned service maps, for looking at single
-/// entries without reading everything (inspection, benchmarks).
-pub struct PinnedView {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    svc_table: Array<MapData, u32>,
-    selection: MapData,
-    backends: Array<MapData, Backend>,
-}
-
-impl PinnedView {
-    /// Opens the maps pinned under `pin_root`.
-    pub fn open(pin_root: &Path) -> Result<Self, DatapathError> {
-        Ok(Self {
-            services: HashMap::try_from(Map::HashMap(open_pinned(pin_root, maps::SERVICES)?))
-                .map_err(map_err(maps::SERVICES))?,
-            svc_table: Array::try_from(Map::Array(open_pinned(pin_root, maps::SVC_TABLE)?))
-                .map_err(map_err(maps::SVC_TABLE))?,
-            selection: open_pinned(pin_root, maps::SELECTION)?,
-            backends: Array::try_from(Map::Array(open_pinned(pin_root, maps::BACKENDS)?))
-                .map_err(map_err(maps::BACKENDS))?,
-        })
-    }
-
-    /// The selection table behind a frontend and its backends' addresses.
-    pub fn table_for(
-        &self,
-        key: &ServiceKey,
-    ) -> Result<Option<(Table, Vec<std::net::SocketAddrV4>)>, DatapathError> {
-        let svc = match self.services.get(key, 0) {
-            Ok(v) => v,
-            Err(e) if is_missing(&e) => return Ok(None),
-            Err(e) => return Err(map_err(maps::SERVICES)(e)),
-        };
-        let first = self
-            .svc_table
-            .get(&svc.svc_id, 0)
-            .map_err(map_err(maps::SVC_TABLE))?;
-        if first == 0 {
-            return Ok(None);
-        }
-        let capacity = self
-            .selection
-            .info()
-            .map_err(map_err(maps::SELECTION))?
-            .max_entries();
-        let (table, _) =
-            tables::read_table(self.selection.fd().as_fd(), svc.svc_id, first, capacity)?;
-        let addrs = table
-            .backends
-            .iter()
-            .map(|id| {
-                self.backends
-                    .get(id, 0)
-                    .map(|b| crate::reconcile::backend_sockaddr(&b))
-                    .map_err(map_err(maps::BACKENDS))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Some((table, addrs)))
-    }
-}
-
-/// Every conntrack entry of the maps pinned under `pin_root` (inspection).
-pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-    let data = open_pinned(pin_root, maps::CONNTRACK)?;
-    let ct: HashMap<_, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(maps::CONNTRACK))?;
-    ct.iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(maps::CONNTRACK))
-}
-
-/// Global counters of a running (or stopped) agent's pinned `STATS`, summed over CPUs.
-pub fn read_pinned_counters(pin_root: &Path) -> Result<Vec<(Counter, u64)>, DatapathError> {
-    let data = open_pinned(pin_root, maps::STATS)?;
-    sum_counters(&PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::STATS))?)
-}
-
-/// svc id → name text from a pinned `SVC_NAMES`.
-pub fn read_pinned_names(pin_root: &Path) -> Result<BTreeMap<u32, String>, DatapathError> {
-    let m: HashMap<_, u32, SvcName> =
-        HashMap::try_from(Map::HashMap(open_pinned(pin_root, maps::SVC_NAMES)?))
-            .map_err(map_err(maps::SVC_NAMES))?;
-    Ok(m.iter()
-        .filter_map(Result::ok)
-        .map(|(id, v)| {
-            let n = (v.len as usize).min(proxy_common::SVC_NAME_MAX);
-            (id, String::from_utf8_lossy(&v.text[..n]).into_owned())
-        })
-        .collect())
-}
-
-/// Per-service counters of `ids` from a pinned `SVC_STATS`, summed over CPUs.
-pub fn read_pinned_service_counters(
-    pin_root: &Path,
-    ids: impl IntoIterator<Item = u32>,
-) -> Result<Vec<(u32, SvcCounters)>, DatapathError> {
-    let data = open_pinned(pin_root, maps::SVC_STATS)?;
-    let m: PerCpuArray<_, SvcCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::SVC_STATS))?;
-    ids.into_iter()
-        .map(|id| {
-            let values = m.get(&id, 0).map_err(map_err(maps::SVC_STATS))?;
-            Ok((id, sum_service(values.iter())))
-        })
-        .collect()
-}
-
-fn sum_service<'a>(values: impl Iterator<Item = &'a SvcCounters>) -> SvcCounters {
-    values.fold(SvcCounters::default(), |acc, v| SvcCounters {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        new_flows: acc.new_flows + v.new_flows,
-        rejected: acc.rejected + v.rejected,
-    })
-}
-
-fn sum_counters<T: std::borrow::Borrow<MapData>>(
-    m: &PerCpuArray<T, u64>,
-) -> Result<Vec<(Counter, u64)>, DatapathError> {
-    Counter::ALL
-        .iter()
-        .map(|c| {
-            let values = m.get(&(*c as u32), 0).map_err(map_err(maps::STATS))?;
-            Ok((*c, values.iter().sum()))
-        })
-        .collect()
-}
-
-/// Result of one BPF_PROG_TEST_RUN.
-#[derive(Clone, Debug)]
-pub struct TestRunOutput {
-    pub verdict: i32,
-    pub frame: Vec<u8>,
-    /// Kernel-measured average time per run.
-    pub duration_ns: u64,
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {

@@ -1,9 +1,12 @@
 //! Translation tests: table-driven, from YAML as users write it.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use super::*;
-use crate::manifests::load_str;
+use crate::{
+    manifests::load_str,
+    model::{Algorithm, Frontend, FrontendKind},
+};
 
 fn translate_yaml(yaml: &str) -> Translation {
     let mut store = Store::default();
@@ -770,10 +773,12 @@ fn source_ranges_are_trimmed_normalised_and_validated() {
         slice_for("lb", &[(1, "node-a", None, true)])
     );
     let (plans, errors) = plans_for_node(&yaml);
-    assert_eq!(
-        plans["lb/p"].source_ranges,
-        ["10.0.0.0/8", "192.168.0.0/16"]
-    );
+    let ranges: Vec<String> = plans["lb/p"]
+        .source_ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ranges, ["10.0.0.0/8", "192.168.0.0/16"]);
     assert!(
         errors
             .iter()

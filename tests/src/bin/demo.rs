@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use proxy_common::Counter;
+use proxy_common::{Counter, ServiceKey};
 use proxy_tests::{
     cluster::{
         Agent, Answer, Cluster, NameServer, manifest_dir, tally, tcp_connect_error, tcp_requests,
@@ -219,17 +219,19 @@ fn demo() -> Result<()> {
     let entries: serde_json::Value = serde_json::from_str(&dump)?;
     for e in entries.as_array().context("SERVICES dump is not a list")? {
         let (key, value) = (&e["formatted"]["key"], &e["formatted"]["value"]);
-        let addr = u32::try_from(key["addr_be"].as_u64().unwrap_or_default())?;
-        let port = u16::try_from(key["port_be"].as_u64().unwrap_or_default())?;
+        let frontend = ServiceKey {
+            addr_be: u32::try_from(key["addr_be"].as_u64().unwrap_or_default())?,
+            port_be: u16::try_from(key["port_be"].as_u64().unwrap_or_default())?,
+            ..ServiceKey::default()
+        }
+        .frontend();
         let proto = match key["proto"].as_u64() {
             Some(6) => "TCP",
             Some(17) => "UDP",
             _ => "?",
         };
         println!(
-            "    key {key}  value {value}   = {}:{}/{proto} -> svc {}",
-            Ipv4Addr::from(addr.to_ne_bytes()),
-            u16::from_be_bytes(port.to_ne_bytes()),
+            "    key {key}  value {value}   = {frontend}/{proto} -> svc {}",
             value["svc_id"]
         );
     }

@@ -603,13 +603,14 @@ fn xdp_rows(
 ) -> Result<(f64, f64, Vec<Row>)> {
     use proxy_common::{NODE_F_EXTERNAL, NodeConfig};
     let ext0 = Some(fixture::ifindex("ext0")?);
-    dp.set_config(&NodeConfig {
-        snat_addr_be: u32::from_ne_bytes(fixture::NODE1),
+    let mut config = NodeConfig {
         snat_port_min: 61_000,
         snat_port_max: 65_535,
         flags: NODE_F_EXTERNAL,
         ..NodeConfig::default()
-    })?;
+    };
+    config.set_snat_addr(Some(fixture::NODE1.into()));
+    dp.set_config(&config)?;
     let client = sa(fixture::CLIENT, 40000);
     let syn = Frame::tcp_syn(client, np).build();
     let ack = data_segment(client, np, 0x61);
@@ -906,12 +907,11 @@ fn control_plane_run(n: usize) -> Result<CpRun> {
     }
 
     let view = PinnedView::open(&cluster.pin_root())?;
-    let key = proxy_common::ServiceKey {
-        addr_be: u32::from_ne_bytes(vip(0).octets()),
-        port_be: 80u16.to_be(),
-        proto: 6,
-        scope: 0,
-    };
+    let key = proxy_common::ServiceKey::new(
+        SocketAddrV4::new(vip(0), 80),
+        proxy_common::proto::TCP,
+        proxy_common::scope::INTERNAL,
+    );
     let mut latencies = Vec::new();
     for k in 0..200u32 {
         let mut eps = endpoints(0);
@@ -1071,7 +1071,7 @@ fn maglev_section(md: &mut String) -> Result<()> {
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for n in [10u32, 100, 1000] {
         let m = maglev::default_size(n as usize, maglev::DEFAULT_MAX_TABLE_SIZE);
-        let ours = maglev::table_bytes(n, 0, m);
+        let ours = proxy_common::sel_bytes(n, 0, m);
         let cilium = 16_381u64 * 4;
         let cilium_same = u64::from(m) * 4;
         let table = maglev::build(&addresses(n), m)?;
