@@ -13,7 +13,9 @@ use aya_ebpf::{
         xdp_action::XDP_ABORTED,
     },
     btf_maps::{Array, PerCpuArray, ProgramArray},
-    helpers::generated::{bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_store_bytes},
+    helpers::generated::{
+        bpf_get_smp_processor_id, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_store_bytes,
+    },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -72,7 +74,9 @@ pub fn tc_bench(ctx: TcContext) -> i32 {
 }
 
 /// The next flow's source port and address low half (network order), when
-/// the template asks for a new flow every run.
+/// the template asks for a new flow every run. The top byte is the CPU, so a
+/// run that migrates between CPUs never repeats another CPU's flows (each
+/// CPU has 2^24 before its own wrap).
 #[inline(always)]
 fn next_flow(frame: &BenchFrame) -> Option<[u8; 4]> {
     if frame.mode != bench_mode::NEW_FLOW {
@@ -84,7 +88,9 @@ fn next_flow(frame: &BenchFrame) -> Option<[u8; 4]> {
         *seq = (*seq).wrapping_add(1);
         *seq
     };
-    Some(n.to_be_bytes())
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    Some(((cpu << 24) | (n & 0x00ff_ffff)).to_be_bytes())
 }
 
 /// `tc_bench` for XDP: restores the template (first shrinking the head back

@@ -14,8 +14,9 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use proxy_common::{Backend, CT_F_COUNTED, Counter, CtKey, CtValue, ct_dir, ct_state, proto};
 
 use crate::{
+    hdr::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::CONNTRACK,
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Packet,
 };
 
 /// `last_seen_ns` is refreshed at most this often, to keep flow state writes

@@ -1,8 +1,11 @@
-//! Internet checksum arithmetic (RFC 1071) for headers the datapath builds itself.
+//! Internet checksum arithmetic (RFC 1071, RFC 1624): all of it, for every
+//! caller. Headers the datapath builds itself (`reject.rs`, `dsr.rs`) sum
+//! their words; rewrites in XDP (`ctx.rs`) and of ICMP quotes (`icmp.rs`)
+//! update checksums incrementally; the reject's quote gets its fixed point.
 //!
-//! Rewrites of existing packets use the kernel's incremental helpers instead
-//! (`bpf_l3_csum_replace`/`bpf_l4_csum_replace`, see `nat.rs`): those also keep
-//! `CHECKSUM_PARTIAL` and `CHECKSUM_COMPLETE` skbs consistent.
+//! Rewrites of existing packets in TC use the kernel's incremental helpers
+//! instead (`bpf_l3_csum_replace`/`bpf_l4_csum_replace`, see `nat.rs`): those
+//! also keep `CHECKSUM_PARTIAL` and `CHECKSUM_COMPLETE` skbs consistent.
 //!
 //! Words are summed in the byte order they have in memory; the folded result,
 //! stored back the same way, is correct on either endianness.
@@ -20,6 +23,57 @@ pub fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn update16(csum: u16, old: u16, new: u16) -> u16 {
     fold(u32::from(!csum) + u32::from(!old) + u32::from(new))
+}
+
+/// The two 16-bit words of a raw 32-bit value, in packet order.
+#[inline(always)]
+pub fn halves(v: u32) -> [u16; 2] {
+    let b = v.to_ne_bytes();
+    [
+        u16::from_ne_bytes([b[0], b[1]]),
+        u16::from_ne_bytes([b[2], b[3]]),
+    ]
+}
+
+/// A checksum after the 32-bit value it covers changed from `old` to `new`.
+#[inline(always)]
+pub fn update32(csum: u16, old: u32, new: u32) -> u16 {
+    let (o, n) = (halves(old), halves(new));
+    update16(update16(csum, o[0], n[0]), o[1], n[1])
+}
+
+/// A checksum after a 16-bit (`size` 2) or 32-bit (`size` 4) value it covers
+/// changed from `from` to `to` (raw values, as `bpf_l{3,4}_csum_replace`
+/// take them), in one fold.
+#[inline(always)]
+pub fn replace(csum: u16, from: u64, to: u64, size: u64) -> u16 {
+    let words = |v: u64| -> u32 {
+        if size == 4 {
+            u32::from(v as u16) + u32::from((v >> 16) as u16)
+        } else {
+            u32::from(v as u16)
+        }
+    };
+    let not_words = |v: u64| -> u32 {
+        if size == 4 {
+            u32::from(!(v as u16)) + u32::from(!((v >> 16) as u16))
+        } else {
+            u32::from(!(v as u16))
+        }
+    };
+    fold(u32::from(!csum) + not_words(from) + words(to))
+}
+
+/// The value F a checksum field must hold so that computing the checksum
+/// over the data with F in place writes F again: F = ~(S + F), with `sum`
+/// the data's sum including the field's current value `current`. (F + F = ~S
+/// in ones' complement, so F is ~S rotated right by one; ~S = 0 is written
+/// 0xffff, as the kernel writes it.)
+#[inline(always)]
+pub fn fixed_point(sum: u32, current: u16) -> u16 {
+    // Ones' complement subtraction of the field: S = sum - field.
+    let t = fold(sum + u32::from(!current));
+    if t == 0 { 0xffff } else { t.rotate_right(1) }
 }
 
 /// Adds the 16-bit words of `bytes` (even length) to `sum`.

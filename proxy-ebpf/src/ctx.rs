@@ -1,24 +1,35 @@
-//! The packet access the parse and NAT code need, for both hooks: TC (an skb)
-//! and XDP (a bare frame). One parser and one rewriter serve both.
+//! What the parse and NAT code need of a hook, for both: TC (an skb) and XDP
+//! (a bare frame). Packet access, checksum updates, growing the packet, and
+//! the hook's actions (go on, drop, send by a route, bounce). One parser,
+//! one rewriter and one [`crate::verdict::finish`] serve both.
 //!
-//! XDP has no checksum helpers: the incremental updates are done here in
-//! place (RFC 1624). XDP frames arrive from a wire with complete checksums;
+//! XDP has no checksum helpers: the incremental updates are done in place
+//! (`csum::replace`). XDP frames arrive from a wire with complete checksums;
 //! the TC side keeps the kernel helpers, which also keep `CHECKSUM_PARTIAL`
 //! and `CHECKSUM_COMPLETE` skbs consistent.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_MARK_MANGLED_0, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
-    helpers::generated::{bpf_skb_adjust_room, bpf_xdp_adjust_head},
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        bpf_redir_neigh,
+        tcx_action_base::{TCX_DROP, TCX_NEXT},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    helpers::generated::{
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_xdp_adjust_head,
+    },
     programs::{TcContext, XdpContext},
 };
 
-use crate::parse::ETH_LEN;
-
-/// Length of an IPv4 header without options.
-const IP_LEN: usize = 20;
+use crate::{
+    csum,
+    fib::{Route, Via},
+    hdr::{ETH_LEN, IP_LEN},
+};
 
 /// A packet under one of our programs.
 ///
@@ -26,9 +37,21 @@ const IP_LEN: usize = 20;
 /// packet pointer the compiler kept from before a helper call is invalid
 /// afterwards, and one it spills as a 32-bit value (it knows the context
 /// field is 32 bits) is refused by the verifier.
-pub trait Ctx {
+pub trait Ctx: EbpfContext {
     /// Whether this is an XDP frame (no skb yet).
     const XDP: bool;
+    /// The hook's return value.
+    type Action: Copy;
+    /// The packet goes on (to the next program, up the stack).
+    const NEXT: Self::Action;
+    /// The packet is dropped.
+    const DROP: Self::Action;
+    /// Sends a packet prepared for `route` (`Via::Out`: MACs set, or
+    /// `Via::NoNeigh`: the kernel resolves the next hop where the hook can);
+    /// anything else goes on.
+    fn send(&self, route: Route) -> Self::Action;
+    /// Sends the packet back out of the interface it came in on.
+    fn bounce(&self) -> Self::Action;
     /// The program's context pointer, for helpers.
     fn raw(&self) -> *mut c_void;
     /// Index of the interface the packet arrived on.
@@ -53,6 +76,40 @@ pub trait Ctx {
 
 impl Ctx for TcContext {
     const XDP: bool = false;
+    type Action = i32;
+    const NEXT: i32 = TCX_NEXT;
+    const DROP: i32 = TCX_DROP;
+    #[inline(always)]
+    fn send(&self, route: Route) -> i32 {
+        match route.via {
+            // SAFETY: helper with plain arguments.
+            Via::Out => unsafe { bpf_redirect(route.ifindex, 0) as i32 },
+            Via::NoNeigh => {
+                let mut nh = bpf_redir_neigh {
+                    nh_family: 2, // AF_INET
+                    __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+                        ipv4_nh: route.nh_be,
+                    },
+                };
+                // SAFETY: `nh` is a valid next-hop description of the size given.
+                unsafe {
+                    bpf_redirect_neigh(
+                        route.ifindex,
+                        &raw mut nh,
+                        size_of::<bpf_redir_neigh>() as i32,
+                        0,
+                    ) as i32
+                }
+            }
+            Via::TooBig | Via::Kernel => TCX_NEXT,
+        }
+    }
+    #[inline(always)]
+    fn bounce(&self) -> i32 {
+        // SAFETY: reading this program's own context, then a helper with
+        // plain arguments.
+        unsafe { bpf_redirect((*self.skb.skb).ifindex, 0) as i32 }
+    }
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.as_ptr()
@@ -97,7 +154,7 @@ impl Ctx for TcContext {
 }
 
 /// Applies the change of one 16- or 32-bit value from `from` to `to` (raw,
-/// as stored in the packet) to the checksum at `off` (RFC 1624, eqn. 3).
+/// as stored in the packet) to the checksum at `off`, in place.
 #[inline(always)]
 fn replace_in_place(
     ctx: &XdpContext,
@@ -117,22 +174,7 @@ fn replace_in_place(
     if keep_zero && old == 0 {
         return Ok(());
     }
-    let words = |v: u64| -> u32 {
-        if size == 4 {
-            u32::from(v as u16) + u32::from((v >> 16) as u16)
-        } else {
-            u32::from(v as u16)
-        }
-    };
-    let not_words = |v: u64| -> u32 {
-        if size == 4 {
-            u32::from(!(v as u16)) + u32::from(!((v >> 16) as u16))
-        } else {
-            u32::from(!(v as u16))
-        }
-    };
-    let sum = u32::from(!old) + not_words(from) + words(to);
-    let mut new = crate::csum::fold(sum);
+    let mut new = csum::replace(old, from, to, size);
     if keep_zero && new == 0 {
         new = 0xffff;
     }
@@ -143,6 +185,23 @@ fn replace_in_place(
 
 impl Ctx for XdpContext {
     const XDP: bool = true;
+    type Action = u32;
+    const NEXT: u32 = XDP_PASS;
+    const DROP: u32 = XDP_DROP;
+    #[inline(always)]
+    fn send(&self, route: Route) -> u32 {
+        match route.via {
+            Via::Out if route.ifindex == Ctx::ingress_ifindex(self) => XDP_TX,
+            // SAFETY: helper with plain arguments.
+            Via::Out => unsafe { bpf_redirect(route.ifindex, 0) as u32 },
+            // XDP cannot resolve a neighbour: such packets are left to TC.
+            Via::NoNeigh | Via::TooBig | Via::Kernel => XDP_PASS,
+        }
+    }
+    #[inline(always)]
+    fn bounce(&self) -> u32 {
+        XDP_TX
+    }
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.as_ptr()

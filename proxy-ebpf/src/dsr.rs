@@ -16,10 +16,9 @@ use proxy_common::{Counter, DSR_OPT_LEN, DSR_OPT_TYPE};
 use crate::{
     csum::{add_words, fold},
     ctx::Ctx,
-    parse::{ETH_LEN, Packet, ptr_at},
+    hdr::{ETH_LEN, IP_LEN},
+    parse::{Packet, ptr_at},
 };
-
-const IP_LEN: usize = 20;
 
 /// Whether the DSR option fits: the packet has no IPv4 options of its own.
 #[inline(always)]

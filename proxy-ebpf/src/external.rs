@@ -38,18 +38,8 @@ use crate::{
     parse::{self, Packet},
     select,
     stats::{self, SvcEvent},
+    verdict::Done,
 };
-
-/// How a handled packet leaves.
-pub enum Done {
-    /// Not ours: passed on untouched.
-    NotOurs,
-    /// Goes up the stack (translated or not); the counter names the path.
-    Pass(Counter),
-    /// Translated and prepared for `route` (`Via::Out` or `Via::NoNeigh`):
-    /// the program sends it there.
-    Send(Counter, Route),
-}
 
 /// Handles one packet arriving on an external interface.
 #[inline(always)]
@@ -73,9 +63,9 @@ pub fn handle(ctx: &impl Ctx) -> Result<Done, Counter> {
     }
     if let Some((addr_be, port_be)) = dsr::option(ctx, &pkt) {
         conntrack::learn_dsr(&pkt, addr_be, port_be, conntrack::now())?;
-        return Ok(Done::Pass(Counter::DsrLearned));
+        return Ok(Done::pass(Counter::DsrLearned));
     }
-    Ok(Done::NotOurs)
+    Ok(Done::NOT_OURS)
 }
 
 /// Where a client's packet goes once translated, looked up before anything
@@ -208,7 +198,7 @@ fn send(
     let route = match next(ctx, pkt, v) {
         Next::Local => None,
         Next::Remote(r) => Some(r),
-        Next::Defer => return Ok(Done::Pass(Counter::DeferredToTc)),
+        Next::Defer => return Ok(Done::pass(Counter::DeferredToTc)),
         Next::NoRoom => return Err(Counter::DsrNoRoom),
     };
     let snat_port_be = commit()?;
@@ -216,7 +206,7 @@ fn send(
     stats::service(v.svc_id, pkt.l3_len, event);
     nat::rewrite(ctx, pkt, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
     let Some(route) = route else {
-        return Ok(Done::Pass(local));
+        return Ok(Done::pass(local));
     };
     if v.flags & CT_F_SNAT != 0 {
         nat::rewrite(ctx, pkt, Side::Src, v.peer_addr_be, snat_port_be)?;
@@ -233,9 +223,9 @@ fn send(
 pub fn out(ctx: &impl Ctx, route: Route, counter: Counter) -> Done {
     match route {
         r if matches!(r.via, Via::Out | Via::NoNeigh) && fib::prepare(ctx) => {
-            Done::Send(counter, route)
+            Done::send(counter, route)
         }
-        _ => Done::Pass(Counter::ForwardedByKernel),
+        _ => Done::pass(Counter::ForwardedByKernel),
     }
 }
 
@@ -250,7 +240,7 @@ fn snat_reply<C: Ctx>(
     let flow = fib::flow_of(ctx, v.nat_addr_be, v.peer_addr_be, pkt.proto);
     let route = fib::lookup(ctx, &flow);
     if C::XDP && route.via == Via::NoNeigh {
-        return Ok(Done::Pass(Counter::DeferredToTc));
+        return Ok(Done::pass(Counter::DeferredToTc));
     }
     conntrack::seen(entry, pkt, conntrack::now());
     stats::service(v.svc_id, pkt.l3_len, SvcEvent::Packet);
@@ -265,21 +255,21 @@ fn snat_reply<C: Ctx>(
 #[inline(always)]
 fn icmp_to_snat_client<C: Ctx>(ctx: &C) -> Result<Done, Counter> {
     let Some(e) = icmp::parse(ctx) else {
-        return Ok(Done::NotOurs);
+        return Ok(Done::NOT_OURS);
     };
     if CONFIG
         .get(0)
         .is_none_or(|c| c.snat_addr_be == 0 || c.snat_addr_be != e.outer_daddr_be)
     {
-        return Ok(Done::NotOurs);
+        return Ok(Done::NOT_OURS);
     }
     let Some(entry) = conntrack::lookup(&conntrack::reply_key_of_quote(&e)) else {
-        return Ok(Done::NotOurs);
+        return Ok(Done::NOT_OURS);
     };
     // SAFETY: a valid map value pointer for this run; copied out.
     let v = unsafe { *entry };
     if v.flags & CT_F_SNAT == 0 {
-        return Ok(Done::NotOurs);
+        return Ok(Done::NOT_OURS);
     }
     let from_backend = e.outer_saddr_be == e.daddr_be;
     let saddr_be = if from_backend {
@@ -292,7 +282,7 @@ fn icmp_to_snat_client<C: Ctx>(ctx: &C) -> Result<Done, Counter> {
         &fib::flow_of(ctx, saddr_be, v.peer_addr_be, proto::ICMP),
     );
     if C::XDP && route.via == Via::NoNeigh {
-        return Ok(Done::Pass(Counter::DeferredToTc));
+        return Ok(Done::pass(Counter::DeferredToTc));
     }
     icmp::rewrite_inner(ctx, &e, Side::Src, v.peer_addr_be, v.peer_port_be)?;
     icmp::rewrite_inner(ctx, &e, Side::Dst, v.nat_addr_be, v.nat_port_be)?;

@@ -15,7 +15,8 @@ use aya_ebpf::{bindings::bpf_fib_lookup, helpers::generated::bpf_fib_lookup as f
 
 use crate::{
     ctx::Ctx,
-    parse::{ETH_LEN, ptr_at},
+    hdr::{ETH_LEN, IP_CSUM_OFF, IP_TTL_OFF},
+    parse::ptr_at,
 };
 
 const AF_INET: u8 = 2;
@@ -54,6 +55,9 @@ pub struct Route {
 }
 
 impl Route {
+    /// No route (where none is needed).
+    pub const NONE: Route = Route::to(Via::Kernel);
+
     const fn to(via: Via) -> Self {
         Self {
             via,
@@ -161,7 +165,7 @@ pub fn flow_of(ctx: &impl Ctx, saddr_be: u32, daddr_be: u32, proto: u8) -> Flow 
 /// (TTL running out, unexpected layout).
 #[inline(always)]
 pub fn prepare(ctx: &impl Ctx) -> bool {
-    let Some(word) = ptr_at::<[u8; 2]>(ctx, ETH_LEN + 8) else {
+    let Some(word) = ptr_at::<[u8; 2]>(ctx, IP_TTL_OFF) else {
         return false;
     };
     // SAFETY: bounds-checked against data_end.
@@ -174,7 +178,7 @@ pub fn prepare(ctx: &impl Ctx) -> bool {
     unsafe { *word = new };
     if ctx
         .l3_csum_replace(
-            ETH_LEN + 10,
+            IP_CSUM_OFF,
             u64::from(u16::from_ne_bytes(old)),
             u64::from(u16::from_ne_bytes(new)),
             2,

@@ -16,17 +16,15 @@
 use proxy_common::{Counter, proto};
 
 use crate::{
-    csum::update16,
+    csum::{halves, update16, update32},
     ctx::Ctx,
+    hdr::{
+        ETH_LEN, ICMP_DEST_UNREACH, ICMP_LEN, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED, IP_CSUM_OFF,
+        IP_DADDR_OFF, IP_FRAG_MASK, IP_LEN, IP_SADDR_OFF,
+    },
     nat::Side,
-    parse::{ETH_LEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, ptr_at},
+    parse::ptr_at,
 };
-
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-const ICMP_LEN: usize = 8;
-const IP_FRAG_MASK: u16 = 0x3fff;
 
 /// An ICMP error quoting a TCP or UDP packet. Addresses and ports are raw
 /// network-order values.
@@ -51,11 +49,11 @@ pub struct IcmpError {
 /// Parses an ICMP error quoting TCP/UDP; `None` for anything else.
 #[inline(always)]
 pub fn parse(ctx: &impl Ctx) -> Option<IcmpError> {
-    let ip = ptr_at::<[u8; 20]>(ctx, ETH_LEN)?;
+    let ip = ptr_at::<[u8; IP_LEN]>(ctx, ETH_LEN)?;
     // SAFETY: bounds-checked against data_end.
     let ip = unsafe { *ip };
     let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if ip[0] >> 4 != 4 || ihl < 20 || ip[9] != proto::ICMP {
+    if ip[0] >> 4 != 4 || ihl < IP_LEN || ip[9] != proto::ICMP {
         return None;
     }
     if u16::from_be_bytes([ip[6], ip[7]]) & IP_FRAG_MASK != 0 {
@@ -72,11 +70,11 @@ pub fn parse(ctx: &impl Ctx) -> Option<IcmpError> {
         return None;
     }
     let inner_off = icmp_off + ICMP_LEN;
-    let inner = ptr_at::<[u8; 20]>(ctx, inner_off)?;
+    let inner = ptr_at::<[u8; IP_LEN]>(ctx, inner_off)?;
     // SAFETY: bounds-checked against data_end.
     let inner = unsafe { *inner };
     let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
-    if inner[0] >> 4 != 4 || inner_ihl < 20 || !matches!(inner[9], proto::TCP | proto::UDP) {
+    if inner[0] >> 4 != 4 || inner_ihl < IP_LEN || !matches!(inner[9], proto::TCP | proto::UDP) {
         return None;
     }
     let inner_l4_off = inner_off + inner_ihl;
@@ -112,23 +110,6 @@ fn put16(ctx: &impl Ctx, off: usize, value: u16) -> Result<(), Counter> {
     // SAFETY: bounds-checked against data_end.
     unsafe { *p = value.to_ne_bytes() };
     Ok(())
-}
-
-/// The two 16-bit words of a raw 32-bit value, in packet order.
-#[inline(always)]
-fn halves(v: u32) -> [u16; 2] {
-    let b = v.to_ne_bytes();
-    [
-        u16::from_ne_bytes([b[0], b[1]]),
-        u16::from_ne_bytes([b[2], b[3]]),
-    ]
-}
-
-/// A checksum after the 32-bit value it covers changed from `old` to `new`.
-#[inline(always)]
-fn update32(csum: u16, old: u32, new: u32) -> u16 {
-    let (o, n) = (halves(old), halves(new));
-    update16(update16(csum, o[0], n[0]), o[1], n[1])
 }
 
 // Everything here is computed and written directly (no checksum helpers):

@@ -12,7 +12,8 @@ use proxy_common::{Counter, proto};
 
 use crate::{
     ctx::Ctx,
-    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet, ptr_at},
+    hdr::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    parse::{Packet, ptr_at},
 };
 
 /// Which end of the packet to rewrite.

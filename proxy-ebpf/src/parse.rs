@@ -9,30 +9,10 @@
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{Counter, proto};
 
-use crate::ctx::Ctx;
-
-/// Length of the Ethernet header.
-pub const ETH_LEN: usize = EthHdr::LEN;
-/// Offset of the IPv4 header checksum.
-pub const IP_CSUM_OFF: usize = ETH_LEN + 10;
-/// Offset of the IPv4 source address.
-pub const IP_SADDR_OFF: usize = ETH_LEN + 12;
-/// Offset of the IPv4 destination address.
-pub const IP_DADDR_OFF: usize = ETH_LEN + 16;
-
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-/// "More fragments" flag and fragment offset bits of the IPv4 `frags` field.
-const IP_FRAG_MASK: u16 = 0x3fff;
-/// Offset of the flags byte in the TCP header, and two of its bits.
-const TCP_FLAGS_OFF: usize = 13;
-/// TCP FIN flag.
-pub const TCP_FIN: u8 = 0x01;
-/// TCP SYN flag.
-pub const TCP_SYN: u8 = 0x02;
-/// TCP RST flag.
-pub const TCP_RST: u8 = 0x04;
-/// TCP ACK flag.
-pub const TCP_ACK: u8 = 0x10;
+use crate::{
+    ctx::Ctx,
+    hdr::{ETH_LEN, ETH_P_IP_BE, IP_FRAG_MASK, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+};
 
 /// The fields of an IPv4 TCP/UDP packet the datapath works with.
 /// Addresses and ports are raw network-byte-order values as they sit in the packet.

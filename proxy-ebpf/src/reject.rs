@@ -1,7 +1,8 @@
 //! Refusing a connection to a service without endpoints, as kube-proxy's
 //! `REJECT` rule does: the packet is turned into an ICMP port-unreachable
-//! quoting it, and sent back out of the interface it came in on. TCP clients
-//! see ECONNREFUSED at once, UDP clients get the error on their socket.
+//! quoting it, which the caller sends back out of the interface it came in
+//! on. TCP clients see ECONNREFUSED at once, UDP clients get the error on
+//! their socket.
 //!
 //!   in:  [eth][IPv4 + L4 + payload ...]
 //!   out: [eth swapped][IPv4 frontend → client][ICMP 3/3][quote: first ≤ 80 bytes of the IPv4 packet]
@@ -19,28 +20,25 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::generated::{bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
+    helpers::generated::{bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::{Counter, proto};
 
 use crate::{
-    csum::{MAX_SAMPLE_WORDS, add_packet_words, add_words, fold},
-    parse::{ETH_LEN, Packet, ptr_at},
+    csum::{MAX_SAMPLE_WORDS, add_packet_words, add_words, fixed_point, fold},
+    hdr::{ETH_LEN, ICMP_DEST_UNREACH, ICMP_LEN, ICMP_PORT_UNREACH, IP_LEN},
+    parse::{Packet, ptr_at},
 };
 
-const IP_LEN: usize = 20;
-const ICMP_LEN: usize = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
 const TTL: u8 = 64;
 /// Where the quoted packet starts in the reply.
 const QUOTE_OFF: usize = ETH_LEN + IP_LEN + ICMP_LEN;
 
-/// Rewrites the packet into an ICMP port unreachable and redirects it back.
-/// Returns the TC action.
+/// Rewrites the packet into an ICMP port unreachable, to be sent back out of
+/// the interface it came in on (`Done::bounce`).
 #[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     let macs = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::RejectFailed)?;
     let tos = ptr_at::<u8>(ctx, ETH_LEN + 1).ok_or(Counter::RejectFailed)?;
     // SAFETY: bounds-checked; copied before the resize invalidates the pointers.
@@ -121,10 +119,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
             0,
         ];
     }
-    // SAFETY: reading the ingress ifindex from our own context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    Ok(())
 }
 
 /// Sets the quoted L4 checksum field to the fixed point of a pending checksum
@@ -145,12 +140,7 @@ fn balance_quoted_l4_csum(
     // SAFETY: bounds-checked against data_end.
     let current = u16::from_ne_bytes(unsafe { *field });
     let with_field = add_packet_words(0, ctx.data() + l4, ctx.data_end(), quote - ihl);
-    // Ones' complement subtraction of the field: S = sum - field.
-    let without_field = with_field + u32::from(!current);
-    // T = ~S; F + F = T in ones' complement, i.e. F = T rotated right by one
-    // (with ~S = 0 represented as 0xffff, which the kernel writes for 0).
-    let t = fold(without_field);
-    let f = if t == 0 { 0xffff } else { t.rotate_right(1) };
+    let f = fixed_point(with_field, current);
     // SAFETY: as above.
     unsafe { *field = f.to_ne_bytes() };
     Ok(())

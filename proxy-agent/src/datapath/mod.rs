@@ -189,6 +189,7 @@ impl Datapath {
             .map_max_entries(maps::SELECTION, sizes.selection_blocks)
             .map_max_entries(maps::SVC_TABLE, sizes.services)
             .map_max_entries(maps::SVC_STATS, sizes.services)
+            .map_max_entries(maps::SVC_NAMES, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
@@ -239,7 +240,8 @@ impl Datapath {
             frontends: dp.max_entries(maps::SERVICES)?,
             services: dp
                 .max_entries(maps::SVC_TABLE)?
-                .min(dp.max_entries(maps::SVC_STATS)?),
+                .min(dp.max_entries(maps::SVC_STATS)?)
+                .min(dp.max_entries(maps::SVC_NAMES)?),
             backends: dp.max_entries(maps::BACKENDS)?,
             ranges: dp.max_entries(maps::SOURCE_RANGES)?,
             blocks: dp.max_entries(maps::SELECTION)?,
