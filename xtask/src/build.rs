@@ -168,7 +168,7 @@ pub fn demo() -> Result<()> {
     Err(err).context("starting the demo")
 }
 
-pub fn bench() -> Result<()> {
+pub fn bench(args: &[String]) -> Result<()> {
     setup::run()?;
     if !setup::is_root() {
         bail!("benchmarks load BPF programs: run them as root");
@@ -188,5 +188,6 @@ pub fn bench() -> Result<()> {
             "--",
         ])
         .arg("--out")
-        .arg(out))
+        .arg(out)
+        .args(args))
 }

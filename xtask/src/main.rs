@@ -45,7 +45,12 @@ enum Command {
     /// `cargo fmt --check` and `cargo clippy -D warnings` on every crate.
     Lint,
     /// Run every benchmark side by side and write BENCHMARKS.md.
-    Bench,
+    Bench {
+        /// Arguments for the bench itself, after `--` (`-- --help` lists
+        /// them; `-- --only datapath` runs one part and writes nothing).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
         } => build::test(!no_lint, &cargo_args),
         Command::Demo => build::demo(),
         Command::Lint => build::lint(),
-        Command::Bench => build::bench(),
+        Command::Bench { args } => build::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, Result};
 use proxy_tests::{
     cluster::{Agent, Cluster},
@@ -15,8 +17,12 @@ use proxy_tests::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    median,
+    Report,
+    control_plane::agent_for,
+    median, plot,
+    programming::timed_restore,
     rules::{self, KubeSvc},
+    thousands,
 };
 
 /// Request and response size, bytes.
@@ -243,7 +249,7 @@ impl Bed {
         let program_s = match mode {
             Mode::PodIp => None,
             Mode::Ours => {
-                let (api, mut a, started) = crate::agent_for(&cluster, &svcs, &[])?;
+                let (api, mut a, started) = agent_for(&cluster, &svcs, &[])?;
                 a.wait_for_log("kind=\"full\"", Duration::from_secs(300))?;
                 let took = started.elapsed().as_secs_f64();
                 agent = Some((api, a));
@@ -251,12 +257,7 @@ impl Bed {
             }
             Mode::Iptables | Mode::IptablesLegacy | Mode::Nft => {
                 let (program, args, rules) = mode.loader().context("a rules mode")?;
-                Some(crate::timed_restore(
-                    &cluster.node,
-                    program,
-                    args,
-                    &rules(&svcs),
-                )?)
+                Some(timed_restore(&cluster.node, program, args, &rules(&svcs))?)
             }
         };
         let targets = if mode == Mode::PodIp {
@@ -447,6 +448,170 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             agent_cpu,
             program_costs,
         });
+    }
+    Ok(runs)
+}
+/// Client pod → Service with 10 backends, every mode at every size.
+pub fn section(report: &mut Report, sizes: &[u32]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for &n in sizes {
+        runs.extend(at(n)?);
+    }
+    let md = &mut report.md;
+    writeln!(
+        md,
+        "\n## End to end: client pod → Service with 10 backends\n"
+    )?;
+    writeln!(
+        md,
+        "One node namespace, a client pod and {} backend pods joined to it by veth pairs (as in the \
+         integration tests). Each backend echoes {}-byte requests (tokio, 2 worker threads for all \
+         backends); the client is one tokio thread with {} connections in flight. **Short-lived**: \
+         connect, request, response, close (the client closes first), so the rate is new connections \
+         per second. **Keep-alive**: requests on {} long-lived connections. Each figure is the median of \
+         {} rounds of {} ms after {} ms of warm-up (the range shows all rounds); failed attempts are counted. \
+         All five beds of a size exist at once and the rounds interleave, so the VM's drifts fall on every \
+         mode alike. *Programmed in*: rules loaded, or agent start → first full sync written (listing and \
+         translation included). *Agent CPU*: the agent's CPU time while the size's rounds ran (all beds \
+         take turns, so its own bed carried a fifth of that traffic), as a share of one core; mostly \
+         conntrack garbage collection every 10 s. The Service under test sits \
+         in the middle of N Services with 10 endpoints each (iptables walks its KUBE-SERVICES list linearly \
+         for every new connection). **pod IP**: the client connects to the backends' addresses in turn, \
+         nothing translates (the floor). **ours**: the agent watching a fake API server with the N Services. \
+         **iptables** / **nftables**: kube-proxy's rule sets from the programming section with this \
+         Service's endpoints, loaded into the node namespace. Client, servers and the node's packet \
+         processing share the machine's two cores, so a cheaper datapath shows as more requests per second.\n",
+        BACKENDS,
+        MESSAGE,
+        CLIENTS,
+        CLIENTS,
+        ROUNDS,
+        ROUND.as_millis(),
+        WARMUP.as_millis()
+    )?;
+    writeln!(
+        md,
+        "| Services | path | new connections/s | range | ÷ floor | errors | keep-alive requests/s | range | ÷ floor | errors | programmed in | agent CPU |"
+    )?;
+    writeln!(
+        md,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for r in &runs {
+        let floor = runs
+            .iter()
+            .find(|f| f.services == r.services && f.mode == Mode::PodIp)
+            .context("floor run")?;
+        let range = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::MAX, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.0}–{hi:.0}")
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {:.2} | {} | {:.0} | {} | {:.2} | {} | {} | {} |",
+            thousands(r.services),
+            r.mode.label(),
+            r.short.per_sec,
+            range(&r.short_rounds),
+            r.short.per_sec / floor.short.per_sec,
+            r.short.errors,
+            r.keep_alive.per_sec,
+            range(&r.keep_alive_rounds),
+            r.keep_alive.per_sec / floor.keep_alive.per_sec,
+            r.keep_alive.errors,
+            r.program_s
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "—".into()),
+            r.agent_cpu
+                .map(|c| format!("{:.1}%", c * 100.0))
+                .unwrap_or_else(|| "—".into()),
+        )?;
+    }
+    for r in runs.iter().filter(|r| !r.program_costs.is_empty()) {
+        let costs: Vec<String> = r
+            .program_costs
+            .iter()
+            .map(|(p, n, ns)| format!("`{p}` {ns:.0} ns/run over {n} runs"))
+            .collect();
+        writeln!(
+            md,
+            "\nOur programs under this traffic at {} Services (one more round of each kind with the kernel's \
+             run-time statistics on): {}.",
+            thousands(r.services),
+            costs.join(", ")
+        )?;
+    }
+    writeln!(
+        md,
+        "\nOurs against each (new connections/s ratio, keep-alive ratio):\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | ÷ floor | ÷ iptables (nf_tables) | ÷ iptables (legacy) | ÷ nftables |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    for &n in sizes {
+        let get = |m: Mode| runs.iter().find(|r| r.services == n && r.mode == m);
+        let Some(ours) = get(Mode::Ours) else {
+            continue;
+        };
+        let mut line = format!("| {} |", thousands(n));
+        for m in [Mode::PodIp, Mode::Iptables, Mode::IptablesLegacy, Mode::Nft] {
+            if let Some(o) = get(m) {
+                let _ = write!(
+                    line,
+                    " {:.2} / {:.2} |",
+                    ours.short.per_sec / o.short.per_sec,
+                    ours.keep_alive.per_sec / o.keep_alive.per_sec
+                );
+            }
+        }
+        writeln!(md, "{line}")?;
+    }
+    let labels: Vec<String> = Mode::ALL.iter().map(|m| m.label().to_owned()).collect();
+    for (file, title, axis, pick) in [
+        (
+            "e2e-connections.svg",
+            "New connections per second, client pod → Service with 10 backends",
+            "connections/s",
+            (|r: &Run| r.short.per_sec) as fn(&Run) -> f64,
+        ),
+        (
+            "e2e-keepalive.svg",
+            "Requests per second on keep-alive connections",
+            "requests/s",
+            |r: &Run| r.keep_alive.per_sec,
+        ),
+    ] {
+        let values: Vec<Vec<f64>> = sizes
+            .iter()
+            .map(|n| {
+                Mode::ALL
+                    .iter()
+                    .map(|m| {
+                        runs.iter()
+                            .find(|r| r.services == *n && r.mode == *m)
+                            .map_or(f64::NAN, pick)
+                    })
+                    .collect()
+            })
+            .collect();
+        report.plot(plot::Plot {
+            file: file.into(),
+            title: title.into(),
+            svg: plot::grouped_bars(
+                title,
+                axis,
+                &sizes
+                    .iter()
+                    .map(|n| format!("{} Services", thousands(*n)))
+                    .collect::<Vec<_>>(),
+                &labels,
+                &values,
+                plot::Scale::Linear,
+            ),
+        })?;
     }
     Ok(runs)
 }

@@ -1,0 +1,129 @@
+//! The goals table that opens BENCHMARKS.md: each goal against what this
+//! run measured.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use crate::{
+    control_plane::CpRun,
+    datapath::{Scale, row_metrics},
+    e2e,
+    programming::Programming,
+    seconds, thousands,
+};
+
+/// The goals, each against what this run measured.
+pub fn section(
+    md: &mut String,
+    scales: &[Scale],
+    programming: &[Programming],
+    control_plane: &[CpRun],
+    e2e: &[e2e::Run],
+) -> Result<()> {
+    use e2e::Mode;
+    let verdict = |met: bool| if met { "met" } else { "**not met**" };
+    let mut rows: Vec<(String, String, &str)> = Vec::new();
+    let find = |n: u32, m: Mode| e2e.iter().find(|r| r.services == n && r.mode == m);
+    let sizes: Vec<u32> = {
+        let mut v: Vec<u32> = e2e.iter().map(|r| r.services).collect();
+        v.dedup();
+        v
+    };
+    // Ours against another mode at every size, both metrics: the worst ratio.
+    let worst = |other: Mode| -> Option<(f64, String)> {
+        let mut worst: Option<(f64, String)> = None;
+        for n in &sizes {
+            let (Some(o), Some(x)) = (find(*n, Mode::Ours), find(*n, other)) else {
+                continue;
+            };
+            for (what, ratio) in [
+                ("new connections", o.short.per_sec / x.short.per_sec),
+                ("keep-alive", o.keep_alive.per_sec / x.keep_alive.per_sec),
+            ] {
+                if worst.as_ref().is_none_or(|(w, _)| ratio < *w) {
+                    worst = Some((ratio, format!("{what} at {} Services", thousands(*n))));
+                }
+            }
+        }
+        worst
+    };
+    if let Some((r, at)) = worst(Mode::PodIp) {
+        rows.push((
+            "End to end at least 0.9 of the direct-pod floor".into(),
+            format!("lowest {r:.3} ({at})"),
+            verdict(r >= 0.9),
+        ));
+    }
+    for m in [Mode::Iptables, Mode::IptablesLegacy] {
+        if let (Some(o), Some(x)) = (find(10_000, Mode::Ours), find(10_000, m)) {
+            let r = o.short.per_sec / x.short.per_sec;
+            rows.push((
+                format!(
+                    "At least 2× {} on new connections at 10k Services",
+                    m.label()
+                ),
+                format!("{r:.2}×"),
+                verdict(r >= 2.0),
+            ));
+        }
+    }
+    if let Some((r, at)) = worst(Mode::Nft) {
+        rows.push((
+            "At or above nftables everywhere (end to end)".into(),
+            format!("lowest {r:.3} ({at})"),
+            verdict(r >= 1.0),
+        ));
+    }
+    if let Some(p) = programming.iter().find(|p| p.services == 10_000) {
+        let slowest_other = p.iptables.min(p.iptables_legacy).min(p.nft);
+        rows.push((
+            "Programming 10k Services faster than iptables-restore and nft".into(),
+            format!(
+                "ours {}, iptables-restore {} / legacy {}, nft {}",
+                seconds(p.ours),
+                seconds(p.iptables),
+                seconds(p.iptables_legacy),
+                seconds(p.nft)
+            ),
+            verdict(p.ours < slowest_other),
+        ));
+    }
+    if let Some(c) = control_plane.iter().find(|c| c.services == 10_000) {
+        rows.push((
+            "Cold sync of 10k Services under 2 s (agent start → maps written)".into(),
+            format!("{:.2} s", c.wall_s),
+            verdict(c.wall_s < 2.0),
+        ));
+        rows.push((
+            "EndpointSlice change → map p99 under 10 ms".into(),
+            format!("{:.2} ms", c.p99_ms),
+            verdict(c.p99_ms < 10.0),
+        ));
+    }
+    if let (Some(first), Some(last)) = (scales.first(), scales.last()) {
+        let worst = row_metrics(first)
+            .into_iter()
+            .map(|(name, over)| (over(last) / over(first).max(1.0), name))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((g, name)) = worst {
+            rows.push((
+                format!(
+                    "Per-packet cost flat from {} to {} Services (within 1.5×)",
+                    thousands(first.services),
+                    thousands(last.services)
+                ),
+                format!("largest growth {g:.2}× ({name})"),
+                verdict(g <= 1.5),
+            ));
+        }
+    }
+    writeln!(md, "## Goals\n")?;
+    writeln!(md, "| goal | this run | |")?;
+    writeln!(md, "|---|---|---|")?;
+    for (goal, got, v) in rows {
+        writeln!(md, "| {goal} | {got} | {v} |")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
