@@ -7,6 +7,8 @@
 //! contract between the last two. [`agent`] is the loop that wires them.
 
 pub mod agent;
+#[cfg(test)]
+mod architecture;
 pub mod conntrack;
 pub mod datapath;
 pub mod diagnose;

@@ -30,7 +30,8 @@ fn discriminant(op: &Op) -> u8 {
         Op::SetService(..) => 5,
         Op::DelBackend(_) => 6,
         Op::SetRanges(..) => 7,
-        Op::SetName(..) | Op::DelName(_) => 8,
+        Op::SetName(..) => 8,
+        Op::DelName(_) => 9,
     }
 }
 

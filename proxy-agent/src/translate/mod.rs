@@ -1,6 +1,8 @@
 //! Translation: a pure function from the stored objects to the desired state,
 //! with kube-proxy's semantics. Callable for the whole store ([`translate`])
 //! or one Service at a time ([`translate_service`], for incremental updates).
+//! A Service is read once (`service.rs`), then each of its ports is built
+//! (`port.rs`); frontend conflicts are settled by name (`claims.rs`).
 //!
 //! - Services left alone: `type: ExternalName`, headless (`clusterIP: None`),
 //!   and those labelled `service.kubernetes.io/service-proxy-name` (another
@@ -22,7 +24,8 @@
 //!   under `externalTrafficPolicy: Local`.
 //!
 //! Annotations (documented in the README):
-//! - `ebpf-proxy.io/lb-algorithm` on a Service: `maglev` (default) or `random`;
+//! - `ebpf-proxy.io/lb-algorithm` on a Service: `maglev` (default), `random`,
+//!   `round-robin`, `source-hash`, `least-connections` (IPVS's short names too);
 //! - `ebpf-proxy.io/maglev-table-size` on a Service: a prime table size;
 //! - `ebpf-proxy.io/endpoint-weights` on a Service or an EndpointSlice:
 //!   `IP=WEIGHT,...`; weight 0 drains an endpoint (no new flows). A slice's
