@@ -98,7 +98,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     ip[10] = ip_csum[0];
     ip[11] = ip_csum[1];
 
-    let eth = ptr_at::<[u8; 14]>(ctx, 0).ok_or(Counter::RejectFailed)?;
+    let eth = ptr_at::<[u8; ETH_LEN]>(ctx, 0).ok_or(Counter::RejectFailed)?;
     let iph = ptr_at::<[u8; IP_LEN]>(ctx, ETH_LEN).ok_or(Counter::RejectFailed)?;
     let icmp = ptr_at::<[u8; ICMP_LEN]>(ctx, ETH_LEN + IP_LEN).ok_or(Counter::RejectFailed)?;
     // SAFETY: all three are bounds-checked against data_end after the resize.
