@@ -11,8 +11,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Shared vocabulary and pure helpers.
     ("maglev", &[]),
     ("model", &["maglev"]),
-    ("node", &[]),
+    ("node", &["model"]),
     ("ifaces", &[]),
+    ("host", &[]),
+    ("sockdiag", &[]),
     // The flow.
     ("store", &[]),
     ("kube_source", &["store"]),
@@ -48,6 +50,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "engine",
             "health",
             "healthcheck",
+            "host",
             "ifaces",
             "kube_source",
             "manifests",
@@ -56,6 +59,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "node",
             "programmed",
             "reconcile",
+            "sockdiag",
             "store",
             "translate",
         ],

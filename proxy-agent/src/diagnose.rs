@@ -234,38 +234,34 @@ fn programmed(snap: &Snapshot, plan: &ServicePlan) -> Check {
         "{} port {:?}/{}",
         plan.id.name, plan.id.port_name, plan.id.protocol
     );
-    let keys = crate::reconcile::frontend_keys(plan, crate::model::NodePortMode::Snat);
+    let units = crate::reconcile::units(plan, crate::model::NodePortMode::Snat);
     let mut problems = Vec::new();
-    for k in &keys {
-        let want_scope = |k: &proxy_common::ServiceKey| (k.addr_be, k.port_be, k.proto, k.scope);
-        let Some(v) = snap
-            .maps
-            .services
-            .iter()
-            .find(|(mk, _)| want_scope(mk) == want_scope(k))
-            .map(|(_, v)| v)
-        else {
-            problems.push("a frontend is missing".to_owned());
-            continue;
-        };
-        let Some(t) = snap.maps.tables.get(&v.svc_id) else {
-            problems.push(format!("svc {} has no table", v.svc_id));
-            continue;
-        };
-        let have: BTreeSet<SocketAddrV4> = t
-            .backends
-            .iter()
-            .filter_map(|id| snap.maps.backends.get(id))
-            .map(proxy_common::Backend::addr)
-            .collect();
-        let external = k.scope == proxy_common::scope::EXTERNAL && plan.has_external_table();
-        let want: BTreeSet<SocketAddrV4> = if external {
-            plan.external_backends.iter().copied().collect()
-        } else {
-            plan.internal_backends.iter().copied().collect()
-        };
-        if have != want {
-            problems.push(format!("backends {have:?}, wanted {want:?}"));
+    let mut frontends = 0;
+    for unit in &units {
+        let want: BTreeSet<SocketAddrV4> = unit.backends.iter().copied().collect();
+        for k in unit.keys.keys() {
+            frontends += 1;
+            let Some(v) = snap.maps.services.get(k) else {
+                problems.push(format!("frontend {} is missing", k.frontend()));
+                continue;
+            };
+            let Some(t) = snap.maps.tables.get(&v.svc_id) else {
+                problems.push(format!("svc {} has no table", v.svc_id));
+                continue;
+            };
+            let have: BTreeSet<SocketAddrV4> = t
+                .backends
+                .iter()
+                .filter_map(|id| snap.maps.backends.get(id))
+                .map(proxy_common::Backend::addr)
+                .collect();
+            if have != want {
+                problems.push(format!(
+                    "{} ({} table): backends {have:?}, wanted {want:?}",
+                    k.frontend(),
+                    unit.name.role.label()
+                ));
+            }
         }
     }
     check(
@@ -277,8 +273,7 @@ fn programmed(snap: &Snapshot, plan: &ServicePlan) -> Check {
         },
         if problems.is_empty() {
             format!(
-                "{label}: {} frontend(s), {} backend(s) as desired",
-                keys.len(),
+                "{label}: {frontends} frontend(s), {} backend(s) as desired",
                 plan.internal_backends.len()
             )
         } else {

@@ -6,14 +6,14 @@ use std::{collections::BTreeMap, fmt, net::SocketAddrV4, path::Path};
 
 use anyhow::{Context as _, Result};
 use proxy_common::{
-    CT_F_DSR, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CtKey, CtValue, ServiceKey, ct_dir, ct_state,
-    hash_mode, proto, scope,
+    CT_F_DSR, CT_F_EXTERNAL, CT_F_HAIRPIN, CT_F_SNAT, CtKey, CtValue, NODE_F_SOCK_HOST_ONLY,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, ct_dir, ct_state, hash_mode, proto, scope,
 };
 use serde::{Serialize, Serializer};
 
 use crate::{
     datapath, maglev,
-    model::Protocol,
+    model::{Protocol, SocketLb},
     programmed::{Programmed, Table},
 };
 
@@ -21,6 +21,8 @@ use crate::{
 pub struct Snapshot {
     pub maps: Programmed,
     pub counters: BTreeMap<u32, proxy_common::SvcCounters>,
+    /// Socket-level load balancing in effect (`None`: off).
+    pub socket_lb: Option<SocketLb>,
 }
 
 impl Snapshot {
@@ -37,7 +39,34 @@ impl Snapshot {
         let counters = datapath::read_pinned_service_counters(pin_root, ids)?
             .into_iter()
             .collect();
-        Ok(Self { maps, counters })
+        let (config, hooks) = datapath::read_pinned_node(pin_root)?;
+        let socket_lb =
+            (!hooks.is_empty()).then_some(if config.flags & NODE_F_SOCK_HOST_ONLY != 0 {
+                SocketLb::HostOnly
+            } else {
+                SocketLb::All
+            });
+        Ok(Self {
+            maps,
+            counters,
+            socket_lb,
+        })
+    }
+
+    /// How the socket hooks serve a frontend (`None`: they do not).
+    fn socket_level(&self, key: &ServiceKey, value: &ServiceValue) -> Option<&'static str> {
+        if key.scope != scope::INTERNAL {
+            return None;
+        }
+        Some(match self.socket_lb? {
+            _ if value.flags & SVC_F_SOURCE_RANGES != 0 => {
+                "no: source ranges apply, so pods are translated per packet"
+            }
+            SocketLb::All => "at connect(), for pods and host processes",
+            SocketLb::HostOnly | SocketLb::Off => {
+                "at connect(), for host processes (host-only); pods per packet"
+            }
+        })
     }
 
     fn name(&self, svc_id: u32) -> String {
@@ -113,11 +142,7 @@ pub fn services(s: &Snapshot) -> Vec<ServiceRow> {
                 port: p.map(|p| p.port_name.clone()).unwrap_or_default(),
                 protocol: p.map(|p| p.protocol.to_string()).unwrap_or_default(),
                 svc_id: *id,
-                table: if n.is_some_and(|n| n.external) {
-                    "external"
-                } else {
-                    "all"
-                },
+                table: n.map_or("all", |n| n.role.label()),
                 frontends: frontends.remove(id).unwrap_or_default(),
                 backends: t.backends.len(),
                 algorithm: algorithm(t),
@@ -158,6 +183,10 @@ pub struct ServiceDetail {
     pub affinity_timeout_seconds: u32,
     pub drop_when_empty: bool,
     pub source_ranges: Vec<String>,
+    /// Whether the socket hooks serve this table's frontends (clients
+    /// inside the node), and for whom; absent when they do not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_level: Option<&'static str>,
     pub backend_list: Vec<BackendRow>,
 }
 
@@ -214,6 +243,12 @@ pub fn service(s: &Snapshot, namespace: &str, name: &str) -> Vec<ServiceDetail> 
                     .flatten()
                     .map(ToString::to_string)
                     .collect(),
+                socket_level: s
+                    .maps
+                    .services
+                    .iter()
+                    .filter(|(_, v)| v.svc_id == summary.svc_id)
+                    .find_map(|(k, v)| s.socket_level(k, v)),
                 backend_list,
                 summary,
             })
@@ -379,6 +414,10 @@ pub struct Explanation {
     pub conntrack: Option<CtRow>,
     /// What the packet is rewritten to now.
     pub verdict: Verdict,
+    /// Whether the socket hooks translate this frontend at connect time
+    /// (clients inside the node); absent when they do not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_level: Option<&'static str>,
     /// What the backend's replies are rewritten to.
     pub reply: Option<String>,
 }
@@ -408,6 +447,7 @@ pub fn explain(
         new_flow_backend: None,
         conntrack: None,
         verdict: Verdict::NotAFrontend,
+        socket_level: None,
         reply: None,
     };
     let found = [scope::INTERNAL, scope::EXTERNAL]
@@ -420,12 +460,13 @@ pub fn explain(
         return e;
     };
     e.frontend = Some(frontend(&k));
+    e.socket_level = s.socket_level(&k, &v);
     e.service = Some(s.name(v.svc_id));
     e.svc_id = Some(v.svc_id);
     if v.flags & proxy_common::SVC_F_DSR != 0 {
         e.flags.push("dsr");
     }
-    if v.flags & proxy_common::SVC_F_SOURCE_RANGES != 0 {
+    if v.flags & SVC_F_SOURCE_RANGES != 0 {
         e.flags.push("source-ranges");
     }
     let fwd = CtKey::new(src, dst, proto_, ct_dir::FORWARD);

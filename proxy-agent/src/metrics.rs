@@ -227,7 +227,7 @@ impl Metrics {
                     escape(&p.name),
                     escape(&p.port_name),
                     p.protocol,
-                    if n.external { "external" } else { "all" }
+                    n.role.label()
                 );
             }
         }

@@ -96,6 +96,21 @@ impl NodePortMode {
     }
 }
 
+/// Which sockets the cgroup hooks translate (`--socket-lb`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SocketLb {
+    /// Every socket in the cgroup: pods and host processes.
+    #[default]
+    All,
+    /// Only sockets in the node's own network namespace (host processes,
+    /// host-network pods); pods' traffic is translated per packet, so a
+    /// service mesh's sidecar still sees Service addresses.
+    HostOnly,
+    /// No socket hooks: everything per packet, host processes not served.
+    Off,
+}
+
 /// Kind of a frontend address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum FrontendKind {
@@ -149,22 +164,55 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// Names one selection table of a Service port: the one its ClusterIPs use
-/// (and its external frontends too, when they use the same backends), or the
-/// external frontends' own (a traffic policy sets their backends apart).
+/// Which of a Service port's tables: whose backends a table holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableRole {
+    /// The ClusterIPs' (internal traffic policy), shared by the other
+    /// frontends whenever their backends are the same.
+    Internal,
+    /// NodePorts, LoadBalancer IPs and externalIPs as outside clients reach
+    /// them (external traffic policy), when their backends differ.
+    External,
+    /// Those same frontends reached from inside the node (pods, host
+    /// processes): the cluster-wide endpoints, as kube-proxy sends them,
+    /// when they differ from both of the above (both policies Local).
+    Cluster,
+}
+
+impl TableRole {
+    /// Every role, in the order tables are made and shared.
+    pub const ALL: [TableRole; 3] = [TableRole::Internal, TableRole::External, TableRole::Cluster];
+
+    /// Suffix of the role in a table name's text.
+    const fn suffix(self) -> &'static str {
+        match self {
+            TableRole::Internal => "",
+            TableRole::External => " external",
+            TableRole::Cluster => " cluster",
+        }
+    }
+
+    /// What inspection shows: `all` for the table every frontend uses
+    /// unless another one is set apart.
+    pub const fn label(self) -> &'static str {
+        match self {
+            TableRole::Internal => "all",
+            TableRole::External => "external",
+            TableRole::Cluster => "cluster",
+        }
+    }
+}
+
+/// Names one selection table of a Service port (see [`TableRole`]).
 ///
-/// Its text form, `NAMESPACE/NAME:PORT/PROTOCOL[ external]` (the port part
-/// empty for an unnamed port), is what `SVC_NAMES` holds for every svc id.
+/// Its text form, `NAMESPACE/NAME:PORT/PROTOCOL[ external| cluster]` (the
+/// port part empty for an unnamed port), is what `SVC_NAMES` holds for
+/// every svc id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TableName {
     pub port: ServicePortName,
-    /// The external frontends' table.
-    pub external: bool,
-}
-
-impl TableName {
-    /// Suffix of an external table's text.
-    const EXTERNAL: &str = " external";
+    pub role: TableRole,
 }
 
 impl fmt::Display for TableName {
@@ -172,13 +220,13 @@ impl fmt::Display for TableName {
         let p = &self.port;
         write!(
             f,
-            "{}/{}:{}/{}",
-            p.namespace, p.name, p.port_name, p.protocol
-        )?;
-        if self.external {
-            f.write_str(Self::EXTERNAL)?;
-        }
-        Ok(())
+            "{}/{}:{}/{}{}",
+            p.namespace,
+            p.name,
+            p.port_name,
+            p.protocol,
+            self.role.suffix()
+        )
     }
 }
 
@@ -186,11 +234,11 @@ impl FromStr for TableName {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("{text:?}: expected NAMESPACE/NAME:PORT/PROTOCOL[ external]");
-        let (rest, external) = match text.strip_suffix(Self::EXTERNAL) {
-            Some(t) => (t, true),
-            None => (text, false),
-        };
+        let bad = || format!("{text:?}: expected NAMESPACE/NAME:PORT/PROTOCOL[ external| cluster]");
+        let (rest, role) = [TableRole::External, TableRole::Cluster]
+            .into_iter()
+            .find_map(|r| Some((text.strip_suffix(r.suffix())?, r)))
+            .unwrap_or((text, TableRole::Internal));
         let (namespace, rest) = rest.split_once('/').ok_or_else(bad)?;
         let (name, rest) = rest.split_once(':').ok_or_else(bad)?;
         let (port_name, protocol) = rest.rsplit_once('/').ok_or_else(bad)?;
@@ -201,7 +249,7 @@ impl FromStr for TableName {
                 port_name: port_name.to_owned(),
                 protocol: protocol.parse().map_err(|()| bad())?,
             },
-            external,
+            role,
         })
     }
 }
@@ -372,6 +420,16 @@ pub struct ServicePlan {
     /// table of its own (its backends differ from the internal ones).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_maglev_table_size: Option<u32>,
+    /// Where new flows from inside the node (pods, host processes) to the
+    /// NodePorts, LoadBalancer IPs and externalIPs go: the cluster-wide
+    /// endpoints, whatever the external traffic policy, as with kube-proxy.
+    /// Empty when the Service is not externally reachable. Sorted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cluster_backends: Vec<SocketAddrV4>,
+    /// Maglev table size of those, when they differ from both the internal
+    /// and the external backends (both traffic policies Local).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_maglev_table_size: Option<u32>,
     /// Backends (of either list) running on this node. Sorted.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub local_backends: Vec<SocketAddrV4>,
@@ -399,16 +457,38 @@ impl ServicePlan {
             algorithm: Algorithm::Maglev,
             maglev_table_size,
             external_maglev_table_size: None,
+            cluster_backends: Vec::new(),
+            cluster_maglev_table_size: None,
             local_backends: Vec::new(),
         }
     }
 
-    /// Whether external frontends select from a table of their own: they
-    /// exist and their backends differ from the internal ones (a traffic
-    /// policy sets them apart). Otherwise every frontend shares one table.
-    pub fn has_external_table(&self) -> bool {
-        self.frontends.iter().any(|f| !f.kind.is_internal())
-            && self.external_backends != self.internal_backends
+    /// The backends one table role selects from.
+    pub fn backends_of(&self, role: TableRole) -> &[SocketAddrV4] {
+        match role {
+            TableRole::Internal => &self.internal_backends,
+            TableRole::External => &self.external_backends,
+            TableRole::Cluster => &self.cluster_backends,
+        }
+    }
+
+    /// The Maglev table size of one table role.
+    pub fn table_size_of(&self, role: TableRole) -> Option<u32> {
+        match role {
+            TableRole::Internal => self.maglev_table_size,
+            TableRole::External => self.external_maglev_table_size,
+            TableRole::Cluster => self.cluster_maglev_table_size,
+        }
+    }
+
+    /// The table that serves `role`'s frontends: the first role with the
+    /// same backends (every frontend shares the internal table unless a
+    /// traffic policy sets its backends apart).
+    pub fn table_for(&self, role: TableRole) -> TableRole {
+        TableRole::ALL
+            .into_iter()
+            .find(|r| self.backends_of(*r) == self.backends_of(role))
+            .unwrap_or(role)
     }
 
     /// Backends kept referenced without taking new flows: drained (weight
@@ -484,7 +564,7 @@ mod tests {
 
     #[test]
     fn table_names_round_trip() {
-        for external in [false, true] {
+        for role in TableRole::ALL {
             for port_name in ["", "http"] {
                 let n = TableName {
                     port: ServicePortName {
@@ -493,18 +573,21 @@ mod tests {
                         port_name: port_name.into(),
                         protocol: Protocol::Udp,
                     },
-                    external,
+                    role,
                 };
                 assert_eq!(n.to_string().parse(), Ok(n.clone()));
             }
         }
         assert_eq!(
-            "ns/web:/TCP external"
-                .parse::<TableName>()
-                .map(|n| n.external),
-            Ok(true)
+            "ns/web:/TCP external".parse::<TableName>().map(|n| n.role),
+            Ok(TableRole::External)
         );
-        for bad in ["garbage", "ns/web/TCP", "ns/web:p/ICMP"] {
+        for bad in [
+            "garbage",
+            "ns/web/TCP",
+            "ns/web:p/ICMP",
+            "ns/web:p/TCP internal",
+        ] {
             assert!(bad.parse::<TableName>().is_err(), "{bad}");
         }
     }

@@ -5,7 +5,11 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use proxy_common::{NODE_F_EXTERNAL, NodeConfig, ServiceKey, ServiceValue, scope};
+use proxy_common::{
+    NODE_F_EXTERNAL, NODE_F_SOCK_HOST_ONLY, NodeConfig, ServiceKey, ServiceValue, scope,
+};
+
+use crate::model::SocketLb;
 
 /// What `CONFIG` is derived from.
 #[derive(Clone, Debug)]
@@ -20,6 +24,9 @@ pub struct NodeSettings {
     external: bool,
     /// Lowest and highest ClusterIP programmed.
     cluster_ips: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// `--socket-lb`, and this node's network namespace cookie.
+    socket_lb: SocketLb,
+    host_netns_cookie: u64,
     /// What `CONFIG` holds (`None`: not written by this process yet).
     written: Option<NodeConfig>,
 }
@@ -40,8 +47,17 @@ impl NodeSettings {
             ext_address: None,
             external: false,
             cluster_ips: None,
+            socket_lb: SocketLb::default(),
+            host_netns_cookie: 0,
             written: None,
         }
+    }
+
+    /// Which sockets the hooks translate, and the cookie of the node's own
+    /// network namespace (`host-only` compares against it).
+    pub fn set_socket_lb(&mut self, mode: SocketLb, host_netns_cookie: u64) {
+        self.socket_lb = mode;
+        self.host_netns_cookie = host_netns_cookie;
     }
 
     /// The external interfaces now served, and the first address of the first.
@@ -78,10 +94,15 @@ impl NodeSettings {
 
     /// `CONFIG` as it should be.
     pub fn config(&self) -> NodeConfig {
+        let mut flags = if self.external { NODE_F_EXTERNAL } else { 0 };
+        if self.socket_lb == SocketLb::HostOnly {
+            flags |= NODE_F_SOCK_HOST_ONLY;
+        }
         let mut c = NodeConfig {
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
-            flags: if self.external { NODE_F_EXTERNAL } else { 0 },
+            flags,
+            host_netns_cookie: self.host_netns_cookie,
             ..NodeConfig::default()
         };
         c.set_snat_addr(self.snat_address());
@@ -159,11 +180,15 @@ mod tests {
             )
         );
 
-        let flagged = NodeSettings::new(Some(Ipv4Addr::new(10, 0, 0, 1)), (1, 2));
+        let mut flagged = NodeSettings::new(Some(Ipv4Addr::new(10, 0, 0, 1)), (1, 2));
         assert_eq!(
             flagged.config().snat_addr(),
             Some(Ipv4Addr::new(10, 0, 0, 1)),
             "--snat-address wins"
         );
+        flagged.set_socket_lb(SocketLb::HostOnly, 4242);
+        let c = flagged.config();
+        assert_eq!(c.flags & NODE_F_SOCK_HOST_ONLY, NODE_F_SOCK_HOST_ONLY);
+        assert_eq!(c.host_netns_cookie, 4242);
     }
 }

@@ -19,12 +19,22 @@ pub struct NodeConfig {
     /// be a hairpin reply; only those are looked up in conntrack.
     pub vip_min: u32,
     pub vip_max: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Network namespace cookie of this node's own namespace: with
+    /// `NODE_F_SOCK_HOST_ONLY`, the socket hooks translate only sockets there.
+    pub host_netns_cookie: u64,
 }
 
 /// Node flag: external traffic is served here: `tc_pod_ingress` looks up
 /// replies of external flows (local backends, DSR) for packets that are not
 /// addressed to a service.
 pub const NODE_F_EXTERNAL: u32 = 1;
+
+/// Node flag (`--socket-lb host-only`): the socket hooks translate only
+/// sockets in this node's own network namespace; pods' sockets are left to
+/// the packet path (service meshes whose sidecars must see Service addresses).
+pub const NODE_F_SOCK_HOST_ONLY: u32 = 2;
 
 pod!(NodeConfig);
 

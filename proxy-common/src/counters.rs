@@ -29,8 +29,11 @@ macro_rules! counters {
         impl Counter {
             /// Every counter, in index order.
             pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
-            /// Number of counters: the size of the `STATS` array.
+            /// Number of counters.
             pub const COUNT: usize = Self::ALL.len();
+            /// Size of the `STATS` array: room for counters yet to come, so
+            /// adding one does not change the pinned layout.
+            pub const CAPACITY: usize = 64;
 
             /// Stable snake_case name, used in metrics and CLI output.
             pub const fn name(self) -> &'static str {
@@ -112,7 +115,22 @@ counters! {
     /// A packet of a pod reaching itself through its Service (hairpin),
     /// either direction: translated both ways and sent back into the pod.
     Hairpin = 27, "hairpin", Handled;
+    /// A socket's connect (TCP, connected UDP) or unconnected UDP send to a
+    /// frontend got a backend's address instead (socket-level load balancing).
+    SockTranslated = 28, "sock_translated", Handled;
+    /// A socket's connect or send to a frontend without usable endpoints
+    /// failed at once with ECONNREFUSED.
+    SockRefused = 29, "sock_refused", Handled;
+    /// A socket's peer or a datagram's source showed the frontend instead
+    /// of the backend (getpeername, recvmsg).
+    SockReplyNat = 30, "sock_reply_nat", Handled;
+    /// A socket's connect or send to a frontend was left to the packet path
+    /// (source ranges apply, or the selection failed).
+    SockPassed = 31, "sock_passed", Passed;
 }
+
+// Every counter has a slot in `STATS`.
+const _: () = assert!(Counter::COUNT <= Counter::CAPACITY);
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,7 @@ pub mod names;
 mod net;
 pub mod selection;
 pub mod service;
+pub mod sock;
 pub mod stats;
 pub mod wire;
 
@@ -44,11 +45,12 @@ pub use counters::{Counter, Verdict};
 pub use names::*;
 pub use selection::*;
 pub use service::*;
+pub use sock::*;
 pub use stats::*;
 pub use wire::*;
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 5;
+pub const PIN_LAYOUT_VERSION: u32 = 6;
 
 /// Marks shared types as plain old data for aya (userspace map access).
 macro_rules! pod {
@@ -87,12 +89,14 @@ mod tests {
             size_of::<NodeConfig>(),
             size_of::<AffinityValue>(),
             size_of::<BackendConns>(),
-            Counter::COUNT,
+            Counter::CAPACITY,
+            size_of::<SockKey>(),
+            size_of::<SockValue>(),
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 5);
+        assert_eq!(PIN_LAYOUT_VERSION, 6);
         assert_eq!(
             fingerprint,
-            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 20, 16, 8, 28]
+            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16]
         );
     }
 }

@@ -40,6 +40,12 @@ pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
 /// collected before they closed. Written by the agent alone.
 pub const BACKEND_REAPED: &str = "BACKEND_REAPED";
 
+/// LRU hash: [`crate::SockKey`] → [`crate::SockValue`]: what socket-level
+/// load balancing did per socket (unconnected UDP's backend per frontend;
+/// the frontend getpeername and recvmsg show). Written by the socket hooks;
+/// the agent removes entries of departed backends.
+pub const SOCK_NAT: &str = "SOCK_NAT";
+
 /// Hash: svc id → [`crate::SvcName`]. Written by the agent; never read by
 /// the datapath (it names svc ids for inspection tools).
 pub const SVC_NAMES: &str = "SVC_NAMES";
@@ -59,7 +65,11 @@ pub const PINNED: &[&str] = &[
     BACKEND_CONNS,
     BACKEND_REAPED,
     SVC_NAMES,
+    SOCK_NAT,
 ];
+
+/// Default capacity of `SOCK_NAT` (two entries per translated socket).
+pub const DEFAULT_SOCK_ENTRIES: u32 = 131_072;
 
 /// Default capacity of `AFFINITY` (client, service port pairs).
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
@@ -98,4 +108,20 @@ pub mod programs {
     /// TC ingress on external interfaces: the same as `xdp_ext`, for what XDP
     /// leaves to it (unresolved next hops) or where XDP cannot attach.
     pub const TC_EXT_INGRESS: &str = "tc_ext_ingress";
+    /// cgroup connect4: a socket's connect to a frontend goes to a backend.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: an unconnected UDP datagram to a frontend goes to a backend.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: a datagram from a backend shows the frontend as its source.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a socket's peer shows the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+
+    /// The socket hooks, with the attach point each goes to (for link names).
+    pub const SOCK_HOOKS: [(&str, &str); 4] = [
+        (SOCK_CONNECT4, "connect4"),
+        (SOCK_SENDMSG4, "sendmsg4"),
+        (SOCK_RECVMSG4, "recvmsg4"),
+        (SOCK_GETPEERNAME4, "getpeername4"),
+    ];
 }

@@ -288,17 +288,17 @@ pub fn create_snat(
 }
 
 /// Records a hairpin flow: pod `pkt.saddr` reaching itself through the
-/// frontend `pkt.daddr:dport`. Its packets get the frontend address as
-/// their source (the client port kept), so the pod's reply is addressed to
-/// the frontend and comes back through the datapath.
+/// frontend `pkt.daddr:dport`. Its packets get `via_be` (the frontend, or a
+/// ClusterIP for other frontends) as their source, the client port kept, so
+/// the pod's reply is addressed there and comes back through the datapath.
 #[inline(always)]
-pub fn create_hairpin(f: &NewFlow) -> Result<(), Counter> {
+pub fn create_hairpin(f: &NewFlow, via_be: u32) -> Result<(), Counter> {
     let mut reply_val = reply_value(f);
     reply_val.peer_addr_be = f.pkt.saddr_be;
     reply_val.peer_port_be = f.pkt.sport_be;
     let reply = CtKey {
         saddr_be: f.backend.addr_be,
-        daddr_be: f.pkt.daddr_be,
+        daddr_be: via_be,
         sport_be: f.backend.port_be,
         dport_be: f.pkt.sport_be,
         proto: f.pkt.proto,
@@ -312,7 +312,7 @@ pub fn create_hairpin(f: &NewFlow) -> Result<(), Counter> {
         nat_addr_be: f.backend.addr_be,
         nat_port_be: f.backend.port_be,
         flags: f.flags,
-        peer_addr_be: f.pkt.daddr_be,
+        peer_addr_be: via_be,
         peer_port_be: f.pkt.sport_be,
         ..reply_val
     };

@@ -37,6 +37,10 @@ pub fn pod_ingress(ctx: &TcContext) -> Result<Done, Counter> {
     let Some(svc) = lookup::service(&pkt, scope::INTERNAL) else {
         return external_reply(ctx, &pkt);
     };
+    // A LoadBalancer IP seen from inside: its source ranges hold here too.
+    if !lookup::source_allowed(&svc, &pkt) {
+        return Err(Counter::SourceRangeDenied);
+    }
     dnat(ctx, &pkt, svc.svc_id)
 }
 
@@ -115,6 +119,23 @@ fn hairpin(
     Ok(Done::bounce(Counter::Hairpin))
 }
 
+/// The source a hairpinned pod sees: the frontend when it is a ClusterIP,
+/// else (a NodePort, LoadBalancer IP or externalIP reached from inside) the
+/// lowest ClusterIP, so the pod's replies fall in the range whose replies
+/// are looked up ([`external_reply`]).
+#[inline(always)]
+fn hairpin_source(frontend_be: u32) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return frontend_be;
+    };
+    let frontend = u32::from_be(frontend_be);
+    if (cfg.vip_min <= frontend && frontend <= cfg.vip_max) || cfg.vip_min > cfg.vip_max {
+        frontend_be
+    } else {
+        cfg.vip_min.to_be()
+    }
+}
+
 /// Sends a packet addressed to a frontend of `svc_id` to its backend: the
 /// tracked one for a known flow, a newly selected one otherwise.
 #[inline(always)]
@@ -147,7 +168,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
             return Ok(Done::pass(Counter::Established));
         }
     }
-    let Some(choice) = select::select(svc_id, pkt, now)? else {
+    let Some(choice) = select::select(svc_id, &pkt.tuple(), now)? else {
         debug!(ctx, "svc {} has no endpoints: rejecting", svc_id);
         stats::service(svc_id, pkt.l3_len, SvcEvent::Rejected);
         reject::reject(ctx, pkt)?;
@@ -164,14 +185,16 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         now,
     };
     if backend.addr_be == pkt.saddr_be {
-        // The pod is its own backend: hairpin.
+        // The pod is its own backend: hairpin. Its packets come from an
+        // address whose replies are looked up (a ClusterIP).
         flow.flags |= CT_F_HAIRPIN;
-        conntrack::create_hairpin(&flow)?;
+        let via_be = hairpin_source(pkt.daddr_be);
+        conntrack::create_hairpin(&flow, via_be)?;
         stats::service(svc_id, pkt.l3_len, SvcEvent::NewFlow);
         return hairpin(
             ctx,
             pkt,
-            (pkt.daddr_be, pkt.sport_be),
+            (via_be, pkt.sport_be),
             (backend.addr_be, backend.port_be),
         );
     }

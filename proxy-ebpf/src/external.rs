@@ -105,7 +105,7 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
             });
         }
     }
-    let Some(choice) = select::select(svc.svc_id, pkt, now)? else {
+    let Some(choice) = select::select(svc.svc_id, &pkt.tuple(), now)? else {
         stats::service(svc.svc_id, pkt.l3_len, SvcEvent::Rejected);
         return Err(Counter::NoEndpointsExternal);
     };

@@ -12,14 +12,19 @@ use crate::{
 /// (`proxy_common::scope`).
 #[inline(always)]
 pub fn service(pkt: &Packet, scope: u8) -> Option<ServiceValue> {
-    let key = ServiceKey {
+    by_key(&ServiceKey {
         addr_be: pkt.daddr_be,
         port_be: pkt.dport_be,
         proto: pkt.proto,
         scope,
-    };
+    })
+}
+
+/// The service port behind a frontend key.
+#[inline(always)]
+pub fn by_key(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: the value is copied out at once.
-    unsafe { SERVICES.get(key) }.copied()
+    unsafe { SERVICES.get(*key) }.copied()
 }
 
 /// Whether `pkt`'s client may use a frontend of `svc`: always, unless the

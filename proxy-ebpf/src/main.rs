@@ -7,6 +7,9 @@
 //! - `xdp_ext` / `tc_ext_ingress`, on external interfaces: north-south
 //!   (`external.rs`): NodePort/LoadBalancer/externalIP frontends, SNAT
 //!   replies and DSR options, the same code in both hooks.
+//! - `sock_connect4` / `sock_sendmsg4` / `sock_recvmsg4` /
+//!   `sock_getpeername4`, on a cgroup: socket-level load balancing
+//!   (`sock.rs`) for pods and host-network processes.
 //!
 //! Every path returns a [`verdict::Done`] or a drop reason; `verdict::finish`
 //! turns it into the hook's action. Everything that is not a service's
@@ -37,13 +40,14 @@ mod nat;
 mod parse;
 mod reject;
 mod select;
+mod sock;
 mod stats;
 mod verdict;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 use crate::verdict::finish;
@@ -71,6 +75,31 @@ pub fn xdp_ext(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_ext_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, external::handle(&ctx))
+}
+
+/// Socket-level load balancing (`sock.rs`): a connect to a frontend goes to
+/// a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// An unconnected UDP datagram to a frontend goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+/// A datagram from a backend shows the frontend as its source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reply4(&ctx)
+}
+
+/// A socket given a backend shows the frontend as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reply4(&ctx)
 }
 
 /// Passes everything. For the far end of a veth whose near end runs

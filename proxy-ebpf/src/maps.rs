@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, NodeConfig,
-    SelBlock, ServiceKey, ServiceValue, SourceRange, SvcCounters, SvcName,
+    SelBlock, ServiceKey, ServiceValue, SockKey, SockValue, SourceRange, SvcCounters, SvcName,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -37,7 +37,7 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, 524_288> = LruHashMap::new();
 
 /// Global per-CPU counters indexed by `proxy_common::Counter`. Written by the datapath.
 #[btf_map]
-pub static STATS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
+pub static STATS: PerCpuArray<u64, { Counter::CAPACITY }> = PerCpuArray::new();
 
 /// Per-CPU counters per svc id. Written by the datapath, reset by the agent on id reuse.
 #[btf_map]
@@ -74,3 +74,10 @@ pub static BACKEND_REAPED: Array<u32, 262_144> = Array::new();
 #[btf_map]
 pub static SVC_NAMES: HashMap<u32, SvcName, 65_536, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// Socket-level load balancing, per socket cookie: an unconnected UDP
+/// socket's backend per frontend (FORWARD), and the frontend getpeername and
+/// recvmsg show for a backend (REPLY). Written by the socket hooks; the agent
+/// removes entries of departed backends.
+#[btf_map]
+pub static SOCK_NAT: LruHashMap<SockKey, SockValue, 131_072> = LruHashMap::new();

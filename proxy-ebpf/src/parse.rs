@@ -33,7 +33,30 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
+/// The addresses, ports and protocol of a flow as its client sends it (raw
+/// network-order values): what backend selection hashes and keys affinity by.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+}
+
 impl Packet {
+    /// The packet's tuple.
+    #[inline(always)]
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            saddr_be: self.saddr_be,
+            daddr_be: self.daddr_be,
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+        }
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {

@@ -21,22 +21,22 @@ use proxy_common::{
 
 use crate::{
     maps::{AFFINITY, BACKEND_CONNS, BACKEND_REAPED, BACKENDS, SELECTION, SVC_STATS, SVC_TABLE},
-    parse::Packet,
+    parse::Tuple,
 };
 
 /// The hash a service's Maglev table is indexed with.
 #[inline(always)]
-fn packet_hash(pkt: &Packet, mode: u32) -> u32 {
-    let saddr = u32::from_be(pkt.saddr_be);
+fn flow_hash_of(t: &Tuple, mode: u32) -> u32 {
+    let saddr = u32::from_be(t.saddr_be);
     if mode == hash_mode::SOURCE {
         source_hash(saddr)
     } else {
         flow_hash(
             saddr,
-            u32::from_be(pkt.daddr_be),
-            u16::from_be(pkt.sport_be),
-            u16::from_be(pkt.dport_be),
-            pkt.proto,
+            u32::from_be(t.daddr_be),
+            u16::from_be(t.sport_be),
+            u16::from_be(t.dport_be),
+            t.proto,
         )
     }
 }
@@ -220,14 +220,15 @@ pub fn count_closed(backend_id: u32) {
     }
 }
 
-/// Picks a backend for a new flow of service port `svc_id`: the client's
-/// affinity backend while it is fresh and still eligible, else by the
-/// service's algorithm (recording the affinity).
+/// Picks a backend for a new flow `t` of service port `svc_id`: the
+/// client's affinity backend while it is fresh and still eligible, else by
+/// the service's algorithm (recording the affinity). The client is
+/// `t.saddr_be` (affinity, source hashing).
 ///
 /// `Ok(None)`: the service has no backend eligible for new flows (reject);
 /// `Err(NoLocalEndpoints)` when its table says to drop instead.
 #[inline(always)]
-pub fn select(svc_id: u32, pkt: &Packet, now: u64) -> Result<Option<Choice>, Counter> {
+pub fn select(svc_id: u32, t: &Tuple, now: u64) -> Result<Option<Choice>, Counter> {
     let first = SVC_TABLE
         .get(svc_id)
         .copied()
@@ -252,7 +253,7 @@ pub fn select(svc_id: u32, pkt: &Packet, now: u64) -> Result<Option<Choice>, Cou
     let counted = algo == algorithm::LEAST_CONN;
     let key = AffinityKey {
         svc_id,
-        client_be: pkt.saddr_be,
+        client_be: t.saddr_be,
     };
     if affinity != 0
         && let Some(a) = AFFINITY.get_ptr_mut(key)
@@ -283,7 +284,7 @@ pub fn select(svc_id: u32, pkt: &Packet, now: u64) -> Result<Option<Choice>, Cou
         pick % count
     } else {
         let pick = match algo {
-            algorithm::MAGLEV => packet_hash(pkt, mode),
+            algorithm::MAGLEV => flow_hash_of(t, mode),
             algorithm::ROUND_ROBIN => round_robin(svc_id),
             _ => random(),
         };

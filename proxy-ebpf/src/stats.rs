@@ -24,6 +24,22 @@ pub enum SvcEvent {
     Rejected,
 }
 
+/// Accounts a socket-level event (a new connection, a refusal) to service
+/// port `svc_id`: no packet is involved.
+#[inline(always)]
+pub fn socket(svc_id: u32, event: SvcEvent) {
+    if let Some(c) = SVC_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe {
+            match event {
+                SvcEvent::Packet => {}
+                SvcEvent::NewFlow => (*c).new_flows += 1,
+                SvcEvent::Rejected => (*c).rejected += 1,
+            }
+        }
+    }
+}
+
 /// Accounts one packet of `l3_len` bytes to service port `svc_id`.
 #[inline(always)]
 pub fn service(svc_id: u32, l3_len: u32, event: SvcEvent) {

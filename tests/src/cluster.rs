@@ -432,6 +432,17 @@ impl Agent {
                 "65536",
             ]
         };
+        // Socket hooks only where a test asks for them (with a cgroup of its
+        // own): the agent refuses the machine's root cgroup from a test
+        // namespace anyway, but says so in its log.
+        let sockets: &[&str] = if extra
+            .iter()
+            .any(|a| a.starts_with("--socket-lb") || a.starts_with("--cgroup-root"))
+        {
+            &[]
+        } else {
+            &["--socket-lb", "off"]
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.name])
             .arg(&bin)
@@ -440,6 +451,7 @@ impl Agent {
             .args(["--pod-iface", "veth*", "--bpffs"])
             .arg(pin_root)
             .args(sizes)
+            .args(sockets)
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
@@ -587,6 +599,22 @@ impl Ep {
             terminating: false,
         }
     }
+}
+
+/// Service `empty` in namespace `demo` (80/TCP and 53/UDP) at `vip`,
+/// without endpoints.
+pub fn empty_manifest(vip: Ipv4Addr) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  clusterIP: {vip}
+  ports:
+  - {{name: http, port: 80, protocol: TCP}}
+  - {{name: dns, port: 53, protocol: UDP}}
+"#
+    )
 }
 
 /// Service `web` at `vip` (80/TCP "http" and 53/UDP "dns" → `port`) with

@@ -41,6 +41,7 @@ pub fn load() -> Result<Datapath> {
             conntrack: 16384,
             selection_blocks: 65_536,
             source_ranges: 1024,
+            sock_entries: 1024,
         },
         pin_root: None,
     })?)
@@ -95,8 +96,8 @@ pub fn program_with_mode(
 }
 
 /// A NodePort service port for fixtures: a ClusterIP `cluster_ip` and a
-/// NodePort `node_port` on `node_addr`, both to `backends`; `local` lists
-/// those on this node.
+/// NodePort `node_port` on `node_addr`, both to `backends` (from outside
+/// and from inside alike); `local` lists those on this node.
 pub fn node_port(
     name: &str,
     cluster_ip: SocketAddrV4,
@@ -112,6 +113,7 @@ pub fn node_port(
         port: node_port.port(),
     });
     plan.external_backends = plan.internal_backends.clone();
+    plan.cluster_backends = plan.internal_backends.clone();
     plan.local_backends = local.to_vec();
     plan.local_backends.sort();
     plan

@@ -36,6 +36,9 @@ enum Cleanup {
     Kill(u32),
     /// `/run/<prefix>`: unmount its bpffs, then remove it.
     RunDir(PathBuf),
+    /// A cgroup2 hierarchy mounted at this path, with test cgroups in it:
+    /// their processes killed, the cgroups removed, the mount undone.
+    Cgroup(PathBuf),
 }
 
 fn register(action: Cleanup) -> u64 {
@@ -61,7 +64,12 @@ fn run_cleanup(action: &Cleanup) {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
+        Cleanup::Cgroup(mount) => remove_cgroups(mount),
         Cleanup::RunDir(dir) => {
+            let cgroup = dir.join("cgroup2");
+            if cgroup.exists() {
+                remove_cgroups(&cgroup);
+            }
             let bpffs = dir.join("bpffs");
             if bpffs.exists() {
                 let _ = Command::new("umount")
@@ -73,6 +81,39 @@ fn run_cleanup(action: &Cleanup) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Kills the processes of the test cgroup under the cgroup2 mount `mount`
+/// (`/run/<prefix>/cgroup2`, the cgroup `<prefix>` in it), removes the
+/// cgroup, and unmounts it. Only this run's own cgroup: every cgroup2 mount
+/// shows the same hierarchy, with the other tests' cgroups in it.
+fn remove_cgroups(mount: &Path) {
+    let Some(prefix) = mount.parent().and_then(Path::file_name) else {
+        return;
+    };
+    let cgroup = mount.join(prefix);
+    if cgroup.is_dir() {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: plain kill(2) of a process of our test cgroup.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(&cgroup);
+    }
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mount)
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir(mount);
 }
 
 /// Runs and forgets one registered cleanup.
@@ -328,6 +369,79 @@ impl BpffsMount {
 }
 
 impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        cleanup_one(self.cleanup);
+    }
+}
+
+/// A cgroup of its own for one test, `<prefix>` under the cgroup2 hierarchy,
+/// reachable at `/run/<prefix>/cgroup2/<prefix>` (a path agents started with
+/// `ip netns exec` see too: that remounts `/sys`). The socket hooks of a test
+/// attach here, never to the hierarchy's root. Its processes are killed and
+/// it is removed on drop.
+#[derive(Debug)]
+pub struct TestCgroup {
+    pub path: PathBuf,
+    cleanup: u64,
+}
+
+impl TestCgroup {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let mount = PathBuf::from("/run").join(prefix).join("cgroup2");
+        std::fs::create_dir_all(&mount)?;
+        let cleanup = register(Cleanup::Cgroup(mount.clone()));
+        let target = mount.to_string_lossy().into_owned();
+        sh("mount", &["-t", "cgroup2", "none", &target])?;
+        let path = mount.join(prefix);
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path, cleanup })
+    }
+
+    /// `ip netns exec <ns> <program> <args>`, the process placed in this
+    /// cgroup before it runs `program`; returns its output.
+    pub fn exec(&self, ns: &Netns, program: &Path, args: &[&str]) -> Result<String> {
+        sh(
+            "ip",
+            &self
+                .command(ns, program, args)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// As [`Self::exec`], running on: its stdout piped, killed on drop.
+    pub fn spawn(&self, ns: &Netns, program: &Path, args: &[&str]) -> Result<KillOnDrop> {
+        let child = Command::new("ip")
+            .args(self.command(ns, program, args))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ip netns exec")?;
+        Ok(KillOnDrop::new(child))
+    }
+
+    /// The arguments of `ip` for [`Self::exec`].
+    fn command(&self, ns: &Netns, program: &Path, args: &[&str]) -> Vec<String> {
+        let procs = self.path.join("cgroup.procs");
+        let script = format!("echo $$ > '{}' && exec \"$0\" \"$@\"", procs.display());
+        let mut all = vec![
+            "netns".to_owned(),
+            "exec".to_owned(),
+            ns.name.clone(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            script,
+            program.to_string_lossy().into_owned(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        all
+    }
+}
+
+impl Drop for TestCgroup {
     fn drop(&mut self) {
         cleanup_one(self.cleanup);
     }

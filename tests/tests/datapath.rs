@@ -859,6 +859,17 @@ fn scheduling_algorithms_and_affinity() {
     );
 }
 
+/// `f` with new endpoints, sent back the way it came (MACs swapped): what a
+/// hairpin redirects into the pod.
+fn back_in(f: &Frame, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    Frame {
+        src_mac: f.dst_mac,
+        dst_mac: f.src_mac,
+        ..f.with_endpoints(src, dst)
+    }
+    .build()
+}
+
 #[test]
 fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
     let mut dp = fixture::load().unwrap();
@@ -873,14 +884,6 @@ fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
     config.set_vip_range(Some((*vip.ip(), *vip.ip())));
     dp.set_config(&config).unwrap();
     let client = sa(CLIENT, 41500);
-    let back_in = |f: &Frame, src, dst| {
-        Frame {
-            src_mac: f.dst_mac,
-            dst_mac: f.src_mac,
-            ..f.with_endpoints(src, dst)
-        }
-        .build()
-    };
     let syn = Frame::tcp_syn(client, vip);
     let syn_ack = Frame {
         l4: L4::Tcp {
@@ -929,6 +932,96 @@ fn hairpin_is_translated_both_ways_and_sent_back_into_the_pod() {
             out: Out::Untouched,
             verdict: TCX_NEXT,
             counter: None,
+        },
+    ];
+    run_cases(&mut dp, cases);
+}
+
+#[test]
+fn pods_reach_node_ports_and_load_balancer_ips_from_inside() {
+    let mut dp = fixture::load().unwrap();
+    let node = [192, 168, 1, 10];
+    let remote = sa([10, 244, 2, 5], 8080);
+    let pod = sa(CLIENT, 8080);
+    let lb = sa([192, 168, 60, 3], 80);
+    // externalTrafficPolicy Local without a local endpoint: outside clients
+    // get nothing here, pods get the cluster-wide endpoints (as kube-proxy).
+    let mut web = fixture::node_port(
+        "web",
+        sa([10, 96, 0, 70], 80),
+        sa(node, 30080),
+        Protocol::Tcp,
+        &[remote],
+        &[],
+    );
+    web.external_backends.clear();
+    web.frontends.push(proxy_agent::model::Frontend {
+        kind: proxy_agent::model::FrontendKind::LoadBalancer,
+        address: *lb.ip(),
+        port: lb.port(),
+    });
+    // Source ranges hold for pods too; pods are outside this one.
+    web.source_ranges = vec!["10.244.9.0/24".parse().unwrap()];
+    // The client pod is the only backend of `self`: hairpin via its NodePort.
+    let own = sa(node, 30081);
+    let self_svc = fixture::node_port(
+        "self",
+        sa([10, 96, 0, 71], 80),
+        own,
+        Protocol::Tcp,
+        &[pod],
+        &[pod],
+    );
+    fixture::program(&mut dp, vec![web, self_svc]).unwrap();
+    let lowest_cluster_ip = [10, 96, 0, 1];
+    let mut config = proxy_common::NodeConfig::default();
+    config.set_vip_range(Some((lowest_cluster_ip.into(), [10, 96, 255, 254].into())));
+    dp.set_config(&config).unwrap();
+
+    let to_np = Frame::tcp_syn(sa(CLIENT, 41600), sa(node, 30080));
+    let to_lb = Frame::tcp_syn(sa(CLIENT, 41601), lb);
+    let client = sa(CLIENT, 41602);
+    let hairpin = Frame::tcp_syn(client, own);
+    let via = sa(lowest_cluster_ip, 41602);
+    let answer = Frame {
+        l4: L4::Tcp {
+            syn: true,
+            ack: true,
+        },
+        ..Frame::tcp_syn(pod, via)
+    };
+    let cases = vec![
+        Case {
+            name: "a pod to this node's NodePort: the cluster-wide endpoints, whatever the external policy",
+            program: INGRESS,
+            input: to_np.build(),
+            out: Out::Frame(to_np.with_endpoints(to_np.src, remote).build()),
+            verdict: TCX_NEXT,
+            counter: Some(Counter::NewFlow),
+        },
+        Case {
+            name: "a pod to a LoadBalancer IP outside its source ranges: dropped",
+            program: INGRESS,
+            input: to_lb.build(),
+            out: Out::Untouched,
+            verdict: TCX_DROP,
+            counter: Some(Counter::SourceRangeDenied),
+        },
+        Case {
+            name: "a pod to its own Service's NodePort: back in, from the lowest ClusterIP",
+            program: INGRESS,
+            input: hairpin.build(),
+            out: Out::Frame(back_in(&hairpin, via, pod)),
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::Hairpin),
+        },
+        Case {
+            name: "its answer: from the NodePort to the client, back in",
+            program: INGRESS,
+            input: answer.build(),
+            out: Out::Frame(back_in(&answer, own, client)),
+            verdict: TC_ACT_REDIRECT,
+            counter: Some(Counter::Hairpin),
         },
     ];
     run_cases(&mut dp, cases);

@@ -82,6 +82,10 @@ fn deploy_manifests_are_valid_and_least_privilege() {
         .map(|m| m.mount_path.as_str())
         .collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys"));
+    // Socket-level load balancing: the host's cgroup hierarchy, mounted
+    // where the ConfigMap's --cgroup-root says; the pods' namespaces (hostPID).
+    assert!(mounts.contains(&"/host/cgroup"));
+    assert_eq!(pod.host_pid, Some(true));
     assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
 
     // Every flag of the ConfigMap is one `proxy-agent run` accepts.
@@ -106,4 +110,5 @@ fn deploy_manifests_are_valid_and_least_privilege() {
         checked += 1;
     }
     assert!(checked >= 5);
+    assert!(flags.contains("--cgroup-root=/host/cgroup"), "{flags}");
 }

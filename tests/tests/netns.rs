@@ -17,8 +17,8 @@ use std::{
 };
 
 use proxy_tests::cluster::{
-    Agent, Answer, Cluster, Ep, LongLived, NameServer, eventually, manifest_dir, tally,
-    tcp_connect_error, tcp_requests, udp_connected_error, udp_requests, web_manifest,
+    Agent, Answer, Cluster, Ep, LongLived, NameServer, empty_manifest, eventually, manifest_dir,
+    tally, tcp_connect_error, tcp_requests, udp_connected_error, udp_requests, web_manifest,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -35,17 +35,9 @@ fn backend_ip(i: u8) -> Ipv4Addr {
 fn manifests(endpoints: &[Ipv4Addr]) -> String {
     let eps: Vec<Ep> = endpoints.iter().map(|ip| Ep::ready(*ip)).collect();
     format!(
-        r#"{}---
-apiVersion: v1
-kind: Service
-metadata: {{name: empty, namespace: demo}}
-spec:
-  clusterIP: {EMPTY_VIP}
-  ports:
-  - {{name: http, port: 80, protocol: TCP}}
-  - {{name: dns, port: 53, protocol: UDP}}
-"#,
-        web_manifest(VIP, BACKEND_PORT, "", "", &eps)
+        "{}---\n{}",
+        web_manifest(VIP, BACKEND_PORT, "", "", &eps),
+        empty_manifest(EMPTY_VIP)
     )
 }
 

@@ -34,6 +34,7 @@ use tokio::{
 };
 
 mod inputs;
+mod sockets;
 mod sync;
 
 use crate::{
@@ -42,10 +43,11 @@ use crate::{
     engine::Engine,
     health::{self, Health},
     healthcheck::HealthChecks,
+    host,
     ifaces::{IfaceMatcher, LinkWatcher},
     kube_source::{self, Kind},
     metrics::Metrics,
-    model::{Cidr, NodePortMode},
+    model::{Cidr, NodePortMode, SocketLb},
     node::NodeSettings,
     reconcile::Reconciler,
     translate::{MaglevOptions, TranslateOptions},
@@ -73,6 +75,10 @@ pub struct RunConfig {
     pub nodeport_cidrs: Vec<Cidr>,
     /// `--nodeport-mode`.
     pub nodeport_mode: NodePortMode,
+    /// `--socket-lb`.
+    pub socket_lb: SocketLb,
+    /// `--cgroup-root`; `None`: the host's cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
     /// `--snat-address`; `None`: the first address of the first external interface.
     pub snat_address: Option<std::net::Ipv4Addr>,
     /// `--snat-port-range`, inclusive.
@@ -99,6 +105,8 @@ struct Agent {
     exts: IfaceMatcher,
     /// What `CONFIG` is derived from.
     node: NodeSettings,
+    /// Socket-level load balancing in effect.
+    socket_lb: SocketLb,
     health: Arc<Health>,
     health_checks: HealthChecks,
     metrics: Arc<Metrics>,
@@ -192,7 +200,9 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     // The logger stays owned by the datapath; the event loop only polls its fd.
     let logger = dp.logger_mut().map(|l| l.as_raw_fd());
     let reconciler = Reconciler::new(maps, dp.capacity()).with_mode(cfg.nodeport_mode);
-    let node = NodeSettings::new(cfg.snat_address, cfg.snat_ports);
+    let mut node = NodeSettings::new(cfg.snat_address, cfg.snat_ports);
+    let socket_lb = sockets::start(&mut dp, cfg.socket_lb, cfg.cgroup_root.as_deref());
+    node.set_socket_lb(socket_lb, host::netns_cookie().unwrap_or(0));
     let mut agent = Agent {
         engine: Engine::new(TranslateOptions {
             node_name: cfg.node_name.clone(),
@@ -205,6 +215,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         pods,
         exts,
         node,
+        socket_lb,
         health,
         health_checks: HealthChecks::default(),
         metrics,

@@ -56,6 +56,9 @@ impl Agent {
             self.fill(),
         );
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
+            let mut departed = batch.left_addrs;
+            departed.extend(&batch.gone);
+            super::sockets::forget(&self.dp, self.socket_lb, departed);
             conntrack::gc::forget_flows(&self.dp, batch.left, batch.gone);
         }
         let maps = self.reconciler.maps();

@@ -45,6 +45,7 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<()> {
         }
     };
     show("frontend", e.frontend.clone());
+    show("sockets", e.socket_level.map(str::to_owned));
     show(
         "service",
         e.service

@@ -6,7 +6,7 @@ use proxy_agent::{
     agent::{self, RunConfig, Source},
     conntrack,
     datapath::{LoadOptions, MapSizes},
-    model::NodePortMode,
+    model::{NodePortMode, SocketLb},
 };
 use proxy_common::maps;
 
@@ -58,6 +58,23 @@ pub struct RunArgs {
     /// Capacity for loadBalancerSourceRanges CIDRs, over all Services.
     #[arg(long, default_value_t = maps::DEFAULT_SOURCE_RANGES)]
     max_source_ranges: u32,
+    /// Which sockets the cgroup hooks translate at connect time (the fast
+    /// path: nothing is translated per packet afterwards): 'all' (pods and
+    /// host processes), 'host-only' (the node's own network namespace: host
+    /// processes and host-network pods; for service meshes whose sidecars
+    /// must see Service addresses) or 'off' (per packet only; host
+    /// processes then reach no Service).
+    #[arg(long, value_enum, default_value = "all")]
+    socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket hooks attach to; they see the
+    /// sockets of its processes and their descendants [default: the host's
+    /// cgroup2 mount; if none is mounted, one is mounted at
+    /// /run/proxy-agent/cgroupv2].
+    #[arg(long, value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
+    /// Entries for socket-level load balancing (two per socket given a backend).
+    #[arg(long, default_value_t = maps::DEFAULT_SOCK_ENTRIES)]
+    sock_entries: u32,
     /// 64-byte blocks for selection tables (preallocated: 32 MiB by default, about
     /// 15,000 service ports of 10 backends at the default Maglev table size).
     #[arg(long, default_value_t = maps::DEFAULT_SELECTION_BLOCKS)]
@@ -134,6 +151,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ext_ifaces: args.ext_ifaces,
         nodeport_cidrs: opts.nodeport_cidrs,
         nodeport_mode: args.nodeport_mode,
+        socket_lb: args.socket_lb,
+        cgroup_root: args.cgroup_root,
         snat_address: args.snat_address,
         snat_ports: args.snat_port_range,
         ct_timeouts: conntrack::Timeouts {
@@ -151,6 +170,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 conntrack: args.ct_entries,
                 selection_blocks: args.selection_blocks,
                 source_ranges: args.max_source_ranges,
+                sock_entries: args.sock_entries,
             },
             pin_root: Some(args.bpffs),
         },

@@ -91,6 +91,9 @@ pub fn service(cmd: ServiceCmd) -> anyhow::Result<()> {
                 if !d.source_ranges.is_empty() {
                     println!("  source ranges: {}", d.source_ranges.join(", "));
                 }
+                if let Some(how) = d.socket_level {
+                    println!("  socket-level: {how}");
+                }
                 println!(
                     "  traffic:    {} packets, {} bytes, {} new connections, {} rejected",
                     s.packets, s.bytes, s.new_connections, s.rejected

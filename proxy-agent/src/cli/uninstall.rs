@@ -18,16 +18,21 @@ pub fn uninstall(root: &std::path::Path) -> anyhow::Result<()> {
         println!("{} does not exist: nothing to remove", root.display());
         return Ok(());
     }
-    let links = std::fs::read_dir(root)?
-        .flatten()
-        .filter_map(|v| std::fs::read_dir(v.path().join("links")).ok())
-        .flatten()
-        .flatten()
-        .count();
+    let count = |dir: &str| {
+        std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|v| std::fs::read_dir(v.path().join(dir)).ok())
+            .flatten()
+            .flatten()
+            .count()
+    };
+    let (links, hooks) = (count("links"), count("cgroup-links"));
     std::fs::remove_dir_all(root)
         .map_err(|e| anyhow::anyhow!("removing {}: {e}", root.display()))?;
     println!(
-        "removed {} ({links} program links detached, maps and conntrack released); Services are no longer translated on this node",
+        "removed {} ({links} interface links and {hooks} socket hooks detached, maps and conntrack released); Services are no longer translated on this node",
         root.display()
     );
     Ok(())

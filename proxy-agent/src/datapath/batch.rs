@@ -30,20 +30,7 @@ struct BatchAttr {
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix of the size passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    super::sys::bpf(cmd, attr).map(drop)
 }
 
 /// Writes `keys[i] → values[i·cpus .. (i+1)·cpus]` for every i: for per-CPU

@@ -94,7 +94,7 @@ impl Datapath {
                 tracing::info!(iface = ifname, hook = hook.name(), "adopted pinned link");
             }
             _ => {
-                let id = attach(prog, ifname, hook).map_err(|e| attach_err(e.to_string()))?;
+                let id = attach(prog, ifname, hook).map_err(|e| attach_err(super::chain(&e)))?;
                 if let Some(pin) = &pin {
                     let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
                     let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
@@ -142,7 +142,7 @@ impl Datapath {
             .map(drop)
             .map_err(|e| DatapathError::Attach {
                 iface: ifindex.to_string(),
-                message: e.to_string(),
+                message: super::chain(&e),
             })
     }
 

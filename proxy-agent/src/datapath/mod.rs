@@ -13,6 +13,8 @@ pub mod bpffs;
 mod conntrack;
 mod links;
 mod read;
+mod sock;
+mod sys;
 mod test_run;
 
 use std::{
@@ -35,9 +37,10 @@ pub use self::{
     },
     conntrack::ConntrackHandle,
     read::{
-        PinnedView, read_pinned, read_pinned_conntrack, read_pinned_counters,
+        PinnedView, read_pinned, read_pinned_conntrack, read_pinned_counters, read_pinned_node,
         read_pinned_service_counters,
     },
+    sock::{SockNatHandle, pinned_sock_hooks},
     test_run::TestRunOutput,
 };
 use crate::programmed::{Capacity, Programmed};
@@ -94,6 +97,18 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// An error with its sources (aya's syscall errors keep the errno there).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Capacities of the maps the agent sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -105,6 +120,8 @@ pub struct MapSizes {
     pub selection_blocks: u32,
     /// `loadBalancerSourceRanges` CIDRs over all Services.
     pub source_ranges: u32,
+    /// `SOCK_NAT` entries (socket-level load balancing).
+    pub sock_entries: u32,
 }
 
 impl Default for MapSizes {
@@ -116,6 +133,7 @@ impl Default for MapSizes {
             conntrack: maps::DEFAULT_CT_ENTRIES,
             selection_blocks: maps::DEFAULT_SELECTION_BLOCKS,
             source_ranges: maps::DEFAULT_SOURCE_RANGES,
+            sock_entries: maps::DEFAULT_SOCK_ENTRIES,
         }
     }
 }
@@ -193,6 +211,7 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
+            .map_max_entries(maps::SOCK_NAT, sizes.sock_entries)
             .map_max_entries(maps::BACKEND_CONNS, sizes.backends)
             .map_max_entries(maps::BACKEND_REAPED, sizes.backends)
             .override_global("AYA_LOG_LEVEL", &level, false);
@@ -236,6 +255,7 @@ impl Datapath {
                 blocks: 0,
             },
         };
+        dp.load_sock_programs()?;
         dp.capacity = Capacity {
             frontends: dp.max_entries(maps::SERVICES)?,
             services: dp

@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend, Counter, CtKey, CtValue, PIN_LAYOUT_VERSION, SelBlock, ServiceKey, ServiceValue,
-    SourceRange, SvcCounters, SvcName, maps,
+    Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, SelBlock, ServiceKey,
+    ServiceValue, SourceRange, SvcCounters, SvcName, maps,
 };
 
 use super::{DatapathError, batch, is_missing, map_data, map_err};
@@ -243,6 +243,16 @@ pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, D
     ct.iter()
         .collect::<Result<_, _>>()
         .map_err(map_err(maps::CONNTRACK))
+}
+
+/// The `CONFIG` of a running (or stopped) agent, and the socket hooks it
+/// attached (empty: socket-level load balancing off).
+pub fn read_pinned_node(pin_root: &Path) -> Result<(NodeConfig, Vec<String>), DatapathError> {
+    let m: Array<_, NodeConfig> = Array::try_from(Map::Array(open_pinned(pin_root, maps::CONFIG)?))
+        .map_err(map_err(maps::CONFIG))?;
+    let config = m.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+    let layout = pin_root.join(format!("v{PIN_LAYOUT_VERSION}"));
+    Ok((config, super::sock::pinned_sock_hooks(&layout)))
 }
 
 /// Global counters of a running (or stopped) agent's pinned `STATS`, summed over CPUs.

@@ -48,7 +48,7 @@ pub use self::{
 };
 use crate::{
     maglev,
-    model::{Cidr, DesiredState, NodePortMode, ServicePlan, ServicePortName, TableName},
+    model::{Cidr, DesiredState, NodePortMode, ServicePlan, ServicePortName, TableName, TableRole},
     programmed::{Capacity, Op, Programmed, Table},
 };
 
@@ -77,6 +77,9 @@ pub struct Batch {
     /// (svc id, backend id) pairs where the backend left a UDP service: its
     /// flows should be forgotten so clients move on.
     pub left: BTreeSet<(u32, u32)>,
+    /// The addresses of those backends: sockets connected to them (socket-
+    /// level load balancing) should be told.
+    pub left_addrs: BTreeSet<SocketAddrV4>,
     /// Backends no Service refers to any more (no slice lists them): their
     /// flows, of any protocol, should end.
     pub gone: BTreeSet<SocketAddrV4>,
@@ -124,6 +127,7 @@ struct Work {
     retired: Vec<u32>,
     refused: Vec<(ServicePortName, Refusal)>,
     left: BTreeSet<(u32, u32)>,
+    left_addrs: BTreeSet<SocketAddrV4>,
     not_before: Option<Instant>,
 }
 
@@ -145,6 +149,7 @@ impl Work {
             retired: Vec::new(),
             refused: Vec::new(),
             left: BTreeSet::new(),
+            left_addrs: BTreeSet::new(),
             not_before: None,
         }
     }
@@ -235,7 +240,7 @@ impl Reconciler {
 
     /// The svc id of a programmed service port (its internal table).
     pub fn svc_id(&self, name: &ServicePortName) -> Option<u32> {
-        self.table_id(name, false)
+        self.table_id(name, TableRole::Internal)
     }
 
     /// Every programmed table and its svc id.
@@ -244,11 +249,11 @@ impl Reconciler {
     }
 
     /// The svc id of one of a programmed service port's tables.
-    pub fn table_id(&self, name: &ServicePortName, external: bool) -> Option<u32> {
+    pub fn table_id(&self, name: &ServicePortName, role: TableRole) -> Option<u32> {
         self.names
             .get(&TableName {
                 port: name.clone(),
-                external,
+                role,
             })
             .copied()
     }
@@ -340,10 +345,10 @@ impl Reconciler {
                 .into_iter()
                 .filter(|u| !u.keys.is_empty())
                 .collect();
-            for external in [false, true] {
+            for role in TableRole::ALL {
                 let table = TableName {
                     port: name.clone(),
-                    external,
+                    role,
                 };
                 match wanted.iter().find(|u| u.name == table) {
                     Some(unit) => {
@@ -399,6 +404,7 @@ impl Reconciler {
             ops,
             refused: work.refused,
             left: work.left,
+            left_addrs: work.left_addrs,
             gone,
             tables_not_before: work.not_before,
         }
@@ -453,6 +459,17 @@ impl Reconciler {
         self.maps.ranges.values().map(BTreeSet::len).sum()
     }
 
+    /// Backends `ids` left UDP service port `svc_id`: their flows and
+    /// connected sockets are to be told.
+    fn note_left<'a>(&self, svc_id: u32, ids: impl Iterator<Item = &'a u32>, work: &mut Work) {
+        for id in ids {
+            work.left.insert((svc_id, *id));
+            if let Some(b) = self.maps.backends.get(id) {
+                work.left_addrs.insert(b.addr());
+            }
+        }
+    }
+
     /// Removes a svc id's frontends, table and name.
     fn remove_svc_id(&mut self, id: u32, work: &mut Work) {
         self.set_ranges(id, &BTreeSet::new(), work);
@@ -468,14 +485,9 @@ impl Reconciler {
             self.maps.regions.remove(&id);
             self.blocks.release(id);
             self.unref_table(&table, work);
-            work.left.extend(
-                table
-                    .backends
-                    .iter()
-                    .chain(&table.draining)
-                    .filter(|_| udp)
-                    .map(|b| (id, *b)),
-            );
+            if udp {
+                self.note_left(id, table.backends.iter().chain(&table.draining), work);
+            }
             work.del_tables.insert(id);
             work.retired.push(id);
         }

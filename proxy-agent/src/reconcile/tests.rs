@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use proxy_common::{BACKEND_F_LOCAL, SVC_F_DSR, SVC_F_SOURCE_RANGES, scope};
 
 use super::*;
-use crate::model::{Frontend, FrontendKind, Protocol};
+use crate::model::{Frontend, FrontendKind, Protocol, TableRole};
 
 const CAP: Capacity = Capacity {
     frontends: 100,
@@ -114,6 +114,8 @@ fn node_port(local_policy: bool) -> ServicePlan {
         p.internal_backends.clone()
     };
     p.external_maglev_table_size = local_policy.then_some(101);
+    // From inside the node, the NodePort reaches every endpoint.
+    p.cluster_backends = p.internal_backends.clone();
     p
 }
 
@@ -131,8 +133,17 @@ fn external_frontends_share_or_get_their_own_table() {
             Programmed::default(),
             &r.full(&state(vec![node_port(false)])).ops,
         );
-        assert_eq!(maps.services.len(), 2, "the unknown address is skipped");
+        assert_eq!(
+            maps.services.len(),
+            3,
+            "ClusterIP, NodePort from outside and from inside; the unknown address is skipped"
+        );
         assert_eq!(maps.tables.len(), 1);
+        let inside_key = ServiceKey {
+            scope: scope::INTERNAL,
+            ..nodeport_key
+        };
+        assert_eq!(maps.services[&inside_key].flags, 0, "no DSR from inside");
         let v = maps.services[&nodeport_key];
         assert_eq!(v.flags, flags, "{mode:?}");
         let locals: Vec<bool> = maps
@@ -156,7 +167,14 @@ fn external_frontends_share_or_get_their_own_table() {
         assert_eq!(ext_table.backends.len(), 1);
         assert_eq!(ext_table.table_size, 101);
         assert_eq!(maps.tables[&cluster_id].backends.len(), 2);
-        assert_eq!(r.table_id(&node_port(true).id, true), Some(ext.svc_id));
+        assert_eq!(
+            maps.services[&inside_key].svc_id, cluster_id,
+            "from inside, the cluster-wide endpoints (the ClusterIP's table)"
+        );
+        assert_eq!(
+            r.table_id(&node_port(true).id, TableRole::External),
+            Some(ext.svc_id)
+        );
 
         // And back: the external table goes, its frontend rejoins.
         let maps = apply(maps, &r.full(&state(vec![node_port(false)])).ops);
@@ -164,6 +182,37 @@ fn external_frontends_share_or_get_their_own_table() {
         assert_eq!(maps.services[&nodeport_key].svc_id, cluster_id);
         assert_eq!(r.full(&state(vec![node_port(false)])).ops, vec![]);
     }
+}
+
+#[test]
+fn both_policies_local_give_inside_clients_a_cluster_table() {
+    let inside_key = ServiceKey::new(
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 10), 30080),
+        proxy_common::proto::TCP,
+        scope::INTERNAL,
+    );
+    let mut p = node_port(true);
+    p.internal_backends = p.local_backends.clone();
+    p.maglev_table_size = Some(101);
+    p.external_maglev_table_size = None;
+    p.cluster_maglev_table_size = Some(211);
+    let mut r = Reconciler::new(Programmed::default(), CAP);
+    let maps = apply(Programmed::default(), &r.full(&state(vec![p.clone()])).ops);
+    assert_eq!(
+        maps.tables.len(),
+        2,
+        "local (ClusterIP, NodePort from outside), cluster"
+    );
+    let cluster = r.table_id(&p.id, TableRole::Cluster).unwrap();
+    assert_eq!(maps.services[&inside_key].svc_id, cluster);
+    assert_eq!(maps.tables[&cluster].backends.len(), 2);
+    assert_eq!(maps.tables[&cluster].table_size, 211);
+    assert_eq!(
+        maps.names[&cluster].to_string(),
+        "ns/web:/TCP cluster",
+        "named for inspection"
+    );
+    assert_eq!(r.table_id(&p.id, TableRole::External), None, "shared");
 }
 
 #[test]
@@ -193,10 +242,18 @@ fn source_ranges_restrict_load_balancer_frontends_only() {
     let maps = apply(Programmed::default(), &ops);
     let id = maps.services[&lb_key].svc_id;
     assert_eq!(maps.services[&lb_key].flags, SVC_F_SOURCE_RANGES);
+    let lb_inside = ServiceKey {
+        scope: scope::INTERNAL,
+        ..lb_key
+    };
+    assert_eq!(
+        maps.services[&lb_inside].flags, SVC_F_SOURCE_RANGES,
+        "from inside too, as kube-proxy filters every source"
+    );
     assert!(
         maps.services
             .iter()
-            .filter(|(k, _)| **k != lb_key)
+            .filter(|(k, _)| k.addr_be != lb_key.addr_be)
             .all(|(_, v)| v.flags & SVC_F_SOURCE_RANGES == 0),
         "NodePort and ClusterIP stay open"
     );
@@ -605,7 +662,7 @@ fn names_follow_tables() {
     let id = r.svc_id(&a.id).unwrap();
     let name = TableName {
         port: a.id.clone(),
-        external: false,
+        role: TableRole::Internal,
     };
     assert_eq!(maps.names, BTreeMap::from([(id, name.clone())]));
     let set_name = batch

@@ -13,7 +13,7 @@ use proxy_common::{SVC_F_DSR, SVC_F_SOURCE_RANGES, ServiceKey, scope};
 
 use crate::{
     maglev,
-    model::{Cidr, Frontend, FrontendKind, NodePortMode, ServicePlan, TableName},
+    model::{Cidr, Frontend, FrontendKind, NodePortMode, ServicePlan, TableName, TableRole},
 };
 
 /// One selection table to program and the frontends that use it.
@@ -40,72 +40,87 @@ fn key(f: &Frontend, plan: &ServicePlan, scope: u8) -> ServiceKey {
 }
 
 /// The tables a service port needs and their frontends, as the datapath
-/// serves them.
+/// serves them:
+/// - ClusterIPs in the internal scope, with the internal backends;
+/// - NodePorts (on a known address), LoadBalancer IPs and externalIPs in the
+///   external scope (outside clients), with the external backends;
+/// - the same frontends in the internal scope too (pods and host processes
+///   reaching them), with the cluster-wide backends.
+///
+/// A role whose backends equal an earlier role's shares that table.
 pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
     let ext_flags = if mode.dsr(plan.id.protocol) {
         SVC_F_DSR
     } else {
         0
     };
-    let internal: BTreeMap<ServiceKey, u32> = plan
-        .frontends
-        .iter()
-        .filter(|f| f.kind.is_internal())
-        .map(|f| (key(f, plan, scope::INTERNAL), 0))
-        .collect();
     // kube-proxy applies loadBalancerSourceRanges to LoadBalancer IPs only.
     let ranges: BTreeSet<Cidr> = plan.source_ranges.iter().copied().collect();
-    let external: BTreeMap<ServiceKey, u32> = plan
-        .frontends
-        .iter()
-        .filter(|f| !f.kind.is_internal() && !f.address.is_unspecified())
-        .map(|f| {
-            let restricted = f.kind == FrontendKind::LoadBalancer && !ranges.is_empty();
-            let flags = ext_flags | if restricted { SVC_F_SOURCE_RANGES } else { 0 };
-            (key(f, plan, scope::EXTERNAL), flags)
-        })
-        .collect();
-    let restricted = external.values().any(|f| f & SVC_F_SOURCE_RANGES != 0);
-    let ranges = if restricted { ranges } else { BTreeSet::new() };
-    let unit = |external, backends, table_size, keys, ranges| Unit {
-        name: TableName {
-            port: plan.id.clone(),
-            external,
-        },
-        plan,
-        backends,
-        table_size,
-        keys,
-        ranges,
+    let restricted = |f: &Frontend| f.kind == FrontendKind::LoadBalancer && !ranges.is_empty();
+    let outside = || {
+        plan.frontends
+            .iter()
+            .filter(|f| !f.kind.is_internal() && !f.address.is_unspecified())
     };
-    if plan.has_external_table() {
-        vec![
-            unit(
-                false,
-                &plan.internal_backends[..],
-                plan.maglev_table_size,
-                internal,
-                BTreeSet::new(),
-            ),
-            unit(
-                true,
-                &plan.external_backends[..],
-                plan.external_maglev_table_size,
-                external,
-                ranges,
-            ),
-        ]
-    } else {
-        let mut keys = internal;
-        keys.extend(external);
-        vec![unit(
-            false,
-            &plan.internal_backends[..],
-            plan.maglev_table_size,
-            keys,
-            ranges,
-        )]
+    let keys_of = |role: TableRole| -> BTreeMap<ServiceKey, u32> {
+        match role {
+            TableRole::Internal => plan
+                .frontends
+                .iter()
+                .filter(|f| f.kind.is_internal())
+                .map(|f| (key(f, plan, scope::INTERNAL), 0))
+                .collect(),
+            TableRole::External => outside()
+                .map(|f| {
+                    let flags = ext_flags
+                        | if restricted(f) {
+                            SVC_F_SOURCE_RANGES
+                        } else {
+                            0
+                        };
+                    (key(f, plan, scope::EXTERNAL), flags)
+                })
+                .collect(),
+            TableRole::Cluster => outside()
+                .map(|f| {
+                    let flags = if restricted(f) {
+                        SVC_F_SOURCE_RANGES
+                    } else {
+                        0
+                    };
+                    (key(f, plan, scope::INTERNAL), flags)
+                })
+                .collect(),
+        }
+    };
+    let mut units: Vec<Unit> = Vec::new();
+    for role in TableRole::ALL {
+        let keys = keys_of(role);
+        if role != TableRole::Internal && keys.is_empty() {
+            continue;
+        }
+        let table = plan.table_for(role);
+        match units.iter_mut().find(|u| u.name.role == table) {
+            Some(unit) => unit.keys.extend(keys),
+            None => units.push(Unit {
+                name: TableName {
+                    port: plan.id.clone(),
+                    role,
+                },
+                plan,
+                backends: plan.backends_of(role),
+                table_size: plan.table_size_of(role),
+                keys,
+                ranges: BTreeSet::new(),
+            }),
+        }
     }
+    for unit in &mut units {
+        if unit.keys.values().any(|f| f & SVC_F_SOURCE_RANGES != 0) {
+            unit.ranges = ranges.clone();
+        }
+    }
+    units
 }
 
 /// Frontend keys of a service port, over all its tables.

@@ -301,13 +301,13 @@ impl Reconciler {
             .collect();
         if let Some(old) = self.maps.tables.insert(svc_id, table) {
             self.unref_table(&old, work);
-            let udp = plan.id.protocol == Protocol::Udp;
-            work.left.extend(
-                old.backends
-                    .iter()
-                    .filter(|b| udp && !kept.contains(b))
-                    .map(|b| (svc_id, *b)),
-            );
+            if plan.id.protocol == Protocol::Udp {
+                self.note_left(
+                    svc_id,
+                    old.backends.iter().filter(|b| !kept.contains(b)),
+                    work,
+                );
+            }
         }
         let keys: BTreeSet<ServiceKey> = unit.keys.keys().copied().collect();
         let old_keys = self.keys_of.get(&svc_id).cloned().unwrap_or_default();

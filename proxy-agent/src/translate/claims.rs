@@ -12,7 +12,8 @@ use crate::{
     store::{ErrorKind, ObjectError, ObjectRef},
 };
 
-/// A frontend as two Service ports could collide on it.
+/// A frontend as two Service ports could collide on it: a `SERVICES` key
+/// (internal scope?, address, port, protocol).
 pub type FrontendClaim = (bool, Ipv4Addr, u16, Protocol);
 
 /// Which Service port owns each frontend: the first by name wins.
@@ -23,8 +24,14 @@ pub struct Claims {
     owned: BTreeMap<ServicePortName, BTreeSet<FrontendClaim>>,
 }
 
-fn claim_of(f: &Frontend, protocol: Protocol) -> FrontendClaim {
-    (f.kind.is_internal(), f.address, f.port, protocol)
+/// The keys a frontend takes: a ClusterIP the internal scope; the others
+/// the external scope and, as pods and the node reach them too, the
+/// internal one.
+fn claims_of(f: &Frontend, protocol: Protocol) -> impl Iterator<Item = FrontendClaim> {
+    let outside = (!f.kind.is_internal()).then_some((false, f.address, f.port, protocol));
+    outside
+        .into_iter()
+        .chain([(true, f.address, f.port, protocol)])
 }
 
 impl Claims {
@@ -34,9 +41,10 @@ impl Claims {
         let id = plan.id.clone();
         let mut errors = Vec::new();
         plan.frontends.retain(|f| {
-            let key = claim_of(f, id.protocol);
-            match self.owners.get(&key) {
-                Some(owner) if *owner != id => {
+            let taken = claims_of(f, id.protocol)
+                .find_map(|key| self.owners.get(&key).filter(|owner| **owner != id));
+            match taken {
+                Some(owner) => {
                     errors.push(ObjectError::new(
                         Some(ObjectRef::new("Service", &id.namespace, &id.name)),
                         ErrorKind::FrontendConflict,
@@ -50,9 +58,11 @@ impl Claims {
                     ));
                     false
                 }
-                _ => {
-                    self.owners.insert(key, id.clone());
-                    self.owned.entry(id.clone()).or_default().insert(key);
+                None => {
+                    for key in claims_of(f, id.protocol) {
+                        self.owners.insert(key, id.clone());
+                        self.owned.entry(id.clone()).or_default().insert(key);
+                    }
                     true
                 }
             }
@@ -83,7 +93,7 @@ impl Claims {
     pub fn keys_of(plan: &ServicePlan) -> Vec<FrontendClaim> {
         plan.frontends
             .iter()
-            .map(|f| claim_of(f, plan.id.protocol))
+            .flat_map(|f| claims_of(f, plan.id.protocol))
             .collect()
     }
 }

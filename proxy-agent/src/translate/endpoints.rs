@@ -12,7 +12,9 @@
 //!   `internalTrafficPolicy: Local`, cluster endpoints otherwise; external
 //!   traffic (NodePort, LoadBalancer, externalIPs) the same with
 //!   `externalTrafficPolicy`, and nothing when the Service is not externally
-//!   reachable.
+//!   reachable. Traffic from inside the node (pods, host processes) to those
+//!   external frontends uses the cluster endpoints whatever the policy, as
+//!   kube-proxy short-circuits it to the Service's cluster chain.
 
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
@@ -44,6 +46,9 @@ pub struct Policies {
 pub struct Categorized<'a> {
     pub internal: Vec<&'a Endpoint>,
     pub external: Vec<&'a Endpoint>,
+    /// External frontends reached from inside the node (empty when the
+    /// Service is not externally reachable).
+    pub cluster: Vec<&'a Endpoint>,
     /// Some endpoint anywhere can take traffic (else: reject, not drop).
     pub has_any: bool,
 }
@@ -73,7 +78,7 @@ pub fn categorize<'a>(
     let mut has_any = false;
 
     let mut cluster = Vec::new();
-    if uses_cluster {
+    if uses_cluster || p.externally_reachable {
         let topology = can_use_topology(endpoints, zone);
         cluster = endpoints
             .iter()
@@ -85,7 +90,7 @@ pub fn categorize<'a>(
                 .filter(|e| e.serving && e.terminating)
                 .collect();
         }
-        has_any = !cluster.is_empty();
+        has_any = uses_cluster && !cluster.is_empty();
     }
 
     let mut local = Vec::new();
@@ -118,11 +123,15 @@ pub fn categorize<'a>(
     let external = match (p.externally_reachable, p.external_local) {
         (false, _) => Vec::new(),
         (true, true) => local,
-        (true, false) => cluster,
+        (true, false) => cluster.clone(),
     };
+    if !p.externally_reachable {
+        cluster.clear();
+    }
     Categorized {
         internal,
         external,
+        cluster,
         has_any,
     }
 }
@@ -161,6 +170,8 @@ mod tests {
         policies: Policies,
         internal: Vec<u8>,
         external: Vec<u8>,
+        /// What pods and the node get through the external frontends.
+        cluster: Vec<u8>,
         has_any: bool,
     }
 
@@ -183,6 +194,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1, 2],
                 external: vec![1, 2],
+                cluster: vec![1, 2],
                 has_any: true,
             },
             Case {
@@ -195,6 +207,7 @@ mod tests {
                 },
                 internal: vec![1],
                 external: vec![],
+                cluster: vec![],
                 has_any: true,
             },
             Case {
@@ -208,6 +221,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1],
                 external: vec![1],
+                cluster: vec![1],
                 has_any: true,
             },
             Case {
@@ -220,6 +234,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![2],
                 external: vec![2],
+                cluster: vec![2],
                 has_any: true,
             },
             Case {
@@ -235,6 +250,7 @@ mod tests {
                 },
                 internal: vec![1, 2],
                 external: vec![1],
+                cluster: vec![1, 2],
                 has_any: true,
             },
             Case {
@@ -247,6 +263,7 @@ mod tests {
                 },
                 internal: vec![2],
                 external: vec![],
+                cluster: vec![2],
                 has_any: true,
             },
             Case {
@@ -262,6 +279,7 @@ mod tests {
                 },
                 internal: vec![1],
                 external: vec![1, 2],
+                cluster: vec![1, 2],
                 has_any: true,
             },
             Case {
@@ -278,6 +296,7 @@ mod tests {
                 },
                 internal: vec![1],
                 external: vec![],
+                cluster: vec![],
                 has_any: true,
             },
             Case {
@@ -291,7 +310,25 @@ mod tests {
                 },
                 internal: vec![],
                 external: vec![],
+                cluster: vec![],
                 has_any: false,
+            },
+            Case {
+                name: "both policies Local: from inside, the external frontends reach every endpoint",
+                endpoints: vec![
+                    ep(1, true, true, false, true, &[]),
+                    ep(2, true, true, false, false, &[]),
+                ],
+                zone: None,
+                policies: Policies {
+                    internal_local: true,
+                    external_local: true,
+                    externally_reachable: true,
+                },
+                internal: vec![1],
+                external: vec![1],
+                cluster: vec![1, 2],
+                has_any: true,
             },
             Case {
                 name: "hints used: all ready endpoints hinted, some for our zone",
@@ -304,6 +341,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1, 3],
                 external: vec![1, 3],
+                cluster: vec![1, 3],
                 has_any: true,
             },
             Case {
@@ -316,6 +354,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1, 2],
                 external: vec![1, 2],
+                cluster: vec![1, 2],
                 has_any: true,
             },
             Case {
@@ -328,6 +367,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1, 2],
                 external: vec![1, 2],
+                cluster: vec![1, 2],
                 has_any: true,
             },
             Case {
@@ -337,6 +377,7 @@ mod tests {
                 policies: CLUSTER,
                 internal: vec![1],
                 external: vec![1],
+                cluster: vec![1],
                 has_any: true,
             },
             Case {
@@ -352,6 +393,7 @@ mod tests {
                 },
                 internal: vec![1],
                 external: vec![2],
+                cluster: vec![2],
                 has_any: true,
             },
         ];
@@ -360,6 +402,7 @@ mod tests {
             assert_eq!(lasts(&got.internal), c.internal, "{}: internal", c.name);
             assert_eq!(lasts(&got.external), c.external, "{}: external", c.name);
             assert_eq!(got.has_any, c.has_any, "{}: has_any", c.name);
+            assert_eq!(lasts(&got.cluster), c.cluster, "{}: cluster", c.name);
         }
     }
 }

@@ -93,6 +93,7 @@ pub fn plan(
     let cat = categorize(&endpoints, node.zone.as_deref(), view.policies);
     let internal = eligible(&cat.internal);
     let external = eligible(&cat.external);
+    let cluster = eligible(&cat.cluster);
     let local_backends = sorted(
         endpoints
             .iter()
@@ -104,6 +105,7 @@ pub fn plan(
         cat.internal
             .iter()
             .chain(&cat.external)
+            .chain(&cat.cluster)
             .filter(|e| weight(e) == 0)
             .map(|e| e.addr)
             .collect(),
@@ -113,14 +115,19 @@ pub fn plan(
             .iter()
             .map(|e| e.addr)
             .filter(|a| {
-                !internal.contains(a) && !external.contains(a) && draining.binary_search(a).is_err()
+                !internal.contains(a)
+                    && !external.contains(a)
+                    && !cluster.contains(a)
+                    && draining.binary_search(a).is_err()
             })
             .collect(),
     );
     let backend_weights: BTreeMap<SocketAddrV4, u32> = endpoints
         .iter()
         .filter(|e| weight(e) > 1)
-        .filter(|e| internal.contains(&e.addr) || external.contains(&e.addr))
+        .filter(|e| {
+            internal.contains(&e.addr) || external.contains(&e.addr) || cluster.contains(&e.addr)
+        })
         .map(|e| (e.addr, weight(e)))
         .collect();
     let weighted = !backend_weights.is_empty();
@@ -135,20 +142,26 @@ pub fn plan(
         )
     });
     let frontends = frontends(view, port);
-    let separate_external = frontends.iter().any(|f| !f.kind.is_internal()) && external != internal;
-    let external_maglev_table_size = (separate_external
-        && !external.is_empty()
-        && view.algorithm.needs_table(weighted))
-    .then(|| {
-        // Problems with the requested size were reported for the internal table.
-        table_size(
-            view.requested_size,
-            opts.maglev,
-            external.len(),
-            &port.name,
-            &mut Vec::new(),
-        )
-    });
+    let reachable = frontends.iter().any(|f| !f.kind.is_internal());
+    // A table of its own only for backends no earlier table has; problems
+    // with the requested size were reported for the internal table.
+    let own_size = |backends: &[SocketAddrV4], earlier: &[&[SocketAddrV4]]| {
+        (reachable
+            && !backends.is_empty()
+            && !earlier.contains(&backends)
+            && view.algorithm.needs_table(weighted))
+        .then(|| {
+            table_size(
+                view.requested_size,
+                opts.maglev,
+                backends.len(),
+                &port.name,
+                &mut Vec::new(),
+            )
+        })
+    };
+    let external_maglev_table_size = own_size(&external, &[&internal]);
+    let cluster_maglev_table_size = own_size(&cluster, &[&internal, &external]);
     ServicePlan {
         id: ServicePortName {
             namespace: namespace.to_owned(),
@@ -169,6 +182,8 @@ pub fn plan(
         algorithm: view.algorithm,
         maglev_table_size,
         external_maglev_table_size,
+        cluster_backends: if reachable { cluster } else { Vec::new() },
+        cluster_maglev_table_size,
         local_backends,
     }
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4};
 use super::*;
 use crate::{
     manifests::load_str,
-    model::{Algorithm, Frontend, FrontendKind},
+    model::{Algorithm, Frontend, FrontendKind, TableRole},
 };
 
 fn translate_yaml(yaml: &str) -> Translation {
@@ -251,6 +251,44 @@ spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
     assert_eq!(t.desired.services.len(), 1);
     assert_eq!(t.desired.services[0].id.name, "a");
     assert!(t.errors[0].to_string().contains("already used by ns/a"));
+}
+
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_conflicts() {
+    // Pods and the node reach an externalIP through the internal scope, the
+    // ClusterIPs' own: the same address and port cannot be both.
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: ns}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: ns}
+spec: {clusterIP: 10.96.0.31, externalIPs: [10.96.0.30], ports: [{port: 80}]}
+"#;
+    let t = translate_yaml(yaml);
+    let b = t
+        .desired
+        .services
+        .iter()
+        .find(|s| s.id.name == "b")
+        .unwrap();
+    assert!(
+        b.frontends
+            .iter()
+            .all(|f| f.address != Ipv4Addr::new(10, 96, 0, 30)),
+        "{:?}",
+        b.frontends
+    );
+    assert!(
+        t.errors
+            .iter()
+            .any(|e| e.to_string().contains("already used by ns/a")),
+        "{:?}",
+        t.errors
+    );
 }
 
 fn one_service(yaml: &str) -> (ServicePlan, Vec<String>) {
@@ -589,7 +627,13 @@ fn nodeport_addresses_filter_local_backends_and_external_table() {
         [1],
         "Local: this node's only"
     );
-    assert!(plan.has_external_table());
+    assert_eq!(plan.table_for(TableRole::External), TableRole::External);
+    assert_eq!(
+        addrs(&plan.cluster_backends),
+        [1, 2, 3],
+        "from inside, every endpoint"
+    );
+    assert_eq!(plan.table_for(TableRole::Cluster), TableRole::Internal);
     assert_eq!(plan.maglev_table_size, Some(307), "100 x 3, next prime");
     assert_eq!(
         plan.external_maglev_table_size,

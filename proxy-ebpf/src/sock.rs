@@ -1,0 +1,269 @@
+//! Socket-level load balancing: cgroup hooks that replace a frontend with a
+//! backend where a socket names its peer, so nothing is translated per
+//! packet afterwards (the fast path for pods, the only one for host-network
+//! processes).
+//!
+//! - `connect4` (TCP, connected UDP): the frontend becomes a backend chosen
+//!   by the Service's algorithm and affinity; the backend → frontend entry
+//!   goes into `SOCK_NAT` for getpeername and recvmsg.
+//! - `sendmsg4` (unconnected UDP): the same per datagram, sticking to the
+//!   backend `SOCK_NAT` recorded for this socket and frontend while it is
+//!   still that backend (the agent forgets departed ones).
+//! - `recvmsg4`, `getpeername4`: the backend shows as the frontend.
+//!
+//! A frontend without usable endpoints fails the connect or send with
+//! ECONNREFUSED at once. Frontends restricted by source ranges are left to
+//! the packet path (the client's address is not known before routing).
+//! Connections made here are not counted for least connections (they leave
+//! no conntrack entry to count them closed).
+//!
+//! The client is identified by its network namespace (a pod), and each
+//! connection by the socket's cookie: the addresses a Maglev hash would use
+//! are not known before the kernel routes the socket.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    Counter, NODE_F_SOCK_HOST_ONLY, SVC_F_SOURCE_RANGES, ServiceKey, SockKey, SockValue, ct_dir,
+    proto, scope,
+};
+
+use crate::{
+    conntrack, lookup,
+    maps::{CONFIG, SOCK_NAT},
+    parse::Tuple,
+    select,
+    stats::{self, SvcEvent},
+};
+
+/// `ECONNREFUSED`.
+const ECONNREFUSED: i32 = 111;
+
+/// The hook allows the call (with the address as rewritten).
+pub const ALLOW: i32 = 1;
+/// The hook refuses the call (with the error set by `bpf_set_retval`).
+const REFUSE: i32 = 0;
+
+/// What a hook reads of a socket address.
+struct Call<'a> {
+    ctx: &'a SockAddrContext,
+    /// The address the call names: the peer (connect, sendmsg) or where a
+    /// datagram came from (recvmsg, getpeername). Raw network order.
+    addr_be: u32,
+    port_be: u16,
+    proto: u8,
+}
+
+impl<'a> Call<'a> {
+    /// The call's address and protocol, for TCP and UDP sockets.
+    #[inline(always)]
+    fn read(ctx: &'a SockAddrContext) -> Option<Self> {
+        // SAFETY: reading this program's own context.
+        let (ip, port, protocol) = unsafe {
+            let sa = ctx.sock_addr;
+            ((*sa).user_ip4, (*sa).user_port, (*sa).protocol)
+        };
+        let proto = match protocol {
+            6 => proto::TCP,
+            17 => proto::UDP,
+            _ => return None,
+        };
+        Some(Self {
+            ctx,
+            addr_be: ip,
+            port_be: port as u16,
+            proto,
+        })
+    }
+
+    /// Makes the call name `addr_be:port_be` instead.
+    #[inline(always)]
+    fn rewrite(&self, addr_be: u32, port_be: u16) {
+        // SAFETY: the hooks may write these fields of their own context
+        // (4-byte stores, the port in the low half as the kernel keeps it).
+        unsafe {
+            let sa = self.ctx.sock_addr;
+            (*sa).user_ip4 = addr_be;
+            (*sa).user_port = u32::from(port_be);
+        }
+    }
+
+    #[inline(always)]
+    fn cookie(&self) -> u64 {
+        // SAFETY: helper on this program's own context.
+        unsafe { bpf_get_socket_cookie(self.ctx.sock_addr.cast()) }
+    }
+
+    #[inline(always)]
+    fn netns_cookie(&self) -> u64 {
+        // SAFETY: helper on this program's own context.
+        unsafe { bpf_get_netns_cookie(self.ctx.sock_addr.cast()) }
+    }
+
+    /// The `SOCK_NAT` key of this socket for `addr_be:port_be` in `dir`.
+    #[inline(always)]
+    fn key(&self, cookie: u64, addr_be: u32, port_be: u16, dir: u8) -> SockKey {
+        SockKey {
+            cookie,
+            addr_be,
+            port_be,
+            dir,
+            _pad: 0,
+        }
+    }
+}
+
+/// The frontend a call names, when this socket is served here.
+#[inline(always)]
+fn frontend(call: &Call) -> Option<proxy_common::ServiceValue> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & NODE_F_SOCK_HOST_ONLY != 0 && call.netns_cookie() != cfg.host_netns_cookie {
+        return None;
+    }
+    let key = ServiceKey {
+        addr_be: call.addr_be,
+        port_be: call.port_be,
+        proto: call.proto,
+        scope: scope::INTERNAL,
+    };
+    lookup::by_key(&key)
+}
+
+/// Folds a 64-bit cookie into 32 bits.
+#[inline(always)]
+fn fold(cookie: u64) -> u32 {
+    (cookie ^ (cookie >> 32)) as u32
+}
+
+/// How a connect or send to a frontend ends.
+enum Outcome {
+    /// Not a frontend served here: the call goes on untouched.
+    NotOurs,
+    /// The call names the backend now.
+    Translated,
+    /// Left to the packet path (counted).
+    Passed,
+    /// No usable endpoint: ECONNREFUSED.
+    Refused,
+}
+
+/// A connect or unconnected send to a frontend: picks (or, for `sticky`
+/// sends, reuses) the backend and records what getpeername and recvmsg show.
+#[inline(always)]
+fn translate(call: &Call, sticky: bool) -> Outcome {
+    let Some(svc) = frontend(call) else {
+        return Outcome::NotOurs;
+    };
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        return Outcome::Passed;
+    }
+    let cookie = call.cookie();
+    let forward = call.key(cookie, call.addr_be, call.port_be, ct_dir::FORWARD);
+    if sticky
+        // SAFETY: the value is copied out at once.
+        && let Some(v) = unsafe { SOCK_NAT.get(forward) }.copied()
+        && v.svc_id == svc.svc_id
+        && select::backend_is(v.backend_id, v.addr_be, v.port_be)
+    {
+        call.rewrite(v.addr_be, v.port_be);
+        return Outcome::Translated;
+    }
+    let tuple = Tuple {
+        saddr_be: fold(call.netns_cookie()),
+        daddr_be: call.addr_be,
+        sport_be: fold(cookie) as u16,
+        dport_be: call.port_be,
+        proto: call.proto,
+    };
+    let choice = match select::select(svc.svc_id, &tuple, conntrack::now()) {
+        Ok(Some(choice)) => choice,
+        // No endpoint at all, or none this traffic may use: fail fast.
+        Ok(None) | Err(Counter::NoLocalEndpoints) => {
+            stats::socket(svc.svc_id, SvcEvent::Rejected);
+            return Outcome::Refused;
+        }
+        Err(reason) => {
+            stats::count(reason);
+            return Outcome::Passed;
+        }
+    };
+    let b = choice.backend;
+    let value = |addr_be, port_be| SockValue {
+        addr_be,
+        port_be,
+        _pad: 0,
+        backend_id: choice.backend_id,
+        svc_id: svc.svc_id,
+    };
+    // Best effort: without the entry getpeername shows the backend, and an
+    // unconnected socket's next datagram picks again.
+    let _ = SOCK_NAT.insert(
+        call.key(cookie, b.addr_be, b.port_be, ct_dir::REPLY),
+        value(call.addr_be, call.port_be),
+        0,
+    );
+    if sticky {
+        let _ = SOCK_NAT.insert(forward, value(b.addr_be, b.port_be), 0);
+    }
+    stats::socket(svc.svc_id, SvcEvent::NewFlow);
+    call.rewrite(b.addr_be, b.port_be);
+    Outcome::Translated
+}
+
+/// The return value of a connect or send hook, counting the outcome.
+#[inline(always)]
+fn finish(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::NotOurs => ALLOW,
+        Outcome::Translated => {
+            stats::count(Counter::SockTranslated);
+            ALLOW
+        }
+        Outcome::Passed => {
+            stats::count(Counter::SockPassed);
+            ALLOW
+        }
+        Outcome::Refused => {
+            stats::count(Counter::SockRefused);
+            // SAFETY: helper with a plain argument.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REFUSE
+        }
+    }
+}
+
+/// `connect()` of a TCP or UDP socket.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    match Call::read(ctx) {
+        Some(call) => finish(translate(&call, false)),
+        None => ALLOW,
+    }
+}
+
+/// `sendmsg()`/`sendto()` with an address on an unconnected UDP socket.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    match Call::read(ctx) {
+        Some(call) if call.proto == proto::UDP => finish(translate(&call, true)),
+        _ => ALLOW,
+    }
+}
+
+/// An address a socket reports (recvmsg's source, getpeername's peer):
+/// the frontend where the socket was given a backend.
+#[inline(always)]
+pub fn reply4(ctx: &SockAddrContext) -> i32 {
+    let Some(call) = Call::read(ctx) else {
+        return ALLOW;
+    };
+    let key = call.key(call.cookie(), call.addr_be, call.port_be, ct_dir::REPLY);
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { SOCK_NAT.get(key) }.copied() {
+        call.rewrite(v.addr_be, v.port_be);
+        stats::count(Counter::SockReplyNat);
+    }
+    ALLOW
+}
