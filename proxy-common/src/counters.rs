@@ -127,6 +127,9 @@ counters! {
     /// A socket's connect or send to a frontend was left to the packet path
     /// (source ranges apply, or the selection failed).
     SockPassed = 31, "sock_passed", Passed;
+    /// A connected socket was translated but `SOCK_PEER` was full:
+    /// getpeername shows it the backend (raise `--sock-entries`).
+    SockPeerFull = 32, "sock_peer_full", Failed;
 }
 
 // Every counter has a slot in `STATS`.

@@ -50,7 +50,7 @@ pub use stats::*;
 pub use wire::*;
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 6;
+pub const PIN_LAYOUT_VERSION: u32 = 7;
 
 /// Marks shared types as plain old data for aya (userspace map access).
 macro_rules! pod {
@@ -92,11 +92,15 @@ mod tests {
             Counter::CAPACITY,
             size_of::<SockKey>(),
             size_of::<SockValue>(),
+            size_of::<SockPeer>(),
+            maps::PINNED.len(),
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 6);
+        assert_eq!(PIN_LAYOUT_VERSION, 7);
         assert_eq!(
             fingerprint,
-            [8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16]
+            [
+                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 15
+            ]
         );
     }
 }

@@ -41,10 +41,15 @@ pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
 pub const BACKEND_REAPED: &str = "BACKEND_REAPED";
 
 /// LRU hash: [`crate::SockKey`] → [`crate::SockValue`]: what socket-level
-/// load balancing did per socket (unconnected UDP's backend per frontend;
-/// the frontend getpeername and recvmsg show). Written by the socket hooks;
-/// the agent removes entries of departed backends.
+/// load balancing did for UDP sockets (an unconnected one's backend per
+/// frontend; the frontend recvmsg shows; a connected one's cookie). Written
+/// by the socket hooks; the agent removes entries of departed backends and
+/// aborts the connected sockets they name.
 pub const SOCK_NAT: &str = "SOCK_NAT";
+/// Hash: socket cookie (u64) → [`crate::SockPeer`]: a connected socket's
+/// frontend and backend (getpeername, recvmsg). Written by the socket hooks
+/// alone: connect4 adds, sock_release removes when the socket goes.
+pub const SOCK_PEER: &str = "SOCK_PEER";
 
 /// Hash: svc id → [`crate::SvcName`]. Written by the agent; never read by
 /// the datapath (it names svc ids for inspection tools).
@@ -66,9 +71,12 @@ pub const PINNED: &[&str] = &[
     BACKEND_REAPED,
     SVC_NAMES,
     SOCK_NAT,
+    SOCK_PEER,
 ];
 
-/// Default capacity of `SOCK_NAT` (two entries per translated socket).
+/// Default capacity of `SOCK_NAT` (two entries per unconnected UDP socket
+/// and frontend, one per connected UDP socket) and of `SOCK_PEER` (one per
+/// open connected socket the hooks translated).
 pub const DEFAULT_SOCK_ENTRIES: u32 = 131_072;
 
 /// Default capacity of `AFFINITY` (client, service port pairs).
@@ -116,12 +124,15 @@ pub mod programs {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: a socket's peer shows the frontend.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup sock_release: a closed socket's entry leaves `SOCK_PEER`.
+    pub const SOCK_RELEASE: &str = "sock_release";
 
     /// The socket hooks, with the attach point each goes to (for link names).
-    pub const SOCK_HOOKS: [(&str, &str); 4] = [
+    pub const SOCK_HOOKS: [(&str, &str); 5] = [
         (SOCK_CONNECT4, "connect4"),
         (SOCK_SENDMSG4, "sendmsg4"),
         (SOCK_RECVMSG4, "recvmsg4"),
         (SOCK_GETPEERNAME4, "getpeername4"),
+        (SOCK_RELEASE, "sock_release"),
     ];
 }

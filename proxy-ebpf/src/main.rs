@@ -8,8 +8,8 @@
 //!   (`external.rs`): NodePort/LoadBalancer/externalIP frontends, SNAT
 //!   replies and DSR options, the same code in both hooks.
 //! - `sock_connect4` / `sock_sendmsg4` / `sock_recvmsg4` /
-//!   `sock_getpeername4`, on a cgroup: socket-level load balancing
-//!   (`sock.rs`) for pods and host-network processes.
+//!   `sock_getpeername4` / `sock_release`, on a cgroup: socket-level load
+//!   balancing (`sock.rs`) for pods and host-network processes.
 //!
 //! Every path returns a [`verdict::Done`] or a drop reason; `verdict::finish`
 //! turns it into the hook's action. Everything that is not a service's
@@ -46,8 +46,8 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 use crate::verdict::finish;
@@ -100,6 +100,12 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reply4(&ctx)
+}
+
+/// A socket goes: what the hooks kept for it goes too.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// Passes everything. For the far end of a veth whose near end runs

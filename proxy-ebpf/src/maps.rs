@@ -10,7 +10,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, NodeConfig,
-    SelBlock, ServiceKey, ServiceValue, SockKey, SockValue, SourceRange, SvcCounters, SvcName,
+    SelBlock, ServiceKey, ServiceValue, SockKey, SockPeer, SockValue, SourceRange, SvcCounters,
+    SvcName,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -75,9 +76,16 @@ pub static BACKEND_REAPED: Array<u32, 262_144> = Array::new();
 pub static SVC_NAMES: HashMap<u32, SvcName, 65_536, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
-/// Socket-level load balancing, per socket cookie: an unconnected UDP
-/// socket's backend per frontend (FORWARD), and the frontend getpeername and
-/// recvmsg show for a backend (REPLY). Written by the socket hooks; the agent
-/// removes entries of departed backends.
+/// Socket-level load balancing for UDP, per socket cookie: an unconnected
+/// socket's backend per frontend (FORWARD), and the frontend recvmsg shows
+/// for a backend (REPLY; connected sockets too, for the agent to find
+/// them). Written by the socket hooks; the agent removes entries of
+/// departed backends.
 #[btf_map]
 pub static SOCK_NAT: LruHashMap<SockKey, SockValue, 131_072> = LruHashMap::new();
+
+/// Socket-level load balancing for connected sockets, by socket cookie: the
+/// frontend and backend. Written by the socket hooks alone (connect4 adds,
+/// sock_release removes).
+#[btf_map]
+pub static SOCK_PEER: HashMap<u64, SockPeer, 131_072> = HashMap::new();

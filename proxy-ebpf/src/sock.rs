@@ -4,12 +4,16 @@
 //! processes).
 //!
 //! - `connect4` (TCP, connected UDP): the frontend becomes a backend chosen
-//!   by the Service's algorithm and affinity; the backend → frontend entry
-//!   goes into `SOCK_NAT` for getpeername and recvmsg.
+//!   by the Service's algorithm and affinity; both go into `SOCK_PEER`
+//!   under the socket's cookie for getpeername and recvmsg; a UDP socket's
+//!   cookie also into `SOCK_NAT`, where the agent finds the sockets to
+//!   abort when their backend leaves.
 //! - `sendmsg4` (unconnected UDP): the same per datagram, sticking to the
 //!   backend `SOCK_NAT` recorded for this socket and frontend while it is
-//!   still that backend (the agent forgets departed ones).
+//!   still that backend (the agent forgets departed ones); the backend →
+//!   frontend entry goes there too, for recvmsg.
 //! - `recvmsg4`, `getpeername4`: the backend shows as the frontend.
+//! - `sock_release`: a socket's `SOCK_PEER` entry goes with it.
 //!
 //! A frontend without usable endpoints fails the connect or send with
 //! ECONNREFUSED at once. Frontends restricted by source ranges are left to
@@ -23,16 +27,16 @@
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
-    Counter, NODE_F_SOCK_HOST_ONLY, SVC_F_SOURCE_RANGES, ServiceKey, SockKey, SockValue, ct_dir,
-    proto, scope,
+    Counter, NODE_F_SOCK_HOST_ONLY, SVC_F_SOURCE_RANGES, ServiceKey, SockKey, SockPeer, SockValue,
+    ct_dir, proto, scope,
 };
 
 use crate::{
     conntrack, lookup,
-    maps::{CONFIG, SOCK_NAT},
+    maps::{CONFIG, SOCK_NAT, SOCK_PEER},
     parse::Tuple,
     select,
     stats::{self, SvcEvent},
@@ -137,7 +141,19 @@ fn fold(cookie: u64) -> u32 {
     (cookie ^ (cookie >> 32)) as u32
 }
 
+/// Which call names the peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `connect()`: `SOCK_PEER` keeps the translation (and, for UDP,
+    /// `SOCK_NAT` the cookie, for the agent).
+    Connect,
+    /// `sendto()` on an unconnected UDP socket: `SOCK_NAT` keeps it, and
+    /// the socket sticks to the backend it has for the frontend.
+    Send,
+}
+
 /// How a connect or send to a frontend ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// Not a frontend served here: the call goes on untouched.
     NotOurs,
@@ -149,10 +165,10 @@ enum Outcome {
     Refused,
 }
 
-/// A connect or unconnected send to a frontend: picks (or, for `sticky`
-/// sends, reuses) the backend and records what getpeername and recvmsg show.
+/// A connect or unconnected send to a frontend: picks (or, for sends,
+/// reuses) the backend and records what getpeername and recvmsg show.
 #[inline(always)]
-fn translate(call: &Call, sticky: bool) -> Outcome {
+fn translate(call: &Call, via: Via) -> Outcome {
     let Some(svc) = frontend(call) else {
         return Outcome::NotOurs;
     };
@@ -161,7 +177,7 @@ fn translate(call: &Call, sticky: bool) -> Outcome {
     }
     let cookie = call.cookie();
     let forward = call.key(cookie, call.addr_be, call.port_be, ct_dir::FORWARD);
-    if sticky
+    if via == Via::Send
         // SAFETY: the value is copied out at once.
         && let Some(v) = unsafe { SOCK_NAT.get(forward) }.copied()
         && v.svc_id == svc.svc_id
@@ -197,15 +213,34 @@ fn translate(call: &Call, sticky: bool) -> Outcome {
         backend_id: choice.backend_id,
         svc_id: svc.svc_id,
     };
-    // Best effort: without the entry getpeername shows the backend, and an
-    // unconnected socket's next datagram picks again.
-    let _ = SOCK_NAT.insert(
-        call.key(cookie, b.addr_be, b.port_be, ct_dir::REPLY),
-        value(call.addr_be, call.port_be),
-        0,
-    );
-    if sticky {
-        let _ = SOCK_NAT.insert(forward, value(b.addr_be, b.port_be), 0);
+    if via == Via::Connect {
+        let peer = SockPeer {
+            frontend_addr_be: call.addr_be,
+            backend_addr_be: b.addr_be,
+            frontend_port_be: call.port_be,
+            backend_port_be: b.port_be,
+            backend_id: choice.backend_id,
+            svc_id: svc.svc_id,
+            _pad: 0,
+        };
+        // Without it the socket works; getpeername shows the backend.
+        if SOCK_PEER.insert(cookie, peer, 0).is_err() {
+            stats::count(Counter::SockPeerFull);
+        }
+    }
+    // UDP also in SOCK_NAT (best effort): an unconnected socket's recvmsg
+    // and next datagram read it, and the agent finds there, by cookie, the
+    // connected sockets to abort when their backend leaves. TCP needs no
+    // entry: its connection ends with the backend's pod.
+    if call.proto == proto::UDP {
+        let _ = SOCK_NAT.insert(
+            call.key(cookie, b.addr_be, b.port_be, ct_dir::REPLY),
+            value(call.addr_be, call.port_be),
+            0,
+        );
+        if via == Via::Send {
+            let _ = SOCK_NAT.insert(forward, value(b.addr_be, b.port_be), 0);
+        }
     }
     stats::socket(svc.svc_id, SvcEvent::NewFlow);
     call.rewrite(b.addr_be, b.port_be);
@@ -237,17 +272,23 @@ fn finish(outcome: Outcome) -> i32 {
 /// `connect()` of a TCP or UDP socket.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    match Call::read(ctx) {
-        Some(call) => finish(translate(&call, false)),
-        None => ALLOW,
+    let Some(call) = Call::read(ctx) else {
+        return ALLOW;
+    };
+    let outcome = translate(&call, Via::Connect);
+    // A UDP socket may connect again, elsewhere: what it was given before
+    // no longer holds. (A TCP socket connects once.)
+    if call.proto == proto::UDP && matches!(outcome, Outcome::NotOurs | Outcome::Passed) {
+        let _ = SOCK_PEER.remove(call.cookie());
     }
+    finish(outcome)
 }
 
 /// `sendmsg()`/`sendto()` with an address on an unconnected UDP socket.
 #[inline(always)]
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     match Call::read(ctx) {
-        Some(call) if call.proto == proto::UDP => finish(translate(&call, true)),
+        Some(call) if call.proto == proto::UDP => finish(translate(&call, Via::Send)),
         _ => ALLOW,
     }
 }
@@ -259,11 +300,40 @@ pub fn reply4(ctx: &SockAddrContext) -> i32 {
     let Some(call) = Call::read(ctx) else {
         return ALLOW;
     };
-    let key = call.key(call.cookie(), call.addr_be, call.port_be, ct_dir::REPLY);
+    let cookie = call.cookie();
+    // SAFETY: the value is copied out at once.
+    if let Some(peer) = unsafe { SOCK_PEER.get(cookie) }.copied()
+        && peer.backend_addr_be == call.addr_be
+        && peer.backend_port_be == call.port_be
+    {
+        call.rewrite(peer.frontend_addr_be, peer.frontend_port_be);
+        stats::count(Counter::SockReplyNat);
+        return ALLOW;
+    }
+    // Only UDP sockets have entries there.
+    if call.proto != proto::UDP {
+        return ALLOW;
+    }
+    let key = call.key(cookie, call.addr_be, call.port_be, ct_dir::REPLY);
     // SAFETY: the value is copied out at once.
     if let Some(v) = unsafe { SOCK_NAT.get(key) }.copied() {
         call.rewrite(v.addr_be, v.port_be);
         stats::count(Counter::SockReplyNat);
     }
+    ALLOW
+}
+
+/// A socket goes: its `SOCK_PEER` entry, if any, with it.
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: reading this program's own context; the helper takes it.
+    let cookie = unsafe {
+        let protocol = (*ctx.sock).protocol;
+        if protocol != 6 && protocol != 17 {
+            return ALLOW;
+        }
+        bpf_get_socket_cookie(ctx.sock.cast())
+    };
+    let _ = SOCK_PEER.remove(cookie);
     ALLOW
 }

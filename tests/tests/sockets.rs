@@ -211,6 +211,12 @@ fn host_processes_reach_services_through_the_socket_hooks() {
         "translated at connect, not per packet"
     );
 
+    // What the hooks kept for those connections went with their sockets.
+    eventually(Duration::from_secs(5), "SOCK_PEER to empty", || {
+        Ok(proxy_agent::datapath::read_pinned_sock_peers(&s.pin_root())?.is_empty())
+    })
+    .unwrap();
+
     // UDP, unconnected: a new socket per datagram spreads; replies come
     // from the ClusterIP as recvfrom reports them.
     let udp = s.probe(&["udp", &format!("{VIP}:53"), "60"]);
@@ -360,7 +366,11 @@ fn hooks_outlive_the_agent_and_uninstall_removes_them() {
         let out = proxy_tests::netns::sh("bpftool", &["cgroup", "show", &cgroup]).unwrap();
         out.lines().filter(|l| l.contains("sock_")).count()
     };
-    assert_eq!(attached(), 4, "connect4, sendmsg4, recvmsg4, getpeername4");
+    assert_eq!(
+        attached(),
+        5,
+        "connect4, sendmsg4, recvmsg4, getpeername4, sock_release"
+    );
     // The agent tells the machine's root cgroup (where it attaches by
     // default) from any other, a container's cgroup namespace included.
     assert!(!proxy_agent::host::is_cgroup_root(&s.cgroup.path));
@@ -380,7 +390,7 @@ fn hooks_outlive_the_agent_and_uninstall_removes_them() {
     let _ = agent.process.child.wait();
     let down = s.probe(&["tcp", &format!("{VIP}:80"), "10"]);
     assert_eq!(backends(&down).values().sum::<usize>(), 10, "{down:?}");
-    assert_eq!(attached(), 4);
+    assert_eq!(attached(), 5);
 
     // A new agent adopts them (no second set) and keeps serving.
     let root = s.cgroup.path.to_string_lossy().into_owned();
@@ -394,7 +404,7 @@ fn hooks_outlive_the_agent_and_uninstall_removes_them() {
     again
         .wait_for_log("adopted pinned link", Duration::from_secs(5))
         .unwrap();
-    assert_eq!(attached(), 4, "adopted, not attached twice");
+    assert_eq!(attached(), 5, "adopted, not attached twice");
     let up = s.probe(&["tcp", &format!("{VIP}:80"), "10"]);
     assert!(up.iter().all(|a| a["peer"] == format!("{VIP}:80")));
     again.stop();
@@ -404,7 +414,7 @@ fn hooks_outlive_the_agent_and_uninstall_removes_them() {
     let pins = s.pin_root().to_string_lossy().into_owned();
     let out =
         proxy_tests::netns::sh(bin.to_str().unwrap(), &["uninstall", "--bpffs", &pins]).unwrap();
-    assert!(out.contains("4 socket hooks detached"), "{out}");
+    assert!(out.contains("5 socket hooks detached"), "{out}");
     eventually(Duration::from_secs(5), "the hooks to go", || {
         Ok(attached() == 0)
     })

@@ -88,7 +88,7 @@ pub fn forget(dp: &Datapath, mode: SocketLb, departed: BTreeSet<SocketAddrV4>) {
     if mode == SocketLb::Off || departed.is_empty() {
         return;
     }
-    let handle = match dp.sock_nat_handle() {
+    let handle = match dp.sock_handle() {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!("forgetting socket translations: {e}");

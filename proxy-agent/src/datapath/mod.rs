@@ -38,9 +38,9 @@ pub use self::{
     conntrack::ConntrackHandle,
     read::{
         PinnedView, read_pinned, read_pinned_conntrack, read_pinned_counters, read_pinned_node,
-        read_pinned_service_counters,
+        read_pinned_service_counters, read_pinned_sock_peers,
     },
-    sock::{SockNatHandle, pinned_sock_hooks},
+    sock::{SockHandle, pinned_sock_hooks},
     test_run::TestRunOutput,
 };
 use crate::programmed::{Capacity, Programmed};
@@ -161,6 +161,8 @@ pub struct Datapath {
     capacity: Capacity,
     /// Interfaces (ifindex, name) this process has attached to or adopted.
     attached: BTreeSet<(u32, String)>,
+    /// Socket hook links of a datapath without pins (they live as long as it).
+    sock_links: Vec<aya::programs::links::FdLink>,
 }
 
 /// The map data behind any map variant.
@@ -212,6 +214,7 @@ impl Datapath {
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(maps::SOCK_NAT, sizes.sock_entries)
+            .map_max_entries(maps::SOCK_PEER, sizes.sock_entries)
             .map_max_entries(maps::BACKEND_CONNS, sizes.backends)
             .map_max_entries(maps::BACKEND_REAPED, sizes.backends)
             .override_global("AYA_LOG_LEVEL", &level, false);
@@ -247,6 +250,7 @@ impl Datapath {
             layout_dir,
             logger,
             attached: BTreeSet::new(),
+            sock_links: Vec::new(),
             capacity: Capacity {
                 frontends: 0,
                 services: 0,

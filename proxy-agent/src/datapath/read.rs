@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
     Backend, Counter, CtKey, CtValue, NodeConfig, PIN_LAYOUT_VERSION, SelBlock, ServiceKey,
-    ServiceValue, SourceRange, SvcCounters, SvcName, maps,
+    ServiceValue, SockPeer, SourceRange, SvcCounters, SvcName, maps,
 };
 
 use super::{DatapathError, batch, is_missing, map_data, map_err};
@@ -243,6 +243,17 @@ pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, D
     ct.iter()
         .collect::<Result<_, _>>()
         .map_err(map_err(maps::CONNTRACK))
+}
+
+/// The connected sockets the hooks translated and that are still open
+/// (`SOCK_PEER`, by socket cookie), from the pins (inspection).
+pub fn read_pinned_sock_peers(pin_root: &Path) -> Result<Vec<(u64, SockPeer)>, DatapathError> {
+    let data = open_pinned(pin_root, maps::SOCK_PEER)?;
+    let m: HashMap<_, u64, SockPeer> =
+        HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::SOCK_PEER))?;
+    m.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::SOCK_PEER))
 }
 
 /// The `CONFIG` of a running (or stopped) agent, and the socket hooks it

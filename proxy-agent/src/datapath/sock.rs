@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, ProgramFd, links::FdLink},
 };
 use proxy_common::{SockKey, SockValue, ct_dir, maps, maps::programs};
 
@@ -29,21 +29,63 @@ use super::{Datapath, DatapathError, batch, map_data, map_err, sys};
 /// The directory of the cgroup link pins, under the layout directory.
 const PIN_DIR: &str = "cgroup-links";
 
-fn sock_program<'a>(
+/// One socket hook: a `cgroup/sock_addr` program, or the
+/// `cgroup/sock_release` one.
+enum SockHook<'a> {
+    Addr(&'a mut aya::programs::CgroupSockAddr),
+    Sock(&'a mut aya::programs::CgroupSock),
+}
+
+impl SockHook<'_> {
+    fn load(&mut self) -> Result<(), ProgramError> {
+        match self {
+            Self::Addr(p) => p.load(),
+            Self::Sock(p) => p.load(),
+        }
+    }
+
+    fn fd(&self) -> Result<&ProgramFd, ProgramError> {
+        match self {
+            Self::Addr(p) => p.fd(),
+            Self::Sock(p) => p.fd(),
+        }
+    }
+
+    /// Attaches to the cgroup `dir` with a link of its own.
+    fn attach(&mut self, dir: &File) -> Result<FdLink, String> {
+        // One link per program: a cgroup link runs beside the cgroup's
+        // other programs whatever the mode says.
+        let mode = CgroupAttachMode::Single;
+        let link = match self {
+            Self::Addr(p) => {
+                let id = p.attach(dir, mode).map_err(|e| super::chain(&e))?;
+                FdLink::try_from(p.take_link(id).map_err(|e| e.to_string())?)
+            }
+            Self::Sock(p) => {
+                let id = p.attach(dir, mode).map_err(|e| super::chain(&e))?;
+                FdLink::try_from(p.take_link(id).map_err(|e| e.to_string())?)
+            }
+        };
+        link.map_err(|e| e.to_string())
+    }
+}
+
+fn sock_hook<'a>(
     ebpf: &'a mut aya::Ebpf,
     name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+) -> Result<SockHook<'a>, DatapathError> {
+    match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(p)) => Ok(SockHook::Addr(p)),
+        Some(Program::CgroupSock(p)) => Ok(SockHook::Sock(p)),
+        _ => Err(DatapathError::MissingProgram { name }),
+    }
 }
 
 impl Datapath {
     /// Loads the socket hooks (attached by [`Datapath::attach_cgroup`]).
     pub(super) fn load_sock_programs(&mut self) -> Result<(), DatapathError> {
         for (name, _) in programs::SOCK_HOOKS {
-            sock_program(&mut self.ebpf, name)?
+            sock_hook(&mut self.ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
@@ -71,7 +113,7 @@ impl Datapath {
         }
         for (name, hook) in programs::SOCK_HOOKS {
             let pin = pins.as_ref().map(|p| p.join(format!("{ino}-{hook}")));
-            let prog = sock_program(&mut self.ebpf, name)?;
+            let mut prog = sock_hook(&mut self.ebpf, name)?;
             match &pin {
                 Some(pin) if pin.exists() => {
                     let link = sys::obj_get(pin)
@@ -83,15 +125,14 @@ impl Datapath {
                     tracing::info!(cgroup = %cgroup.display(), hook, "adopted pinned link");
                 }
                 _ => {
-                    let id = prog
-                        .attach(&dir, CgroupAttachMode::Single)
-                        .map_err(|e| err(format!("{hook}: {}", super::chain(&e))))?;
-                    if let Some(pin) = &pin {
-                        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-                        FdLink::try_from(link)
-                            .map_err(|e| err(e.to_string()))?
-                            .pin(pin)
-                            .map_err(|e| err(format!("pinning {}: {e}", pin.display())))?;
+                    let link = prog.attach(&dir).map_err(|e| err(format!("{hook}: {e}")))?;
+                    // Without a pin the link lives as long as this process.
+                    match &pin {
+                        Some(pin) => drop(
+                            link.pin(pin)
+                                .map_err(|e| err(format!("pinning {}: {e}", pin.display())))?,
+                        ),
+                        None => self.sock_links.push(link),
                     }
                     tracing::info!(cgroup = %cgroup.display(), hook, "attached");
                 }
@@ -129,11 +170,11 @@ impl Datapath {
     }
 
     /// A `SOCK_NAT` handle for another thread.
-    pub fn sock_nat_handle(&self) -> Result<SockNatHandle, DatapathError> {
+    pub fn sock_handle(&self) -> Result<SockHandle, DatapathError> {
         let name = maps::SOCK_NAT;
         let data = map_data(self.map(name)?).ok_or(DatapathError::MissingMap { name })?;
-        Ok(SockNatHandle {
-            id: data.info().map_err(map_err(name))?.id(),
+        Ok(SockHandle {
+            nat: data.info().map_err(map_err(name))?.id(),
         })
     }
 }
@@ -155,21 +196,22 @@ pub fn pinned_sock_hooks(layout_dir: &Path) -> Vec<String> {
     hooks
 }
 
-/// A handle on `SOCK_NAT` that can live on another thread.
-pub struct SockNatHandle {
-    id: u32,
+/// A handle on `SOCK_NAT` that can live on another thread (by map id).
+pub struct SockHandle {
+    nat: u32,
 }
 
-impl SockNatHandle {
-    /// Removes the entries that involve a backend of `departed` (unconnected
-    /// sockets then pick anew), returning the cookies of sockets that were
-    /// given one of them (connected sockets to be told), by backend.
+impl SockHandle {
+    /// Removes the `SOCK_NAT` entries that involve a backend of `departed`
+    /// (unconnected sockets then pick anew), returning the cookies of
+    /// sockets that were given one of them, by backend (connected UDP
+    /// sockets among them are to be told).
     pub fn forget(
         &self,
         departed: &BTreeSet<SocketAddrV4>,
     ) -> Result<BTreeMap<SocketAddrV4, BTreeSet<u64>>, DatapathError> {
         let name = maps::SOCK_NAT;
-        let data = MapData::from_id(self.id).map_err(map_err(name))?;
+        let data = MapData::from_id(self.nat).map_err(map_err(name))?;
         let entries: Vec<(SockKey, SockValue)> = batch::read_hash(data.fd().as_fd())
             .map_err(|source| DatapathError::Batch { name, source })?;
         let mut m: HashMap<_, SockKey, SockValue> =
