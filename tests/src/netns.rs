@@ -114,6 +114,10 @@ fn remove_cgroups(mount: &Path) {
         .stderr(Stdio::null())
         .status();
     let _ = std::fs::remove_dir(mount);
+    // `/run/<prefix>`, unless a cluster of the same prefix still uses it.
+    if let Some(run_dir) = mount.parent() {
+        let _ = std::fs::remove_dir(run_dir);
+    }
 }
 
 /// Runs and forgets one registered cleanup.

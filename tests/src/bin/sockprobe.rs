@@ -13,6 +13,10 @@
 //!   error left pending on the socket.
 //! - `refused ADDR tcp|udp`: one connect (TCP) or send (unconnected UDP);
 //!   the error and how long it took.
+//! - `connect-loop ADDR N`: N times a fresh non-blocking TCP socket,
+//!   `connect()` to ADDR, close (a connection's share of the socket hooks);
+//!   the wall time per round trip and the calls that failed otherwise than
+//!   in progress or refused (for the benchmark of the socket hooks).
 #![expect(
     clippy::print_stderr,
     reason = "a helper process reports its usage on stderr"
@@ -135,6 +139,42 @@ fn refused(target: SocketAddrV4, proto: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+fn connect_loop(target: SocketAddrV4, n: u64) -> std::io::Result<()> {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: target.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut errors = 0u64;
+    let start = Instant::now();
+    for _ in 0..n {
+        // SAFETY: plain socket calls on a descriptor this loop owns and
+        // closes, with a sockaddr_in that outlives them.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::connect(
+                fd,
+                std::ptr::from_ref(&addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            if rc != 0 {
+                let e = std::io::Error::last_os_error().raw_os_error();
+                errors += u64::from(!matches!(e, Some(libc::EINPROGRESS | libc::ECONNREFUSED)));
+            }
+            libc::close(fd);
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / n.max(1) as f64;
+    println!("{}", json!({"ns_per_connect": ns, "errors": errors}));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = || -> Result<(), String> {
@@ -142,7 +182,7 @@ fn main() -> ExitCode {
             [c, a, x] => (c.as_str(), a, x),
             _ => {
                 return Err(
-                    "usage: sockprobe tcp|udp|udp-sticky|udp-connected|refused ADDR ARG".into(),
+                    "usage: sockprobe tcp|udp|udp-sticky|udp-connected|refused|connect-loop ADDR ARG".into(),
                 );
             }
         };
@@ -154,6 +194,7 @@ fn main() -> ExitCode {
             "udp-sticky" => udp(target, number()? as usize, true).map_err(|e| e.to_string())?,
             "udp-connected" => udp_connected(target, number()?).map_err(|e| e.to_string())?,
             "refused" => refused(target, arg).map_err(|e| e.to_string())?,
+            "connect-loop" => connect_loop(target, number()?).map_err(|e| e.to_string())?,
             other => return Err(format!("unknown command {other}")),
         }
         Ok(())

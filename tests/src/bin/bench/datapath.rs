@@ -23,6 +23,8 @@ use proxy_tests::{
 use crate::{Report, median, plot, thousands};
 
 const REPEAT: u32 = 100_000;
+/// The row the socket hooks are compared with.
+const NEW_FLOW_MAGLEV: &str = "ClusterIP, new flow (Maglev)";
 const ROUNDS: usize = 5;
 
 /// Source port and low half of the source address in a 14+20 byte header frame.
@@ -74,6 +76,14 @@ pub struct Scale {
 }
 
 impl Scale {
+    /// The TC new-flow (Maglev) row's ns over its floor.
+    pub fn new_flow_over_floor(&self) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.name == NEW_FLOW_MAGLEV)
+            .map(|r| (r.ns - self.floor).max(0.0))
+    }
+
     /// Keeps, row by row, the faster of this run and `other` (same rows).
     fn keep_faster(&mut self, other: &Scale) {
         let min = |a: &mut f64, b: f64| *a = a.min(b);
@@ -198,7 +208,7 @@ fn datapath_at(total: u32) -> Result<Scale> {
         ),
         // Last: 500k new flows churn the conntrack LRU the other rows rely on.
         (
-            "ClusterIP, new flow (Maglev)",
+            NEW_FLOW_MAGLEV,
             "SYN from a new source each run: lookup, flow hash + Maglev table (M=1009) among 10, two conntrack inserts, DNAT",
             spec(programs::TC_POD_INGRESS, &syn, bench_mode::NEW_FLOW),
             Some(Counter::NewFlow),

@@ -1,6 +1,9 @@
 //! End to end in namespaces: a client pod to a Service with 10 backend pods
-//! on one node, through our datapath, straight to the pod IPs (the floor),
-//! and through kube-proxy's iptables and nftables rule sets.
+//! on one node, through our datapath (per packet, and with the socket
+//! hooks), straight to the pod IPs (the floor), and through kube-proxy's
+//! iptables and nftables rule sets. The client of every round is a process
+//! of its own (the bench binary with `--client`), as the socket hooks act on
+//! a process by its cgroup.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -9,10 +12,11 @@ use std::{
 
 use std::fmt::Write as _;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use proxy_tests::{
     cluster::{Agent, Cluster},
     fake_api::FakeApi,
+    netns::TestCgroup,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -52,8 +56,11 @@ pub type Loader = (
 pub enum Mode {
     /// Straight to the pod IPs, round robin in the client: no translation.
     PodIp,
-    /// Through the ClusterIP with our agent on the node.
+    /// Through the ClusterIP with our agent on the node, per packet (TC).
     Ours,
+    /// As `Ours`, with the socket hooks on the client's cgroup: connect()
+    /// picks the backend, nothing is translated per packet.
+    OursSocket,
     /// Through the ClusterIP with kube-proxy's iptables rules, loaded by
     /// `iptables-restore` (the nf_tables backend on this distribution).
     Iptables,
@@ -64,9 +71,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::PodIp,
         Mode::Ours,
+        Mode::OursSocket,
         Mode::Iptables,
         Mode::IptablesLegacy,
         Mode::Nft,
@@ -76,7 +84,7 @@ impl Mode {
     /// it loads.
     pub fn loader(self) -> Option<Loader> {
         match self {
-            Mode::PodIp | Mode::Ours => None,
+            Mode::PodIp | Mode::Ours | Mode::OursSocket => None,
             Mode::Iptables => Some(("iptables-restore", &["-w"], rules::iptables)),
             Mode::IptablesLegacy => Some(("iptables-legacy-restore", &["-w"], rules::iptables)),
             Mode::Nft => Some(("nft", &["-f", "-"], rules::nft)),
@@ -87,6 +95,7 @@ impl Mode {
         match self {
             Mode::PodIp => "pod IP (floor)",
             Mode::Ours => "ours",
+            Mode::OursSocket => "ours (socket LB)",
             Mode::Iptables => "iptables (nf_tables)",
             Mode::IptablesLegacy => "iptables (legacy)",
             Mode::Nft => "nftables",
@@ -112,7 +121,8 @@ pub struct Run {
     pub short: Rate,
     /// Requests on long-lived connections, one per client thread.
     pub keep_alive: Rate,
-    /// Every round's rates (for the range).
+    /// Every round's rates in the order they ran (for the range; round i
+    /// of every mode ran back to back).
     pub short_rounds: Vec<f64>,
     pub keep_alive_rounds: Vec<f64>,
     /// CPU the agent used while this size's traffic ran (all beds), as a
@@ -132,17 +142,21 @@ const POD_PROGRAMS: [&str; 2] = [
 /// What our programs cost per run under real traffic: one more round of
 /// each kind on `bed`, with run-time statistics switched on only for it
 /// (they add two clock reads per run, so the measured rounds go without).
-fn program_costs(bed: &Bed) -> Result<Vec<(&'static str, u64, f64)>> {
+fn program_costs(bed: &Bed, mode: Mode) -> Result<Vec<(&'static str, u64, f64)>> {
     use proxy_agent::datapath::{enable_run_stats, program_run_stats};
+    let mut programs = POD_PROGRAMS.to_vec();
+    if mode == Mode::OursSocket {
+        programs.push(proxy_common::maps::programs::SOCK_CONNECT4);
+    }
     let stats = enable_run_stats()?;
-    let before = POD_PROGRAMS
+    let before = programs
         .iter()
         .map(|p| program_run_stats(p))
         .collect::<Result<Vec<_>, _>>()?;
     bed.round(false)?;
     bed.round(true)?;
     let mut costs = Vec::new();
-    for (p, (runs0, time0)) in POD_PROGRAMS.iter().zip(before) {
+    for (p, (runs0, time0)) in programs.iter().zip(before) {
         let (runs, time) = program_run_stats(p)?;
         let n = runs.saturating_sub(runs0);
         costs.push((*p, n, (time - time0).as_nanos() as f64 / n.max(1) as f64));
@@ -209,6 +223,8 @@ struct Bed {
     // Dropped before the cluster: the agent and servers live in its namespaces.
     agent: Option<(FakeApi, Agent)>,
     _servers: Servers,
+    /// The client's cgroup, where the socket hooks attach (socket LB only).
+    cgroup: Option<TestCgroup>,
 }
 
 /// The Services programmed at size `n`: the synthetic set with the one at
@@ -246,10 +262,22 @@ impl Bed {
         let servers = Servers::start(&cluster, &roles)?;
         let (svcs, vip) = services(n, &backends);
         let mut agent = None;
+        let cgroup = if mode == Mode::OursSocket {
+            Some(TestCgroup::new(&cluster.prefix)?)
+        } else {
+            None
+        };
         let program_s = match mode {
             Mode::PodIp => None,
-            Mode::Ours => {
-                let (api, mut a, started) = agent_for(&cluster, &svcs, &[])?;
+            Mode::Ours | Mode::OursSocket => {
+                let root = cgroup
+                    .as_ref()
+                    .map(|c| c.path.to_string_lossy().into_owned());
+                let extra: Vec<&str> = root
+                    .as_deref()
+                    .map(|r| vec!["--cgroup-root", r])
+                    .unwrap_or_default();
+                let (api, mut a, started) = agent_for(&cluster, &svcs, &extra)?;
                 a.wait_for_log("kind=\"full\"", Duration::from_secs(300))?;
                 let took = started.elapsed().as_secs_f64();
                 agent = Some((api, a));
@@ -274,6 +302,7 @@ impl Bed {
             program_s,
             agent,
             _servers: servers,
+            cgroup,
         })
     }
 
@@ -293,40 +322,61 @@ impl Bed {
         Some(ticks / hz)
     }
 
-    /// One round: `CLIENTS` requests in flight for `WARMUP + ROUND`,
-    /// counting what completes in the last `ROUND`.
+    /// One round: a client process in the client pod (in the hooks'
+    /// cgroup for socket LB) with `CLIENTS` requests in flight for
+    /// `WARMUP + ROUND`, counting what completes in the last `ROUND`.
     fn round(&self, keep_alive: bool) -> Result<Rate> {
         let ns = &self.cluster.pod("client")?.ns;
-        let targets = self.targets.clone();
-        // A current-thread runtime on a thread inside the client pod: every
-        // socket it opens belongs to the pod's namespace.
-        let handle = ns.spawn(move || -> Result<Rate> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let start = tokio::time::Instant::now();
-                let count_from = start + WARMUP;
-                let until = count_from + ROUND;
-                let tasks: Vec<_> = (0..CLIENTS)
-                    .map(|t| {
-                        let targets = targets.clone();
-                        tokio::spawn(client(t, targets, keep_alive, count_from, until))
-                    })
-                    .collect();
-                let mut total = Rate::default();
-                for t in tasks {
-                    let (ok, errors) = t.await?;
-                    total.per_sec += ok as f64 / ROUND.as_secs_f64();
-                    total.errors += errors;
-                }
-                Ok(total)
-            })
-        })?;
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+        let exe = std::env::current_exe()?;
+        let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        let targets = targets.join(",");
+        let mut args = vec!["--client", targets.as_str()];
+        if keep_alive {
+            args.push("--keep-alive");
+        }
+        let out = match &self.cgroup {
+            Some(cgroup) => cgroup.exec(ns, &exe, &args)?,
+            None => ns.exec(&exe.to_string_lossy(), &args)?,
+        };
+        let mut fields = out.split_whitespace();
+        match (
+            fields.next().map(str::parse::<f64>),
+            fields.next().map(str::parse::<u64>),
+        ) {
+            (Some(Ok(per_sec)), Some(Ok(errors))) => Ok(Rate { per_sec, errors }),
+            _ => bail!("the client process said {out:?}"),
+        }
     }
+}
+
+/// `bench --client`: one round from this process, in the namespace (and
+/// cgroup) it was started in; prints "requests/s errors".
+pub fn client_round(targets: &[SocketAddrV4], keep_alive: bool) -> Result<Rate> {
+    if targets.is_empty() {
+        bail!("--client needs targets");
+    }
+    let targets = targets.to_vec();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let start = tokio::time::Instant::now();
+        let count_from = start + WARMUP;
+        let until = count_from + ROUND;
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|t| {
+                let targets = targets.clone();
+                tokio::spawn(client(t, targets, keep_alive, count_from, until))
+            })
+            .collect();
+        let mut total = Rate::default();
+        for t in tasks {
+            let (ok, errors) = t.await?;
+            total.per_sec += ok as f64 / ROUND.as_secs_f64();
+            total.errors += errors;
+        }
+        Ok(total)
+    })
 }
 
 /// One client: (requests answered in the counted window, failures).
@@ -377,7 +427,7 @@ async fn client(
     (ok, errors)
 }
 
-/// Every mode at `n` Services. All five beds are built first, then the
+/// Every mode at `n` Services. All beds are built first, then the
 /// rounds interleave (each round visits every bed, starting one further
 /// along each time), so slow drifts of this shared VM fall on every mode
 /// alike instead of on whichever ran last.
@@ -410,14 +460,14 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
     let wall = traffic_started.elapsed().as_secs_f64();
     let mut runs = Vec::new();
     for (i, (mode, bed)) in beds.iter().enumerate() {
-        let mut short_rounds = std::mem::take(&mut rates[0][i]);
-        let mut keep_alive_rounds = std::mem::take(&mut rates[1][i]);
+        let short_rounds = std::mem::take(&mut rates[0][i]);
+        let keep_alive_rounds = std::mem::take(&mut rates[1][i]);
         let short = Rate {
-            per_sec: median(&mut short_rounds),
+            per_sec: median(&mut short_rounds.clone()),
             errors: errors[0][i],
         };
         let keep_alive = Rate {
-            per_sec: median(&mut keep_alive_rounds),
+            per_sec: median(&mut keep_alive_rounds.clone()),
             errors: errors[1][i],
         };
         let agent_cpu = cpu_before[i]
@@ -432,8 +482,8 @@ pub fn at(n: u32) -> Result<Vec<Run>> {
             keep_alive.per_sec,
             keep_alive.errors
         );
-        let program_costs = if *mode == Mode::Ours {
-            program_costs(bed)?
+        let program_costs = if matches!(mode, Mode::Ours | Mode::OursSocket) {
+            program_costs(bed, *mode)?
         } else {
             Vec::new()
         };
@@ -466,18 +516,22 @@ pub fn section(report: &mut Report, sizes: &[u32]) -> Result<Vec<Run>> {
         md,
         "One node namespace, a client pod and {} backend pods joined to it by veth pairs (as in the \
          integration tests). Each backend echoes {}-byte requests (tokio, 2 worker threads for all \
-         backends); the client is one tokio thread with {} connections in flight. **Short-lived**: \
+         backends); the client is a process of its own per round (started in the client pod before its \
+         warm-up), one tokio thread with {} connections in flight. **Short-lived**: \
          connect, request, response, close (the client closes first), so the rate is new connections \
          per second. **Keep-alive**: requests on {} long-lived connections. Each figure is the median of \
          {} rounds of {} ms after {} ms of warm-up (the range shows all rounds); failed attempts are counted. \
-         All five beds of a size exist at once and the rounds interleave, so the VM's drifts fall on every \
+         All {} beds of a size exist at once and the rounds interleave, so the VM's drifts fall on every \
          mode alike. *Programmed in*: rules loaded, or agent start → first full sync written (listing and \
          translation included). *Agent CPU*: the agent's CPU time while the size's rounds ran (all beds \
-         take turns, so its own bed carried a fifth of that traffic), as a share of one core; mostly \
+         take turns, so its own bed carried a {} of that traffic), as a share of one core; mostly \
          conntrack garbage collection every 10 s. The Service under test sits \
          in the middle of N Services with 10 endpoints each (iptables walks its KUBE-SERVICES list linearly \
          for every new connection). **pod IP**: the client connects to the backends' addresses in turn, \
-         nothing translates (the floor). **ours**: the agent watching a fake API server with the N Services. \
+         nothing translates (the floor). **ours**: the agent watching a fake API server with the N Services, \
+         translating per packet in TC (socket hooks off). **ours (socket LB)**: the same agent with its socket \
+         hooks on a cgroup holding the client process: connect() picks the backend, no packet is translated \
+         (the TC programs still see each packet and pass it: a lookup miss each way). \
          **iptables** / **nftables**: kube-proxy's rule sets from the programming section with this \
          Service's endpoints, loaded into the node namespace. Client, servers and the node's packet \
          processing share the machine's two cores, so a cheaper datapath shows as more requests per second.\n",
@@ -487,7 +541,12 @@ pub fn section(report: &mut Report, sizes: &[u32]) -> Result<Vec<Run>> {
         CLIENTS,
         ROUNDS,
         ROUND.as_millis(),
-        WARMUP.as_millis()
+        WARMUP.as_millis(),
+        Mode::ALL.len(),
+        ["", "", "", "", "fourth", "fifth", "sixth", "seventh"]
+            .get(Mode::ALL.len())
+            .copied()
+            .unwrap_or("share")
     )?;
     writeln!(
         md,
@@ -544,30 +603,32 @@ pub fn section(report: &mut Report, sizes: &[u32]) -> Result<Vec<Run>> {
     }
     writeln!(
         md,
-        "\nOurs against each (new connections/s ratio, keep-alive ratio):\n"
+        "\nOurs against each (new connections/s ratio, keep-alive ratio; medians):\n"
     )?;
     writeln!(
         md,
-        "| Services | ÷ floor | ÷ iptables (nf_tables) | ÷ iptables (legacy) | ÷ nftables |"
+        "| Services | ours | ÷ floor | ÷ iptables (nf_tables) | ÷ iptables (legacy) | ÷ nftables |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|")?;
     for &n in sizes {
         let get = |m: Mode| runs.iter().find(|r| r.services == n && r.mode == m);
-        let Some(ours) = get(Mode::Ours) else {
-            continue;
-        };
-        let mut line = format!("| {} |", thousands(n));
-        for m in [Mode::PodIp, Mode::Iptables, Mode::IptablesLegacy, Mode::Nft] {
-            if let Some(o) = get(m) {
-                let _ = write!(
-                    line,
-                    " {:.2} / {:.2} |",
-                    ours.short.per_sec / o.short.per_sec,
-                    ours.keep_alive.per_sec / o.keep_alive.per_sec
-                );
+        for mine in [Mode::Ours, Mode::OursSocket] {
+            let Some(ours) = get(mine) else {
+                continue;
+            };
+            let mut line = format!("| {} | {} |", thousands(n), mine.label());
+            for m in [Mode::PodIp, Mode::Iptables, Mode::IptablesLegacy, Mode::Nft] {
+                if let Some(o) = get(m) {
+                    let _ = write!(
+                        line,
+                        " {:.2} / {:.2} |",
+                        ours.short.per_sec / o.short.per_sec,
+                        ours.keep_alive.per_sec / o.keep_alive.per_sec
+                    );
+                }
             }
+            writeln!(md, "{line}")?;
         }
-        writeln!(md, "{line}")?;
     }
     let labels: Vec<String> = Mode::ALL.iter().map(|m| m.label().to_owned()).collect();
     for (file, title, axis, pick) in [

@@ -55,6 +55,36 @@ pub fn section(
             verdict(r >= 0.9),
         ));
     }
+    // Socket LB against the floor round by round (round i of every mode ran
+    // back to back): met only if every round clears it, not the median.
+    let mut lowest: Option<(f64, String)> = None;
+    for n in &sizes {
+        let (Some(o), Some(f)) = (find(*n, Mode::OursSocket), find(*n, Mode::PodIp)) else {
+            continue;
+        };
+        for (what, mine, floor) in [
+            ("new connections", &o.short_rounds, &f.short_rounds),
+            ("keep-alive", &o.keep_alive_rounds, &f.keep_alive_rounds),
+        ] {
+            for (i, (x, y)) in mine.iter().zip(floor).enumerate() {
+                let r = x / y;
+                if lowest.as_ref().is_none_or(|(w, _)| r < *w) {
+                    lowest = Some((
+                        r,
+                        format!("{what} at {} Services, round {}", thousands(*n), i + 1),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some((r, at)) = lowest {
+        rows.push((
+            "Socket LB at the floor: every round at least 0.97 of the pod-IP round run with it"
+                .into(),
+            format!("lowest {r:.3} ({at})"),
+            verdict(r >= 0.97),
+        ));
+    }
     for m in [Mode::Iptables, Mode::IptablesLegacy] {
         if let (Some(o), Some(x)) = (find(10_000, Mode::Ours), find(10_000, m)) {
             let r = o.short.per_sec / x.short.per_sec;

@@ -10,6 +10,7 @@ mod maglev;
 mod plot;
 mod programming;
 mod rules;
+mod sockets;
 
 use std::{
     fmt::Write as _,
@@ -58,6 +59,14 @@ struct Args {
     /// Say more about what the control-plane runs see.
     #[arg(long)]
     debug: bool,
+    /// Internal: be one end-to-end client round against these targets, in
+    /// the namespace and cgroup this process was started in, and print
+    /// "requests/s errors".
+    #[arg(long, hide = true, value_delimiter = ',')]
+    client: Vec<std::net::SocketAddrV4>,
+    /// Internal, with --client: keep-alive connections.
+    #[arg(long, hide = true)]
+    keep_alive: bool,
 }
 
 /// `--debug`.
@@ -145,6 +154,14 @@ fn run(args: &Args) -> Result<Report> {
         let totals = args.datapath_scales.clone();
         scales = ns.run(move || datapath::scales(&totals))?;
         datapath::section(&mut body, &scales)?;
+        let sock = sockets::measure()?;
+        sockets::section(
+            &mut body.md,
+            &sock,
+            scales
+                .first()
+                .and_then(datapath::Scale::new_flow_over_floor),
+        )?;
     }
     if want(Part::Maglev) {
         maglev::section(&mut body.md)?;
@@ -205,6 +222,18 @@ fn write(report: &Report, path: &std::path::Path) -> Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     DEBUG.store(args.debug, Ordering::Relaxed);
+    if !args.client.is_empty() {
+        return match e2e::client_round(&args.client, args.keep_alive) {
+            Ok(rate) => {
+                println!("{} {}", rate.per_sec, rate.errors);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench client: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some([kind, n]) = args.dump_rules.as_deref() {
         let svcs = rules::services(n.parse().unwrap_or(1), 10);
         match kind.as_str() {
