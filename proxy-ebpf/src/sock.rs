@@ -279,7 +279,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     // A UDP socket may connect again, elsewhere: what it was given before
     // no longer holds. (A TCP socket connects once.)
     if call.proto == proto::UDP && matches!(outcome, Outcome::NotOurs | Outcome::Passed) {
-        let _ = SOCK_PEER.remove(call.cookie());
+        forget_peer(call.cookie());
     }
     finish(outcome)
 }
@@ -323,6 +323,17 @@ pub fn reply4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Removes socket `cookie`'s `SOCK_PEER` entry, if it has one. Looked up
+/// first: a lookup takes no lock, a delete locks its bucket even to miss,
+/// and most sockets (every process's, on the root cgroup) have none.
+#[inline(always)]
+fn forget_peer(cookie: u64) {
+    // SAFETY: only tested for presence.
+    if unsafe { SOCK_PEER.get(cookie) }.is_some() {
+        let _ = SOCK_PEER.remove(cookie);
+    }
+}
+
 /// A socket goes: its `SOCK_PEER` entry, if any, with it.
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
@@ -334,6 +345,6 @@ pub fn release(ctx: &SockContext) -> i32 {
         }
         bpf_get_socket_cookie(ctx.sock.cast())
     };
-    let _ = SOCK_PEER.remove(cookie);
+    forget_peer(cookie);
     ALLOW
 }

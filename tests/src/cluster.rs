@@ -344,15 +344,21 @@ pub fn agent_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("PROXY_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
+    binary("proxy-agent")
+}
+
+/// The workspace binary `name` next to the running test, demo or bench
+/// binary in the cargo target directory (built with it).
+pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe.parent().context("binary without directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps without parent")?;
     }
-    let bin = dir.join("proxy-agent");
+    let bin = dir.join(name);
     if !bin.exists() {
         bail!(
-            "{} not found: build it first (`cargo xtask test` does), or set PROXY_AGENT_BIN",
+            "{} not found: build the workspace's binaries first (`cargo xtask test`, `demo` and `bench` do)",
             bin.display()
         );
     }

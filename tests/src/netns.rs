@@ -15,7 +15,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
 };
 
@@ -140,6 +140,37 @@ pub fn cleanup_all() {
     for a in &actions {
         run_cleanup(a);
     }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// On SIGINT/SIGTERM/SIGHUP: remove everything `what` (the demo, the
+/// bench) created, then exit 130.
+#[expect(
+    clippy::print_stderr,
+    reason = "the user pressed Ctrl-C: say what is being undone"
+)]
+pub fn cleanup_on_interrupt(what: &'static str) {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    std::thread::spawn(move || {
+        loop {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                eprintln!("\ninterrupted: removing the namespaces, agents and pins {what} created");
+                cleanup_all();
+                std::process::exit(130);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
 }
 
 /// Runs a command, failing with its stderr.

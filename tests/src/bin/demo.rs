@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a ClusterIP Service balanced by the eBPF datapath, in a
 //! small cluster built from network namespaces, removed again on every exit
-//! path (success, failure, Ctrl-C).
+//! path (success, failure, Ctrl-C): from a pod (per packet, TC) and from a
+//! process on the node itself (socket hooks, on a cgroup the demo creates).
 #![expect(clippy::print_stderr, reason = "the demo reports failures on stderr")]
 
 use std::{
@@ -8,7 +9,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use proxy_tests::{
         Agent, Answer, Cluster, NameServer, manifest_dir, tally, tcp_connect_error, tcp_requests,
         udp_requests,
     },
-    netns::{cleanup_all, sh},
+    netns::{TestCgroup, cleanup_all, cleanup_on_interrupt, sh},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -31,32 +31,8 @@ const BACKENDS: [(&str, Ipv4Addr); 3] = [
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const REQUESTS: usize = 300;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// On SIGINT/SIGTERM: remove everything the demo created, then exit.
-fn install_interrupt_cleanup() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-    std::thread::spawn(|| {
-        loop {
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                eprintln!("\ninterrupted: removing namespaces, agent and pins");
-                cleanup_all();
-                std::process::exit(130);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
-}
+/// The node's own address (on its loopback), inside the pods' route to it.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 1);
 
 fn bar(n: usize, total: usize) -> String {
     let width = (n * 40).checked_div(total).unwrap_or(0);
@@ -64,13 +40,17 @@ fn bar(n: usize, total: usize) -> String {
 }
 
 fn print_tally(answers: &[Result<Answer>]) {
-    let counts = tally(answers);
+    print_counts(&tally(answers), answers.len());
+}
+
+/// Answers per backend, out of `total`.
+fn print_counts(counts: &BTreeMap<String, usize>, total: usize) {
     for (name, _) in BACKENDS {
         let n = counts.get(name).copied().unwrap_or(0);
         println!(
             "    {name:<10} {:<40} {n:>4} ({:>3}%)",
-            bar(n, answers.len()),
-            (n * 100).checked_div(answers.len()).unwrap_or(0)
+            bar(n, total),
+            (n * 100).checked_div(total).unwrap_or(0)
         );
     }
 }
@@ -145,10 +125,22 @@ fn demo() -> Result<()> {
     let web = std::fs::read_to_string(examples.join("web.yaml"))?;
     let empty = std::fs::read_to_string(examples.join("empty.yaml"))?;
     let dir = manifest_dir(&cluster, &[("web.yaml", &web), ("empty.yaml", &empty)])?;
+    // The node's processes: an address of the node's own, and a cgroup for
+    // the socket hooks (never the machine's root cgroup).
+    cluster
+        .node
+        .ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+    let cgroup = TestCgroup::new(&cluster.prefix)?;
+    let cgroup_root = cgroup.path.to_string_lossy().into_owned();
     println!(
-        "\nStarting proxy-agent in the node namespace: --manifests (examples/demo) --pod-iface 'veth*'"
+        "\nStarting proxy-agent in the node namespace: --manifests (examples/demo) --pod-iface 'veth*' --cgroup-root {cgroup_root}"
     );
-    let mut agent = Agent::start(&cluster.node, &dir, &cluster.pin_root(), &[])?;
+    let mut agent = Agent::start(
+        &cluster.node,
+        &dir,
+        &cluster.pin_root(),
+        &["--cgroup-root", &cgroup_root],
+    )?;
     for line in agent
         .log()
         .lines()
@@ -176,6 +168,44 @@ fn demo() -> Result<()> {
         "\n    every reply came from the ClusterIP (reverse NAT); every backend saw the client's own address {CLIENT}"
     );
 
+    let pins = cluster
+        .pin_root()
+        .join(format!("v{}", proxy_common::PIN_LAYOUT_VERSION));
+    let from_node = 30;
+    println!(
+        "\n{from_node} TCP connections to {tcp_vip} from a process on the node itself (host network), through the socket hooks:"
+    );
+    let before = counters(&pins)?
+        .get("sock_translated")
+        .copied()
+        .unwrap_or(0);
+    let probe = proxy_tests::cluster::binary("sockprobe")?;
+    let out = cgroup.exec(
+        &cluster.node,
+        &probe,
+        &["tcp", &tcp_vip.to_string(), &from_node.to_string()],
+    )?;
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
+    for line in out.lines() {
+        let a: serde_json::Value = serde_json::from_str(line)?;
+        let backend = a["backend"]
+            .as_str()
+            .with_context(|| format!("a connection from the node failed: {a}"))?;
+        if a["peer"] != tcp_vip.to_string() {
+            bail!("getpeername() showed {} instead of {tcp_vip}", a["peer"]);
+        }
+        *spread.entry(backend.to_owned()).or_default() += 1;
+    }
+    print_counts(&spread, from_node);
+    let translated = counters(&pins)?
+        .get("sock_translated")
+        .copied()
+        .unwrap_or(0)
+        - before;
+    println!(
+        "\n    connect() picked the backend once per connection ({translated} translated at connect, none per packet); getpeername() still said {tcp_vip}"
+    );
+
     println!(
         "\nScaling demo/web down: backend-3 leaves the EndpointSlice (file edited, agent notices)"
     );
@@ -200,9 +230,6 @@ fn demo() -> Result<()> {
         bail!("expected the connection to be refused");
     }
 
-    let pins = cluster
-        .pin_root()
-        .join(format!("v{}", proxy_common::PIN_LAYOUT_VERSION));
     println!("\nDatapath counters (per-CPU map STATS, summed):");
     for (name, value) in counters(&pins)? {
         println!("    {name:<22} {value}");
@@ -239,6 +266,7 @@ fn demo() -> Result<()> {
     let started = Instant::now();
     agent.stop();
     drop(servers);
+    drop(cgroup);
     drop(cluster);
     println!(
         "\nCleaned up namespaces, agent and pins in {:.0} ms. Done.",
@@ -248,7 +276,7 @@ fn demo() -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    install_interrupt_cleanup();
+    cleanup_on_interrupt("the demo");
     let result = demo();
     cleanup_all();
     match result {

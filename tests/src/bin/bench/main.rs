@@ -246,6 +246,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    proxy_tests::netns::cleanup_on_interrupt("the bench");
     // A partial run prints its part; BENCHMARKS.md keeps the whole report.
     let out = args.out.clone().filter(|p| {
         let partial = !args.only.is_empty();

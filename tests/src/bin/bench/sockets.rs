@@ -3,7 +3,7 @@
 //! no frontend, and without the hooks, by a process in a cgroup the bench
 //! creates (the hooks attach there, never to the machine's root cgroup).
 
-use std::{fmt::Write as _, net::SocketAddrV4, path::PathBuf};
+use std::{fmt::Write as _, net::SocketAddrV4};
 
 use anyhow::{Context as _, Result, bail};
 use proxy_agent::{
@@ -37,22 +37,6 @@ pub struct SockRow {
     pub hook_ns: Option<(f64, f64)>,
 }
 
-/// The bench binary's sibling `sockprobe` (built with it).
-fn sockprobe() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary without directory")?
-        .join("sockprobe");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build the tests' binaries (`cargo xtask bench` does)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// Every row: a ClusterIP with 10 backends (Maglev) on loopback addresses
 /// where nothing listens (each connection is refused at once, in the
 /// namespace), and the same connect to 127.0.0.1 without translation.
@@ -73,7 +57,7 @@ pub fn measure() -> Result<Vec<SockRow>> {
         )],
     )?;
     dp.attach_cgroup(&cgroup.path)?;
-    let probe = sockprobe()?;
+    let probe = proxy_tests::cluster::binary("sockprobe")?;
     let probe_s = probe.to_string_lossy().into_owned();
     let connects = CONNECTS.to_string();
     let run = |hooked: bool, target: SocketAddrV4| -> Result<f64> {
