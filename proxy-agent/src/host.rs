@@ -76,7 +76,7 @@ pub fn is_cgroup_root(path: &Path) -> bool {
 /// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, what
 /// `bpf_get_netns_cookie` returns for sockets there).
 pub fn netns_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.

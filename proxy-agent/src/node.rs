@@ -66,11 +66,19 @@ impl NodeSettings {
         self.ext_address = first_address;
     }
 
-    /// Notes the lowest and highest programmed ClusterIP.
+    /// Notes the lowest and highest programmed ClusterIP. The internal
+    /// scope also holds the external frontends (as pods and the node reach
+    /// them): those have a twin in the external scope, a ClusterIP never.
     pub fn set_cluster_ips(&mut self, services: &BTreeMap<ServiceKey, ServiceValue>) {
         let internal = services
             .keys()
-            .filter(|k| k.scope == scope::INTERNAL)
+            .filter(|k| {
+                k.scope == scope::INTERNAL
+                    && !services.contains_key(&ServiceKey {
+                        scope: scope::EXTERNAL,
+                        ..**k
+                    })
+            })
             .map(|k| *k.frontend().ip());
         self.cluster_ips = internal.fold(None, |range, ip| match range {
             None => Some((ip, ip)),
@@ -164,10 +172,14 @@ mod tests {
                 ServiceValue::default(),
             )
         };
+        // A LoadBalancer IP has both scopes; only ClusterIPs make the range.
         let services = BTreeMap::from([
             key([10, 96, 0, 10], scope::INTERNAL),
             key([10, 96, 3, 1], scope::INTERNAL),
             key([192, 168, 60, 1], scope::EXTERNAL),
+            key([192, 168, 60, 1], scope::INTERNAL),
+            key([10, 0, 0, 5], scope::EXTERNAL),
+            key([10, 0, 0, 5], scope::INTERNAL),
         ]);
         n.set_cluster_ips(&services);
         let c = n.change().unwrap();
