@@ -7,7 +7,10 @@
 //! settling every claim again (conflicts are misconfigurations, hence rare),
 //! so the result is always what a full translation of the store gives.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use crate::{
     model::{DesiredState, ServicePlan, ServicePortName},
@@ -67,6 +70,14 @@ impl Engine {
             opts,
             ..Self::default()
         }
+    }
+
+    /// An address this node's NodePorts are keyed at, if any is known.
+    pub fn nodeport_address(&self) -> Option<Ipv4Addr> {
+        self.node
+            .nodeport_addresses(&self.opts.nodeport_cidrs)
+            .into_iter()
+            .find(|a| !a.is_unspecified())
     }
 
     /// The whole desired state, sorted.

@@ -24,6 +24,8 @@ pub struct NodeSettings {
     external: bool,
     /// Lowest and highest ClusterIP programmed.
     cluster_ips: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// An address this node's NodePorts are keyed at.
+    nodeport_address: Option<Ipv4Addr>,
     /// `--socket-lb`, and this node's network namespace cookie.
     socket_lb: SocketLb,
     host_netns_cookie: u64,
@@ -47,6 +49,7 @@ impl NodeSettings {
             ext_address: None,
             external: false,
             cluster_ips: None,
+            nodeport_address: None,
             socket_lb: SocketLb::default(),
             host_netns_cookie: 0,
             written: None,
@@ -86,6 +89,12 @@ impl NodeSettings {
         });
     }
 
+    /// An address this node's NodePorts are keyed at (DSR options naming
+    /// another node's address are checked against the NodePort there).
+    pub fn set_nodeport_address(&mut self, address: Option<Ipv4Addr>) {
+        self.nodeport_address = address;
+    }
+
     /// The SNAT address: the flag, else the first external interface's.
     pub fn snat_address(&self) -> Option<Ipv4Addr> {
         self.snat_flag.or(self.ext_address)
@@ -115,6 +124,7 @@ impl NodeSettings {
         };
         c.set_snat_addr(self.snat_address());
         c.set_vip_range(self.cluster_ips);
+        c.set_nodeport_addr(self.nodeport_address);
         c
     }
 

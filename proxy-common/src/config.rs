@@ -19,8 +19,10 @@ pub struct NodeConfig {
     /// be a hairpin reply; only those are looked up in conntrack.
     pub vip_min: u32,
     pub vip_max: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// An address this node's NodePorts are keyed at (network byte order;
+    /// 0: none). A DSR option naming another node's address is checked
+    /// against the NodePort this key finds.
+    pub nodeport_addr_be: u32,
     /// Network namespace cookie of this node's own namespace: with
     /// `NODE_F_SOCK_HOST_ONLY`, the socket hooks translate only sockets there.
     pub host_netns_cookie: u64,
@@ -58,6 +60,14 @@ mod user {
         /// Sets [`Self::snat_addr`].
         pub const fn set_snat_addr(&mut self, addr: Option<Ipv4Addr>) {
             self.snat_addr_be = match addr {
+                Some(a) => ip_be(a),
+                None => 0,
+            };
+        }
+
+        /// Sets [`NodeConfig::nodeport_addr_be`].
+        pub const fn set_nodeport_addr(&mut self, addr: Option<Ipv4Addr>) {
+            self.nodeport_addr_be = match addr {
                 Some(a) => ip_be(a),
                 None => 0,
             };

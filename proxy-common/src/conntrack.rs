@@ -1,4 +1,4 @@
-//! The `CONNTRACK` map: flows, one entry per direction.
+//! The `CONNTRACK` and `CT_NEW` maps: flows, one entry per direction.
 
 use crate::pod;
 
@@ -99,6 +99,11 @@ pub const CT_F_COUNTED: u8 = 16;
 /// pod's reply comes back through the datapath; both directions are sent
 /// straight back into the pod.
 pub const CT_F_HAIRPIN: u8 = 32;
+/// Conntrack flag (FORWARD, in `CT_NEW`): the flow is to be counted in
+/// `BACKEND_CONNS` once its handshake completes (it becomes `CT_F_COUNTED`
+/// then), so half-open flows a flood leaves behind never skew
+/// least-connections.
+pub const CT_F_COUNT_ON_PROMOTE: u8 = 64;
 
 pod!(CtKey, CtValue);
 

@@ -130,6 +130,12 @@ counters! {
     /// A connected socket was translated but `SOCK_PEER` was full:
     /// getpeername shows it the backend (raise `--sock-entries`).
     SockPeerFull = 32, "sock_peer_full", Failed;
+    /// A packet with the DSR option that names no external frontend here,
+    /// or is not addressed to a local backend of it: dropped, nothing learned.
+    DsrRefused = 33, "dsr_refused", Dropped;
+    /// The client's packet that completes a TCP handshake: the flow moved
+    /// from `CT_NEW` to `CONNTRACK`, the packet translated as established.
+    HandshakeDone = 34, "handshake_done", Handled;
 }
 
 // Every counter has a slot in `STATS`.

@@ -50,7 +50,7 @@ pub use stats::*;
 pub use wire::*;
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 7;
+pub const PIN_LAYOUT_VERSION: u32 = 8;
 
 /// Marks shared types as plain old data for aya (userspace map access).
 macro_rules! pod {
@@ -95,11 +95,11 @@ mod tests {
             size_of::<SockPeer>(),
             maps::PINNED.len(),
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 7);
+        assert_eq!(PIN_LAYOUT_VERSION, 8);
         assert_eq!(
             fingerprint,
             [
-                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 15
+                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 16
             ]
         );
     }

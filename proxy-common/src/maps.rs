@@ -15,8 +15,14 @@ pub const SELECTION: &str = "SELECTION";
 pub const SVC_TABLE: &str = "SVC_TABLE";
 /// Array: backend id → [`crate::Backend`]. Written by the agent.
 pub const BACKENDS: &str = "BACKENDS";
-/// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]. Written by the datapath.
+/// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]: established flows, UDP
+/// flows and TCP flows picked up mid-stream. Written by the datapath.
 pub const CONNTRACK: &str = "CONNTRACK";
+/// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]: TCP flows opened by a
+/// SYN whose client has not completed the handshake. The client's next
+/// packet moves the flow to `CONNTRACK`, so a flood of SYNs evicts only
+/// other half-open flows, never an established one. Written by the datapath.
+pub const CT_NEW: &str = "CT_NEW";
 /// Per-CPU array: [`crate::Counter`] → `u64`. Written by the datapath.
 pub const STATS: &str = "STATS";
 /// Per-CPU array: svc id → [`crate::SvcCounters`]. Written by the datapath.
@@ -62,6 +68,7 @@ pub const PINNED: &[&str] = &[
     SVC_TABLE,
     BACKENDS,
     CONNTRACK,
+    CT_NEW,
     STATS,
     SVC_STATS,
     CONFIG,
@@ -101,6 +108,10 @@ pub const DEFAULT_SELECTION_BLOCKS: u32 = 524_288;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Default capacity of `CONNTRACK` (two entries per flow).
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
+/// Default capacity of `CT_NEW` (two entries per half-open flow): handshakes
+/// last a round trip, so this holds tens of thousands of new connections per
+/// second with room to spare; a SYN flood only churns this table.
+pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
 
 /// Program names in the object file.
 pub mod programs {

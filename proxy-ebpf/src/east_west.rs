@@ -18,7 +18,7 @@ use proxy_common::{
 };
 
 use crate::{
-    conntrack::{self, NewFlow},
+    conntrack::{self, NewFlow, Table},
     external, fib, icmp, lookup,
     maps::CONFIG,
     nat::{self, Side},
@@ -60,7 +60,7 @@ fn external_reply(ctx: &TcContext, pkt: &Packet) -> Result<Done, Counter> {
     if cfg.flags & NODE_F_EXTERNAL == 0 && !hairpin_possible {
         return Ok(Done::NOT_OURS);
     }
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key(pkt)) else {
+    let Some(entry) = conntrack::lookup_reply(pkt) else {
         return Ok(Done::NOT_OURS);
     };
     // SAFETY: a valid map value pointer for this run; copied out.
@@ -141,32 +141,31 @@ fn hairpin_source(frontend_be: u32) -> u32 {
 #[inline(always)]
 fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
     let now = conntrack::now();
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt))
-        // SAFETY: entry is a valid map value pointer for this run.
-        && unsafe { (*entry).svc_id } == svc_id
+    let tracked = conntrack::lookup_forward(pkt);
+    // A flow tracked for another Service (address reused) starts anew, as
+    // does a SYN after the client closed (`continues`). UDP flows to
+    // departed backends are removed by the agent.
+    if let Some(t) = tracked
+        && t.value().svc_id == svc_id
+        && conntrack::continues(&t.value(), pkt)
     {
-        // SAFETY: as above.
-        let (addr_be, port_be) = unsafe { ((*entry).nat_addr_be, (*entry).nat_port_be) };
-        // UDP flows to departed backends are removed by the agent. A flow
-        // tracked for another Service (address reused) starts anew.
-        // SAFETY: as above.
-        if conntrack::continues(unsafe { &*entry }, pkt) {
-            conntrack::seen(entry, pkt, now);
-            // SAFETY: as above.
-            let v = unsafe { *entry };
-            if v.flags & CT_F_HAIRPIN != 0 {
-                stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
-                return hairpin(
-                    ctx,
-                    pkt,
-                    (v.peer_addr_be, v.peer_port_be),
-                    (addr_be, port_be),
-                );
-            }
-            nat::rewrite(ctx, pkt, Side::Dst, addr_be, port_be)?;
-            stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
-            return Ok(Done::pass(Counter::Established));
+        let counter = if t.completes(pkt) {
+            Counter::HandshakeDone
+        } else {
+            Counter::Established
+        };
+        let v = t.follow(pkt, now)?;
+        stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
+        if v.flags & CT_F_HAIRPIN != 0 {
+            return hairpin(
+                ctx,
+                pkt,
+                (v.peer_addr_be, v.peer_port_be),
+                (v.nat_addr_be, v.nat_port_be),
+            );
         }
+        nat::rewrite(ctx, pkt, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
+        return Ok(Done::pass(counter));
     }
     let Some(choice) = select::select(svc_id, &pkt.tuple(), now)? else {
         debug!(ctx, "svc {} has no endpoints: rejecting", svc_id);
@@ -182,6 +181,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         backend: &backend,
         flags: if choice.counted { CT_F_COUNTED } else { 0 },
         replies_here: true,
+        table: Table::for_new(pkt, tracked),
         now,
     };
     if backend.addr_be == pkt.saddr_be {
@@ -210,7 +210,7 @@ pub fn pod_egress(ctx: &TcContext) -> Result<Done, Counter> {
     let Some(pkt) = parse::parse(ctx)? else {
         return icmp_to_client(ctx);
     };
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key(&pkt)) else {
+    let Some(entry) = conntrack::lookup_reply(&pkt) else {
         return Ok(Done::NOT_OURS);
     };
     // SAFETY: entry is a valid map value pointer for this run.
@@ -230,7 +230,7 @@ fn icmp_to_client(ctx: &TcContext) -> Result<Done, Counter> {
     let Some(e) = icmp::parse(ctx) else {
         return Ok(Done::NOT_OURS);
     };
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key_of_quote(&e)) else {
+    let Some(entry) = conntrack::lookup_quoted(&e) else {
         return Ok(Done::NOT_OURS);
     };
     // SAFETY: a valid map value pointer for this run; copied out.

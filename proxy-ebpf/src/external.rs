@@ -17,18 +17,20 @@
 //! - A reply to a SNATed flow (addressed to the SNAT address) is translated
 //!   back and sent to the client the same way.
 //! - A packet with the DSR option (this node hosts the backend) teaches
-//!   conntrack the flow, then goes up the stack untouched.
+//!   conntrack the flow, then goes up the stack untouched, if the option
+//!   names an external frontend here and the packet goes to a local backend
+//!   of it; otherwise it is dropped (`dsr_refused`).
 //!
 //! When the next hop's MAC is unknown, XDP leaves the packet untouched for
 //! TC, which has the kernel resolve it (`bpf_redirect_neigh`).
 
 use proxy_common::{
     BACKEND_F_LOCAL, CT_F_COUNTED, CT_F_DSR, CT_F_EXTERNAL, CT_F_REMOTE, CT_F_SNAT, Counter,
-    CtValue, DSR_OPT_LEN, SVC_F_DSR, ServiceValue, proto, scope,
+    CtValue, DSR_OPT_LEN, SVC_F_DSR, ServiceKey, ServiceValue, proto, scope,
 };
 
 use crate::{
-    conntrack::{self, NewFlow},
+    conntrack::{self, NewFlow, Table},
     ctx::Ctx,
     dsr,
     fib::{self, Route, Via},
@@ -53,7 +55,7 @@ pub fn handle(ctx: &impl Ctx) -> Result<Done, Counter> {
     if let Some(cfg) = CONFIG.get(0)
         && cfg.snat_addr_be != 0
         && pkt.daddr_be == cfg.snat_addr_be
-        && let Some(entry) = conntrack::lookup(&conntrack::reply_key(&pkt))
+        && let Some(entry) = conntrack::lookup_reply(&pkt)
     {
         // SAFETY: a valid map value pointer for this run; copied out.
         let v = unsafe { *entry };
@@ -62,10 +64,53 @@ pub fn handle(ctx: &impl Ctx) -> Result<Done, Counter> {
         }
     }
     if let Some((addr_be, port_be)) = dsr::option(ctx, &pkt) {
-        conntrack::learn_dsr(&pkt, addr_be, port_be, conntrack::now())?;
-        return Ok(Done::pass(Counter::DsrLearned));
+        return dsr_arrival(&pkt, addr_be, port_be);
     }
     Ok(Done::NOT_OURS)
+}
+
+/// A packet with the DSR option, addressed to a backend on this node: its
+/// flow is learned when the option names an external frontend here of the
+/// packet's protocol and the packet goes to a local backend of that
+/// frontend's Service; anything else is dropped, nothing learned (a forged
+/// option could otherwise give a pod's replies any source, or fill
+/// conntrack). Known flows (every UDP datagram carries the option) are only
+/// refreshed.
+#[inline(always)]
+fn dsr_arrival(pkt: &Packet, addr_be: u32, port_be: u16) -> Result<Done, Counter> {
+    let now = conntrack::now();
+    if !conntrack::dsr_known(pkt, addr_be, port_be, now) {
+        let svc = dsr_frontend(pkt, addr_be, port_be).ok_or(Counter::DsrRefused)?;
+        if !select::has_local_backend(svc.svc_id, pkt.daddr_be, pkt.dport_be) {
+            return Err(Counter::DsrRefused);
+        }
+        conntrack::learn_dsr(pkt, addr_be, port_be, now)?;
+    }
+    Ok(Done::pass(Counter::DsrLearned))
+}
+
+/// The external frontend a DSR option names: a LoadBalancer IP or
+/// externalIP is one here too; another node's address on a NodePort is
+/// checked as this node's NodePort of that port.
+#[inline(always)]
+fn dsr_frontend(pkt: &Packet, addr_be: u32, port_be: u16) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr_be,
+        port_be,
+        proto: pkt.proto,
+        scope: scope::EXTERNAL,
+    };
+    if let Some(svc) = lookup::by_key(&key) {
+        return Some(svc);
+    }
+    let node_be = CONFIG.get(0)?.nodeport_addr_be;
+    if node_be == 0 {
+        return None;
+    }
+    lookup::by_key(&ServiceKey {
+        addr_be: node_be,
+        ..key
+    })
 }
 
 /// Where a client's packet goes once translated, looked up before anything
@@ -95,14 +140,24 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
         return Err(Counter::SourceRangeDenied);
     }
     let now = conntrack::now();
-    if let Some(entry) = conntrack::lookup(&conntrack::forward_key(pkt)) {
-        // SAFETY: a valid map value pointer for this run; copied out.
-        let v = unsafe { *entry };
+    let tracked = conntrack::lookup_forward(pkt);
+    if let Some(t) = tracked {
+        let v = t.value();
         if v.svc_id == svc.svc_id && conntrack::continues(&v, pkt) {
-            return send(ctx, pkt, &v, SvcEvent::Packet, Counter::Established, || {
-                conntrack::seen(entry, pkt, now);
-                Ok(v.peer_port_be)
-            });
+            let counter = if t.completes(pkt) {
+                Counter::HandshakeDone
+            } else {
+                Counter::Established
+            };
+            return send(
+                ctx,
+                pkt,
+                &v,
+                t.completes(pkt),
+                SvcEvent::Packet,
+                counter,
+                || t.follow(pkt, now).map(|v| v.peer_port_be),
+            );
         }
     }
     let Some(choice) = select::select(svc.svc_id, &pkt.tuple(), now)? else {
@@ -138,22 +193,33 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
         flags: v.flags,
         // Under DSR the reply never comes back here: no REPLY entry.
         replies_here: v.flags & CT_F_DSR == 0,
+        table: Table::for_new(pkt, tracked),
         now,
     };
-    send(ctx, pkt, &v, SvcEvent::NewFlow, Counter::NewFlow, || {
-        if v.flags & CT_F_SNAT != 0 {
-            let cfg = CONFIG.get(0).ok_or(Counter::SnatPortsExhausted)?;
-            conntrack::create_snat(&flow, v.peer_addr_be, cfg.snat_port_min, cfg.snat_port_max)
-        } else {
-            conntrack::create(&flow).map(|()| 0)
-        }
-    })
+    send(
+        ctx,
+        pkt,
+        &v,
+        false,
+        SvcEvent::NewFlow,
+        Counter::NewFlow,
+        || {
+            if v.flags & CT_F_SNAT != 0 {
+                let cfg = CONFIG.get(0).ok_or(Counter::SnatPortsExhausted)?;
+                conntrack::create_snat(&flow, v.peer_addr_be, cfg.snat_port_min, cfg.snat_port_max)
+            } else {
+                conntrack::create(&flow).map(|()| 0)
+            }
+        },
+    )
 }
 
-/// Whether a client's packet carries the DSR option.
+/// Whether a client's packet carries the DSR option: a TCP SYN, the packet
+/// that completes the handshake (`completes`: the backend's node moves the
+/// flow it learned to its main table), every UDP datagram.
 #[inline(always)]
-fn with_option(pkt: &Packet, v: &CtValue) -> bool {
-    v.flags & CT_F_DSR != 0 && (pkt.tcp_syn_only || pkt.proto == proto::UDP)
+fn with_option(pkt: &Packet, v: &CtValue, completes: bool) -> bool {
+    v.flags & CT_F_DSR != 0 && (pkt.tcp_syn_only || completes || pkt.proto == proto::UDP)
 }
 
 /// Where a flow's packet goes.
@@ -171,11 +237,11 @@ enum Next {
 
 /// Where a flow's packet goes, decided before anything changes.
 #[inline(always)]
-fn next(ctx: &impl Ctx, pkt: &Packet, v: &CtValue) -> Next {
+fn next(ctx: &impl Ctx, pkt: &Packet, v: &CtValue, completes: bool) -> Next {
     if v.flags & CT_F_REMOTE == 0 {
         return Next::Local;
     }
-    let option = with_option(pkt, v);
+    let option = with_option(pkt, v, completes);
     match route_for(ctx, pkt, v, option) {
         Some(r) if option && r.via == Via::TooBig => Next::NoRoom,
         Some(r) => Next::Remote(r),
@@ -186,23 +252,25 @@ fn next(ctx: &impl Ctx, pkt: &Packet, v: &CtValue) -> Next {
 /// Translates a client's packet as its flow says and sends it on. Where it
 /// goes is decided first: nothing is recorded (`commit`, which returns the
 /// flow's SNAT port) for a packet XDP leaves to TC, which decides anew.
+/// `completes`: the packet completes the flow's handshake.
 #[inline(always)]
 fn send(
     ctx: &impl Ctx,
     pkt: &Packet,
     v: &CtValue,
+    completes: bool,
     event: SvcEvent,
     local: Counter,
     commit: impl FnOnce() -> Result<u16, Counter>,
 ) -> Result<Done, Counter> {
-    let route = match next(ctx, pkt, v) {
+    let route = match next(ctx, pkt, v, completes) {
         Next::Local => None,
         Next::Remote(r) => Some(r),
         Next::Defer => return Ok(Done::pass(Counter::DeferredToTc)),
         Next::NoRoom => return Err(Counter::DsrNoRoom),
     };
     let snat_port_be = commit()?;
-    let option = with_option(pkt, v);
+    let option = with_option(pkt, v, completes);
     stats::service(v.svc_id, pkt.l3_len, event);
     nat::rewrite(ctx, pkt, Side::Dst, v.nat_addr_be, v.nat_port_be)?;
     let Some(route) = route else {
@@ -263,7 +331,7 @@ fn icmp_to_snat_client<C: Ctx>(ctx: &C) -> Result<Done, Counter> {
     {
         return Ok(Done::NOT_OURS);
     }
-    let Some(entry) = conntrack::lookup(&conntrack::reply_key_of_quote(&e)) else {
+    let Some(entry) = conntrack::lookup_quoted(&e) else {
         return Ok(Done::NOT_OURS);
     };
     // SAFETY: a valid map value pointer for this run; copied out.

@@ -32,9 +32,16 @@ pub static SVC_TABLE: Array<u32, 65_536> = Array::new();
 #[btf_map]
 pub static BACKENDS: Array<Backend, 262_144> = Array::new();
 
-/// 5-tuple (per direction) → NAT target and flow state. Written by the datapath.
+/// 5-tuple (per direction) → NAT target and flow state: established TCP
+/// flows, UDP flows. Written by the datapath.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, 524_288> = LruHashMap::new();
+
+/// The same for TCP flows a SYN opened, until the client completes the
+/// handshake (then they move to `CONNTRACK`): a SYN flood evicts only other
+/// half-open flows. Written by the datapath.
+#[btf_map]
+pub static CT_NEW: LruHashMap<CtKey, CtValue, 65_536> = LruHashMap::new();
 
 /// Global per-CPU counters indexed by `proxy_common::Counter`. Written by the datapath.
 #[btf_map]

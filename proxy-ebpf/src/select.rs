@@ -12,9 +12,9 @@
 
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_loop};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counter, SEL_F_DROP_WHEN_EMPTY, SEL_HDR_AFFINITY_TIMEOUT,
-    SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_FLAGS, SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK,
-    SEL_HDR_TABLE_SIZE, SEL_SCAN_MAX, SEL_WORDS, algorithm,
+    AffinityKey, AffinityValue, BACKEND_F_LOCAL, Backend, Counter, SEL_F_DROP_WHEN_EMPTY,
+    SEL_HDR_AFFINITY_TIMEOUT, SEL_HDR_ALGORITHM, SEL_HDR_COUNT, SEL_HDR_DRAINING, SEL_HDR_FLAGS,
+    SEL_HDR_HASH_MODE, SEL_HDR_TABLE_BLOCK, SEL_HDR_TABLE_SIZE, SEL_SCAN_MAX, SEL_WORDS, algorithm,
     hash::{flow_hash, source_hash},
     hash_mode, sel_backend_pos, sel_entry_pos,
 };
@@ -73,7 +73,14 @@ fn active(backend_id: u32) -> u32 {
     c.opened.wrapping_sub(c.closed).wrapping_sub(reaped)
 }
 
-/// State of a scan over a table's eligible backends (`bpf_loop`).
+/// What a scan looks for.
+const SCAN_LEAST: u32 = 0;
+/// A scan for `wanted` (a backend id).
+const SCAN_ID: u32 = 1;
+/// A scan for a local backend at `addr_be:port_be`.
+const SCAN_LOCAL_ADDR: u32 = 2;
+
+/// State of a scan over a table's backends (`bpf_loop`).
 #[repr(C)]
 struct Scan {
     /// First block of the table.
@@ -82,14 +89,39 @@ struct Scan {
     n: u32,
     /// Where the scan starts (least-connections ties spread from here).
     start: u32,
-    /// The backend id looked for (eligibility), or `u32::MAX`.
+    /// `SCAN_*`.
+    mode: u32,
+    /// The backend id looked for (`SCAN_ID`).
     wanted: u32,
+    /// The address and port looked for (`SCAN_LOCAL_ADDR`), network order.
+    addr_be: u32,
+    port_be: u16,
+    _pad: u16,
     /// Result: the best index so far, and its open flows.
     best: u32,
     best_active: u32,
-    /// Result: `wanted` was found.
+    /// Result: the wanted backend was found.
     found: u32,
-    _pad: u32,
+}
+
+impl Scan {
+    /// A scan of `mode` over the first `n` backends of the table at `first`.
+    #[inline(always)]
+    fn new(mode: u32, first: u32, n: u32) -> Scan {
+        Scan {
+            first,
+            n,
+            start: 0,
+            mode,
+            wanted: 0,
+            addr_be: 0,
+            port_be: 0,
+            _pad: 0,
+            best: 0,
+            best_active: u32::MAX,
+            found: 0,
+        }
+    }
 }
 
 /// One step of a scan: the `i`-th backend from the start.
@@ -105,29 +137,35 @@ extern "C" fn scan_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let Some(id) = backend_at(s.first, index) else {
         return 0;
     };
-    if s.wanted != u32::MAX {
-        if id == s.wanted {
-            s.found = 1;
-            return 1; // stop
+    match s.mode {
+        SCAN_ID => {
+            if id == s.wanted {
+                s.found = 1;
+                return 1; // stop
+            }
         }
-        return 0;
-    }
-    let a = active(id);
-    if a < s.best_active {
-        s.best_active = a;
-        s.best = index;
+        SCAN_LOCAL_ADDR => {
+            if lookup_backend(id).is_some_and(|b| {
+                b.addr_be == s.addr_be && b.port_be == s.port_be && b.flags & BACKEND_F_LOCAL != 0
+            }) {
+                s.found = 1;
+                return 1;
+            }
+        }
+        _ => {
+            let a = active(id);
+            if a < s.best_active {
+                s.best_active = a;
+                s.best = index;
+            }
+        }
     }
     0
 }
 
-/// Runs a scan over the first `n` eligible backends (at most `SEL_SCAN_MAX`).
+/// Runs a scan over its `n` backends (`bpf_loop` takes at most 2^23).
 #[inline(always)]
 fn scan(mut s: Scan) -> Scan {
-    s.n = if s.n < SEL_SCAN_MAX {
-        s.n
-    } else {
-        SEL_SCAN_MAX
-    };
     // SAFETY: the callback and its context are valid for the whole call.
     unsafe {
         bpf_loop(
@@ -140,8 +178,8 @@ fn scan(mut s: Scan) -> Scan {
     s
 }
 
-/// Index of the eligible backend with the fewest open flows, scanning from
-/// a random start so ties spread.
+/// Index of the eligible backend with the fewest open flows among the
+/// first `SEL_SCAN_MAX`, scanning from a random start so ties spread.
 #[inline(always)]
 fn least_connections(first: u32, count: u32) -> u32 {
     let n = if count < SEL_SCAN_MAX {
@@ -150,34 +188,42 @@ fn least_connections(first: u32, count: u32) -> u32 {
         SEL_SCAN_MAX
     };
     let start = random() % n;
-    scan(Scan {
-        first,
-        n,
-        start,
-        wanted: u32::MAX,
-        best: start,
-        best_active: u32::MAX,
-        found: 0,
-        _pad: 0,
-    })
-    .best
+    let mut s = Scan::new(SCAN_LEAST, first, n);
+    s.start = start;
+    s.best = start;
+    scan(s).best
 }
 
-/// Whether `backend_id` is among the first eligible backends of the table.
+/// Whether `backend_id` is among the first `SEL_SCAN_MAX` eligible backends
+/// of the table.
 #[inline(always)]
 fn eligible(first: u32, count: u32, backend_id: u32) -> bool {
-    scan(Scan {
-        first,
-        n: count,
-        start: 0,
-        wanted: backend_id,
-        best: 0,
-        best_active: u32::MAX,
-        found: 0,
-        _pad: 0,
-    })
-    .found
-        != 0
+    let n = if count < SEL_SCAN_MAX {
+        count
+    } else {
+        SEL_SCAN_MAX
+    };
+    let mut s = Scan::new(SCAN_ID, first, n);
+    s.wanted = backend_id;
+    scan(s).found != 0
+}
+
+/// Whether service port `svc_id` has a backend on this node at
+/// `addr_be:port_be`, eligible or draining (a DSR option's claim). Scans
+/// the whole backend list: it runs only for flows not yet known.
+#[inline(always)]
+pub fn has_local_backend(svc_id: u32, addr_be: u32, port_be: u16) -> bool {
+    let Some(first) = SVC_TABLE.get(svc_id).copied().filter(|b| *b != 0) else {
+        return false;
+    };
+    let Some(header) = SELECTION.get(first) else {
+        return false;
+    };
+    let n = header.w[SEL_HDR_COUNT].saturating_add(header.w[SEL_HDR_DRAINING]);
+    let mut s = Scan::new(SCAN_LOCAL_ADDR, first, n);
+    s.addr_be = addr_be;
+    s.port_be = port_be;
+    scan(s).found != 0
 }
 
 /// Adds one to a counter every CPU writes (a BPF atomic add; core has no

@@ -421,23 +421,16 @@ impl Agent {
     ) -> Result<Self> {
         let bin = agent_binary()?;
         // Small maps unless the caller sizes them: tests run many agents at once.
-        let sizes: &[&str] = if extra
-            .iter()
-            .any(|a| a.starts_with("--max-") || a.starts_with("--ct-"))
-        {
-            &[]
-        } else {
-            &[
-                "--max-backends",
-                "4096",
-                "--max-services",
-                "1024",
-                "--max-frontends",
-                "4096",
-                "--ct-entries",
-                "65536",
-            ]
-        };
+        let sizes: Vec<&str> = [
+            ("--max-backends", "4096"),
+            ("--max-services", "1024"),
+            ("--max-frontends", "4096"),
+            ("--ct-entries", "65536"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .flat_map(|(flag, value)| [flag, value])
+        .collect();
         // Socket hooks only where a test asks for them (with a cgroup of its
         // own): the agent refuses the machine's root cgroup from a test
         // namespace anyway, but says so in its log.
@@ -456,7 +449,7 @@ impl Agent {
             .args(source)
             .args(["--pod-iface", "veth*", "--bpffs"])
             .arg(pin_root)
-            .args(sizes)
+            .args(&sizes)
             .args(sockets)
             .args(extra)
             .env("RUST_LOG", log_filter)

@@ -30,19 +30,28 @@ pub const XDP_PASS: i32 = 2;
 /// `XDP_TX`.
 pub const XDP_TX: i32 = 3;
 
+/// Small maps for fixtures.
+pub const SIZES: MapSizes = MapSizes {
+    frontends: 1024,
+    services: 1024,
+    backends: 1024,
+    conntrack: 16384,
+    ct_new: 4096,
+    selection_blocks: 65_536,
+    source_ranges: 1024,
+    sock_entries: 1024,
+};
+
 /// Loads an unpinned datapath with small maps.
 pub fn load() -> Result<Datapath> {
+    load_sized(SIZES)
+}
+
+/// Loads an unpinned datapath with maps of `sizes`.
+pub fn load_sized(sizes: MapSizes) -> Result<Datapath> {
     crate::netns::require_root()?;
     Ok(Datapath::load(&LoadOptions {
-        sizes: MapSizes {
-            frontends: 1024,
-            services: 1024,
-            backends: 1024,
-            conntrack: 16384,
-            selection_blocks: 65_536,
-            source_ranges: 1024,
-            sock_entries: 1024,
-        },
+        sizes,
         pin_root: None,
     })?)
 }

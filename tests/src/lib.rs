@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod fake_api;
 pub mod fixture;
+pub mod flood;
 pub mod netns;
 pub mod packet;
 pub mod twonode;

@@ -332,6 +332,14 @@ pub fn set_tcp_flags(frame: &mut [u8], flags: u8) {
     frame[l4 + 16..l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
+/// Source address:port of an IPv4 TCP/UDP frame (panics on anything else).
+pub fn src_of(frame: &[u8]) -> SocketAddrV4 {
+    let ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    SocketAddrV4::new(ip, u16::from_be_bytes([frame[l4], frame[l4 + 1]]))
+}
+
 /// Destination address:port of an IPv4 TCP/UDP frame (panics on anything else).
 pub fn dst_of(frame: &[u8]) -> SocketAddrV4 {
     let ip = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);

@@ -9,7 +9,10 @@
     reason = "integration test: a failed unwrap is a test failure"
 )]
 
-use std::{collections::BTreeMap, net::SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use proxy_agent::{datapath::Datapath, model::Protocol, programmed::Op};
 use proxy_common::{Backend, Counter, maps::programs};
@@ -393,9 +396,11 @@ fn same_flow_keeps_its_backend_and_flows_spread() {
         );
         assert_eq!(out.frame, f.with_endpoints(f.src, chosen).build());
     }
+    // The first ACK completes the handshake (the flow moves from CT_NEW
+    // to CONNTRACK); the rest, retransmitted SYNs included, are established.
     assert_eq!(
         moved(&before, &counters(&dp).unwrap()),
-        vec![(Counter::Established, 50)]
+        vec![(Counter::Established, 49), (Counter::HandshakeDone, 1)]
     );
 
     let mut seen = BTreeMap::new();
@@ -432,6 +437,7 @@ fn established_tcp_flow_outlives_its_backend_leaving() {
         payload: b"more".to_vec(),
         ..syn.clone()
     };
+    dp.test_run(INGRESS, &ack.build(), 1).unwrap();
     let rest: Vec<SocketAddrV4> = backends.iter().copied().filter(|b| *b != chosen).collect();
     let newcomer = sa([10, 244, 1, 29], 8080);
 
@@ -547,7 +553,7 @@ fn replies_are_reverse_natted() {
         dst_mac: packet::CLIENT_MAC,
         ..Frame::udp(backend_dns, client, b"answer")
     };
-    let router = std::net::Ipv4Addr::new(10, 244, 9, 1);
+    let router = Ipv4Addr::new(10, 244, 9, 1);
     let frag_needed = |from, quoted: &Frame, len| {
         packet::icmp_frag_needed(
             (packet::NODE_MAC, packet::CLIENT_MAC),
@@ -733,6 +739,109 @@ fn tcp_flags_move_conntrack_state_on() {
     );
 }
 
+#[test]
+fn handshakes_wait_apart_and_a_syn_flood_evicts_no_established_flow() {
+    use proxy_agent::model::Algorithm;
+    use proxy_common::maps::{CONNTRACK, CT_NEW};
+    pin_to_one_cpu();
+    // Tables for a few flows; random selection, so a flow that lost its
+    // entry would (most likely) be sent to another backend.
+    let mut dp = fixture::load_sized(proxy_agent::datapath::MapSizes {
+        conntrack: 64,
+        ct_new: 64,
+        ..fixture::SIZES
+    })
+    .unwrap();
+    let vip = sa([10, 96, 0, 60], 80);
+    let backends: Vec<SocketAddrV4> = (1..=4).map(|i| sa([10, 244, 6, i], 8080)).collect();
+    let mut web = fixture::service("web", vip, Protocol::Tcp, &backends);
+    web.algorithm = Algorithm::Random;
+    web.maglev_table_size = None;
+    fixture::program(&mut dp, vec![web]).unwrap();
+    let with_flags = |from: SocketAddrV4, to: SocketAddrV4, flags: u8| {
+        let mut f = Frame::tcp_syn(from, to).build();
+        packet::set_tcp_flags(&mut f, flags);
+        f
+    };
+    let in_table = |dp: &Datapath, table, client: SocketAddrV4| {
+        dp.ct_table(table)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k.src() == client || k.dst() == client)
+            .count()
+    };
+    let run = |dp: &mut Datapath, program, frame: &[u8]| {
+        let before = counters(dp).unwrap();
+        let out = dp.test_run(program, frame, 1).unwrap();
+        assert_eq!(out.verdict, TCX_NEXT);
+        packet::verify_checksums(&out.frame).unwrap();
+        (out.frame, moved(&before, &counters(dp).unwrap()))
+    };
+
+    // Eight connections through their handshake: each waits in CT_NEW
+    // until the client's ACK, and only then takes room in CONNTRACK.
+    let mut flows = Vec::new();
+    for i in 0..8u16 {
+        let client = sa(CLIENT, 44_000 + i);
+        let (out, moved_by) = run(&mut dp, INGRESS, &with_flags(client, vip, 0x02));
+        assert_eq!(moved_by, vec![(Counter::NewFlow, 1)]);
+        let backend = packet::dst_of(&out);
+        assert_eq!(
+            (
+                in_table(&dp, CT_NEW, client),
+                in_table(&dp, CONNTRACK, client)
+            ),
+            (2, 0)
+        );
+        let (out, moved_by) = run(&mut dp, EGRESS, &with_flags(backend, client, 0x12));
+        assert_eq!(
+            moved_by,
+            vec![(Counter::ReplyNat, 1)],
+            "SYN-ACK from CT_NEW"
+        );
+        assert_eq!(packet::src_of(&out), vip);
+        let (out, moved_by) = run(&mut dp, INGRESS, &with_flags(client, vip, 0x10));
+        assert_eq!(moved_by, vec![(Counter::HandshakeDone, 1)]);
+        assert_eq!(packet::dst_of(&out), backend);
+        assert_eq!(
+            (
+                in_table(&dp, CT_NEW, client),
+                in_table(&dp, CONNTRACK, client)
+            ),
+            (0, 2)
+        );
+        flows.push((client, backend));
+    }
+
+    // Ten times CONNTRACK's size in SYNs, each from a new source.
+    for i in 0..640u32 {
+        let spoofed = SocketAddrV4::new(Ipv4Addr::from(0x0afa_0000 + i), 1024);
+        let (_, moved_by) = run(&mut dp, INGRESS, &with_flags(spoofed, vip, 0x02));
+        assert_eq!(moved_by, vec![(Counter::NewFlow, 1)], "spoofed SYN {i}");
+    }
+
+    // Every connection, idle through the flood, keeps its backend both ways.
+    for (client, backend) in flows {
+        let (out, moved_by) = run(&mut dp, INGRESS, &with_flags(client, vip, 0x18));
+        assert_eq!(moved_by, vec![(Counter::Established, 1)], "{client}");
+        assert_eq!(packet::dst_of(&out), backend, "{client} kept its backend");
+        let (out, moved_by) = run(&mut dp, EGRESS, &with_flags(backend, client, 0x18));
+        assert_eq!(moved_by, vec![(Counter::ReplyNat, 1)], "{client}'s reply");
+        assert_eq!(packet::src_of(&out), vip);
+    }
+    // A data segment from a backend is never looked up in CT_NEW: a
+    // half-open flow's only replies are a SYN-ACK or RST.
+    let spoofed = SocketAddrV4::new(Ipv4Addr::from(0x0afa_0000 + 639), 1024);
+    let entries = dp.ct_table(CT_NEW).unwrap();
+    let (_, v) = entries
+        .iter()
+        .find(|(k, _)| k.src() == spoofed)
+        .expect("the last spoofed SYN waits in CT_NEW");
+    let (out, moved_by) = run(&mut dp, EGRESS, &with_flags(v.nat(), spoofed, 0x18));
+    assert_eq!(moved_by, vec![]);
+    assert_eq!(packet::src_of(&out), v.nat());
+}
+
 /// A datapath with Service "web" at `vip` (TCP) and its one backend.
 fn one_backend(vip: SocketAddrV4, backend: SocketAddrV4) -> Datapath {
     let mut dp = fixture::load().unwrap();
@@ -809,10 +918,18 @@ fn scheduling_algorithms_and_affinity() {
     assert_eq!(picks.len(), 1, "source hash: {picks:?}");
 
     // Least connections: three open flows spread one each; when one
-    // closes (FIN), the next flow goes to its now idle backend.
+    // closes (FIN), the next flow goes to its now idle backend. A flow
+    // counts once its handshake completes.
     let lc = sa([10, 96, 3, 3], 80);
+    let connected = |dp: &mut Datapath, c: SocketAddrV4| {
+        let backend = chosen(dp, c, lc);
+        let mut ack = Frame::tcp_syn(c, lc).build();
+        packet::set_tcp_flags(&mut ack, 0x10);
+        dp.test_run(INGRESS, &ack, 1).unwrap();
+        backend
+    };
     let opened: Vec<_> = (0..3)
-        .map(|i| chosen(&mut dp, client(43200 + i), lc))
+        .map(|i| connected(&mut dp, client(43200 + i)))
         .collect();
     let distinct: std::collections::BTreeSet<_> = opened.iter().collect();
     assert_eq!(distinct.len(), 3, "one flow each: {opened:?}");
@@ -820,7 +937,7 @@ fn scheduling_algorithms_and_affinity() {
     packet::set_tcp_flags(&mut fin, 0x11);
     dp.test_run(INGRESS, &fin, 1).unwrap();
     assert_eq!(
-        chosen(&mut dp, client(43210), lc),
+        connected(&mut dp, client(43210)),
         opened[1],
         "the idle backend"
     );
@@ -1035,8 +1152,11 @@ fn idle_flow_removal_spares_flows_touched_since_the_scan() {
     let mut dp = one_backend(vip, backend);
     let (quiet, busy) = (sa(CLIENT, 43000), sa(CLIENT, 43001));
     for c in [quiet, busy] {
+        let mut ack = Frame::tcp_syn(c, vip).build();
+        packet::set_tcp_flags(&mut ack, 0x10);
         dp.test_run(INGRESS, &Frame::tcp_syn(c, vip).build(), 1)
             .unwrap();
+        dp.test_run(INGRESS, &ack, 1).unwrap();
         dp.test_run(EGRESS, &Frame::tcp_syn(backend, c).build(), 1)
             .unwrap();
     }
@@ -1076,10 +1196,11 @@ fn batched_conntrack_read_sees_every_entry() {
     let backend = sa([10, 244, 1, 63], 8080);
     let mut dp = one_backend(vip, backend);
     // 2 entries per flow: more than one batch (4096 entries per call).
+    // Data segments: flows picked up mid-stream go to CONNTRACK at once.
     for port in 20_000..25_000u16 {
-        let out = dp
-            .test_run(INGRESS, &Frame::tcp_syn(sa(CLIENT, port), vip).build(), 1)
-            .unwrap();
+        let mut data = Frame::tcp_syn(sa(CLIENT, port), vip).build();
+        packet::set_tcp_flags(&mut data, 0x18);
+        let out = dp.test_run(INGRESS, &data, 1).unwrap();
         assert_eq!(out.verdict, TCX_NEXT);
     }
     let one_by_one: BTreeMap<_, _> = dp.conntrack().unwrap().into_iter().collect();

@@ -14,9 +14,13 @@ use std::{
     path::PathBuf,
 };
 
-use proxy_common::Counter;
+use proxy_common::{Counter, DSR_OPT_LEN, DSR_OPT_TYPE};
 use proxy_tests::{
-    cluster::{Agent, Answer, NameServer, http_get, manifest_dir, tcp_requests, udp_requests},
+    cluster::{
+        Agent, Answer, LongLived, NameServer, http_get, manifest_dir, tcp_requests, udp_requests,
+    },
+    flood,
+    packet::{Frame, L4},
     twonode::{CLIENT_IP, EXTERNAL_IP, LB_IP, TwoNodes, node_ip},
 };
 
@@ -107,14 +111,20 @@ struct Setup {
 }
 
 fn setup(mode: &str) -> Setup {
+    setup_with(mode, &[])
+}
+
+/// As `setup`, with more agent flags.
+fn setup_with(mode: &str, extra: &[&str]) -> Setup {
     let mut net = TwoNodes::new().unwrap();
     let backend = net.add_pod(2, "backend", 10).unwrap();
     let server = NameServer::start(net.nodes[1].pod("backend").unwrap(), "backend", PORT).unwrap();
     let dir = manifest_dir(&net.nodes[0], &[("all.yaml", &manifests(backend))]).unwrap();
     let agents = (1..=2)
         .map(|n| {
-            net.start_agent(n, &dir, &["--nodeport-mode", mode])
-                .unwrap()
+            let mut args = vec!["--nodeport-mode", mode];
+            args.extend_from_slice(extra);
+            net.start_agent(n, &dir, &args).unwrap()
         })
         .collect();
     Setup {
@@ -293,5 +303,125 @@ fn nodeport_snat_and_hybrid() {
         &answered(&udp, np1, "udp hybrid"),
         node_ip(1),
         "udp hybrid (snat)",
+    );
+}
+
+/// A SYN from `client` to `backend` carrying a DSR option that names `frontend`.
+fn forged(client: SocketAddrV4, backend: SocketAddrV4, frontend: SocketAddrV4) -> Frame {
+    let mut option = vec![DSR_OPT_TYPE, DSR_OPT_LEN];
+    option.extend_from_slice(&frontend.port().to_be_bytes());
+    option.extend_from_slice(&frontend.ip().octets());
+    Frame {
+        ip_options: option,
+        ..Frame::tcp_syn(client, backend)
+    }
+}
+
+#[test]
+fn a_forged_dsr_option_from_outside_is_refused_and_teaches_nothing() {
+    let s = setup("dsr");
+    let client = &s.net.client;
+    let backend = SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 10), PORT);
+    // The attacker reaches the pod network through node2 (a route the
+    // client adds in its own namespace; the fabric would carry it).
+    client
+        .ip(&[
+            "route",
+            "add",
+            "10.1.2.0/24",
+            "via",
+            &node_ip(2).to_string(),
+        ])
+        .unwrap();
+    let from = |port| SocketAddrV4::new(CLIENT_IP, port);
+    let frames = vec![
+        // An address of the attacker's choosing.
+        forged(
+            from(40_101),
+            backend,
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 443),
+        ),
+        // A real NodePort, but the packet goes to a port of the pod that
+        // is no endpoint of its Service.
+        forged(
+            from(40_102),
+            SocketAddrV4::new(*backend.ip(), 9999),
+            SocketAddrV4::new(node_ip(1), NP_WEB),
+        ),
+        // A NodePort whose Service has no UDP port, on a UDP datagram.
+        Frame {
+            l4: L4::Udp { zero_csum: false },
+            payload: b"query".to_vec(),
+            ..forged(
+                from(40_103),
+                backend,
+                SocketAddrV4::new(node_ip(1), NP_LOCAL),
+            )
+        },
+    ];
+    let sent = frames.len() as u64;
+    client.run(move || flood::send_raw(frames)).unwrap();
+
+    let n2 = counters(&s, 1);
+    assert!(
+        n2.get(&Counter::DsrRefused).copied().unwrap_or(0) >= sent,
+        "node2 refused every forged option: {n2:?}"
+    );
+    assert_eq!(
+        n2.get(&Counter::DsrLearned).copied().unwrap_or(0),
+        0,
+        "{n2:?}"
+    );
+    let flows = proxy_agent::datapath::read_pinned_conntrack(&s.net.nodes[1].pin_root()).unwrap();
+    assert!(
+        flows
+            .iter()
+            .all(|(k, _)| *k.dst().ip() != CLIENT_IP && *k.src().ip() != CLIENT_IP),
+        "nothing learned about the attacker: {flows:?}"
+    );
+
+    // The real thing still works: the backend's replies carry the NodePort.
+    let np1 = SocketAddrV4::new(node_ip(1), NP_WEB);
+    let tcp = tcp_requests(client, np1, 5).unwrap();
+    seen_all(&answered(&tcp, np1, "tcp via node1"), CLIENT_IP, "tcp dsr");
+}
+
+#[test]
+fn a_syn_flood_from_outside_evicts_no_established_flow() {
+    // Small tables on both nodes: the entry node tracks the flows it sends
+    // on, the backend's node the flows DSR options taught it.
+    let s = setup_with("dsr", &["--ct-entries", "512", "--ct-new-entries", "256"]);
+    let client = &s.net.client;
+    let np1 = SocketAddrV4::new(node_ip(1), NP_WEB);
+    let mut conns: Vec<LongLived> = (0..10)
+        .map(|_| LongLived::open(client, np1).unwrap())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.ping(&format!("before-{i}")).unwrap();
+    }
+    let before = counters(&s, 1);
+    for round in 0..10u32 {
+        client
+            .run(move || flood::syn_flood(np1, round * 512, 512, 2))
+            .unwrap();
+    }
+    let after = counters(&s, 1);
+    let learned = after.get(&Counter::DsrLearned).copied().unwrap_or(0)
+        - before.get(&Counter::DsrLearned).copied().unwrap_or(0);
+    assert!(
+        learned >= 5120,
+        "the flood reached the backend's node through node1: {learned} learned"
+    );
+    // Idle through the flood, every connection still gets its answers from
+    // the NodePort (node2 still knows each flow's frontend).
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.ping(&format!("after-{i}"))
+            .unwrap_or_else(|e| panic!("connection {i} after the flood: {e}"));
+    }
+    let tcp = tcp_requests(client, np1, 10).unwrap();
+    seen_all(
+        &answered(&tcp, np1, "after the flood"),
+        CLIENT_IP,
+        "tcp dsr",
     );
 }

@@ -14,8 +14,8 @@ use proxy_common::{
 };
 use proxy_tests::{
     fixture::{
-        self, CLIENT, Case, NODE1, NODE2, NODE2_MAC, Out, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS,
-        XDP_TX, fixture_net, ifindex, run_cases_on, sa,
+        self, CLIENT, Case, NODE1, NODE2, NODE2_MAC, Out, TC_ACT_REDIRECT, TCX_NEXT, XDP_DROP,
+        XDP_PASS, XDP_TX, fixture_net, ifindex, run_cases_on, sa,
     },
     packet::{self, CLIENT_MAC, Frame, L4, NODE_MAC},
 };
@@ -34,6 +34,7 @@ fn node1_config(ports: (u16, u16)) -> NodeConfig {
         ..NodeConfig::default()
     };
     c.set_snat_addr(Some(NODE1.into()));
+    c.set_nodeport_addr(Some(NODE1.into()));
     c
 }
 
@@ -199,12 +200,36 @@ fn xdp_nodeport_paths() {
             },
             ..from_client(local, c4, SYN)
         };
-        // Node1 as the backend's node: a DSR-marked SYN from node2's NodePort.
+        // Node1 as the backend's node: a DSR-marked SYN from node2's NodePort
+        // of the Service whose backend is on node1.
         let c5 = sa(CLIENT, 40005);
-        let node2_np = sa(NODE2, 30080);
+        let node2_np = sa(NODE2, 30090);
         let learned = Frame {
             ip_options: dsr_option(node2_np),
             ..from_client(c5, local, SYN)
+        };
+        let learned_ack = Frame {
+            ip_options: dsr_option(node2_np),
+            ..from_client(c5, local, ACK)
+        };
+        let dsr_data_reply = from_client(local, c5, ACK);
+        // Forged options: naming no frontend here; naming a NodePort whose
+        // Service the destination is no backend of.
+        let c6 = sa(CLIENT, 40010);
+        let forged_anywhere = Frame {
+            ip_options: dsr_option(sa([203, 0, 113, 7], 443)),
+            ..from_client(c6, local, SYN)
+        };
+        let forged_other_service = Frame {
+            ip_options: dsr_option(sa(NODE2, 30080)),
+            ..from_client(c6, local, SYN)
+        };
+        let forged_reply = Frame {
+            l4: L4::Tcp {
+                syn: true,
+                ack: true,
+            },
+            ..from_client(local, c6, SYN)
         };
         let dsr_reply = Frame {
             l4: L4::Tcp {
@@ -225,6 +250,20 @@ fn xdp_nodeport_paths() {
                     Frame {
                         ip_options: dsr_option(np),
                         ..routed(&syn.with_endpoints(c1, remote), NODE2_MAC)
+                    }
+                    .build(),
+                ),
+                verdict: XDP_TX,
+                counter: Some(Counter::Forwarded),
+            },
+            Case {
+                name: "the client's ack completes the handshake: DNAT + option (the backend's node moves the flow too)",
+                program: XDP,
+                input: ack.build(),
+                out: Out::Frame(
+                    Frame {
+                        ip_options: dsr_option(np),
+                        ..routed(&ack.with_endpoints(c1, remote), NODE2_MAC)
                     }
                     .build(),
                 ),
@@ -326,6 +365,48 @@ fn xdp_nodeport_paths() {
                 ),
                 verdict: TC_ACT_REDIRECT,
                 counter: Some(Counter::DsrReply),
+            },
+            Case {
+                name: "the client's ack with the option: the flow is established here too",
+                program: XDP,
+                input: learned_ack.build(),
+                out: Out::Untouched,
+                verdict: XDP_PASS,
+                counter: Some(Counter::DsrLearned),
+            },
+            Case {
+                name: "the backend's data gets the service address as its source",
+                program: POD_INGRESS,
+                input: dsr_data_reply.build(),
+                out: Out::Frame(
+                    routed(&dsr_data_reply.with_endpoints(node2_np, c5), CLIENT_MAC).build(),
+                ),
+                verdict: TC_ACT_REDIRECT,
+                counter: Some(Counter::DsrReply),
+            },
+            Case {
+                name: "a dsr option naming no frontend here: dropped, nothing learned",
+                program: XDP,
+                input: forged_anywhere.build(),
+                out: Out::Untouched,
+                verdict: XDP_DROP,
+                counter: Some(Counter::DsrRefused),
+            },
+            Case {
+                name: "a dsr option naming a service the destination is no backend of: dropped",
+                program: XDP,
+                input: forged_other_service.build(),
+                out: Out::Untouched,
+                verdict: XDP_DROP,
+                counter: Some(Counter::DsrRefused),
+            },
+            Case {
+                name: "the backend's answer to a refused flow keeps its own source",
+                program: POD_INGRESS,
+                input: forged_reply.build(),
+                out: Out::Untouched,
+                verdict: TCX_NEXT,
+                counter: None,
             },
             Case {
                 name: "external traffic policy local without a local endpoint: dropped",

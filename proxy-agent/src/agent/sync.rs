@@ -46,6 +46,8 @@ impl Agent {
             .any(|o| matches!(o, Op::SetService(..) | Op::DelService(_)));
         if kind == SyncKind::Full || frontends_changed {
             self.node.set_cluster_ips(&self.reconciler.maps().services);
+            self.node
+                .set_nodeport_address(self.engine.nodeport_address());
             self.write_config();
         }
         self.metrics.record_sync(

@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Connection-tracking entries (two per flow); the table evicts least recently used flows.
     #[arg(long, default_value_t = maps::DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
+    /// Entries for TCP flows still in their handshake (two per flow), kept
+    /// apart so a SYN flood never evicts an established flow.
+    #[arg(long, default_value_t = maps::DEFAULT_CT_NEW_ENTRIES)]
+    ct_new_entries: u32,
     /// Capacity for loadBalancerSourceRanges CIDRs, over all Services.
     #[arg(long, default_value_t = maps::DEFAULT_SOURCE_RANGES)]
     max_source_ranges: u32,
@@ -168,6 +172,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 services: args.max_services,
                 backends: args.max_backends,
                 conntrack: args.ct_entries,
+                ct_new: args.ct_new_entries,
                 selection_blocks: args.selection_blocks,
                 source_ranges: args.max_source_ranges,
                 sock_entries: args.sock_entries,

@@ -32,6 +32,16 @@ pub fn is_bpffs(path: &Path) -> bool {
     statfs_magic(path).is_ok_and(|m| m == BPF_FS_MAGIC)
 }
 
+/// Whether `path` is where a filesystem is mounted (its device differs from
+/// its parent's).
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let (Some(parent), Ok(meta)) = (path.parent(), std::fs::metadata(path)) else {
+        return true;
+    };
+    std::fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev())
+}
+
 /// The nearest existing ancestor of `path` (or `path` itself).
 fn existing_ancestor(path: &Path) -> Option<PathBuf> {
     path.ancestors().find(|p| p.exists()).map(Path::to_path_buf)
@@ -55,6 +65,16 @@ fn mount_bpffs(target: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Creates `dir` (and its parents) if needed and makes it private: owned by
+/// root, mode 0700. The agent's pins are its state; nobody else writes
+/// them, and their contents (every flow's addresses) are not for other users.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Ensures `root` exists on a bpffs, mounting one when needed. Returns true if it mounted.

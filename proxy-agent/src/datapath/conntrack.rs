@@ -22,13 +22,18 @@ impl Datapath {
         })
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry, established (`CONNTRACK`) then half-open (`CT_NEW`).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+        let mut all = self.ct_table(maps::CONNTRACK)?;
+        all.extend(self.ct_table(maps::CT_NEW)?);
+        Ok(all)
+    }
+
+    /// The entries of one conntrack table (`CONNTRACK` or `CT_NEW`).
+    pub fn ct_table(&self, name: &'static str) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
         let m: HashMap<_, CtKey, CtValue> =
-            HashMap::try_from(self.map(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
-        m.iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::CONNTRACK))
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        m.iter().collect::<Result<_, _>>().map_err(map_err(name))
     }
 }
 

@@ -37,8 +37,8 @@ pub use self::{
     },
     conntrack::ConntrackHandle,
     read::{
-        PinnedView, read_pinned, read_pinned_conntrack, read_pinned_counters, read_pinned_node,
-        read_pinned_service_counters, read_pinned_sock_peers,
+        PinnedView, open_pinned, read_pinned, read_pinned_conntrack, read_pinned_counters,
+        read_pinned_node, read_pinned_service_counters, read_pinned_sock_peers,
     },
     sock::{SockHandle, pinned_sock_hooks},
     test_run::TestRunOutput,
@@ -116,6 +116,8 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// `CT_NEW` entries (half-open TCP flows, two each).
+    pub ct_new: u32,
     /// 64-byte blocks for selection tables.
     pub selection_blocks: u32,
     /// `loadBalancerSourceRanges` CIDRs over all Services.
@@ -131,6 +133,7 @@ impl Default for MapSizes {
             services: maps::DEFAULT_MAX_SERVICES,
             backends: maps::DEFAULT_MAX_BACKENDS,
             conntrack: maps::DEFAULT_CT_ENTRIES,
+            ct_new: maps::DEFAULT_CT_NEW_ENTRIES,
             selection_blocks: maps::DEFAULT_SELECTION_BLOCKS,
             source_ranges: maps::DEFAULT_SOURCE_RANGES,
             sock_entries: maps::DEFAULT_SOCK_ENTRIES,
@@ -212,6 +215,7 @@ impl Datapath {
             .map_max_entries(maps::SVC_NAMES, sizes.services)
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::CT_NEW, sizes.ct_new)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(maps::SOCK_NAT, sizes.sock_entries)
             .map_max_entries(maps::SOCK_PEER, sizes.sock_entries)
@@ -395,8 +399,14 @@ fn prepare_pin_dirs(root: &Path) -> Result<PathBuf, DatapathError> {
         source,
     };
     bpffs::ensure(root).map_err(err)?;
+    // The root is ours unless it is the bpffs mount itself, which other
+    // tools share.
+    if !bpffs::is_mount_point(root) {
+        bpffs::private_dir(root).map_err(err)?;
+    }
     let dir = root.join(format!("v{PIN_LAYOUT_VERSION}"));
-    std::fs::create_dir_all(dir.join("maps")).map_err(err)?;
-    std::fs::create_dir_all(dir.join("links")).map_err(err)?;
+    for d in [dir.clone(), dir.join("maps"), dir.join("links")] {
+        bpffs::private_dir(&d).map_err(err)?;
+    }
     Ok(dir)
 }

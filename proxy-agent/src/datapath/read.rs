@@ -151,12 +151,21 @@ fn tables(svc_table: &MapData, selection: &MapData) -> Result<Tables, DatapathEr
 }
 
 /// Opens one of the maps pinned under `pin_root`.
-fn open_pinned(pin_root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
+/// The map `name` pinned under `pin_root`, opened read-only: inspection
+/// never writes (the kernel refuses writes through this descriptor).
+pub fn open_pinned(pin_root: &Path, name: &'static str) -> Result<MapData, DatapathError> {
     let path = pin_root
         .join(format!("v{PIN_LAYOUT_VERSION}"))
         .join("maps")
         .join(name);
-    MapData::from_pin(path).map_err(|source| DatapathError::Map { name, source })
+    let fd = super::sys::obj_get_read_only(&path).map_err(|io_error| DatapathError::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_OBJ_GET",
+            io_error,
+        }),
+    })?;
+    MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })
 }
 
 /// Reads the service maps a running (or stopped) agent pinned under
@@ -235,14 +244,19 @@ impl PinnedView {
     }
 }
 
-/// Every conntrack entry of the maps pinned under `pin_root` (inspection).
+/// Every conntrack entry of the maps pinned under `pin_root` (inspection):
+/// established flows (`CONNTRACK`), then half-open ones (`CT_NEW`).
 pub fn read_pinned_conntrack(pin_root: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
-    let data = open_pinned(pin_root, maps::CONNTRACK)?;
-    let ct: HashMap<_, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(maps::CONNTRACK))?;
-    ct.iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(maps::CONNTRACK))
+    let mut all = Vec::new();
+    for name in [maps::CONNTRACK, maps::CT_NEW] {
+        let data = open_pinned(pin_root, name)?;
+        let ct: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+        for entry in ct.iter() {
+            all.push(entry.map_err(map_err(name))?);
+        }
+    }
+    Ok(all)
 }
 
 /// The connected sockets the hooks translated and that are still open

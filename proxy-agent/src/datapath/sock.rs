@@ -108,7 +108,7 @@ impl Datapath {
         let ino = dir.metadata().map_err(|e| err(e.to_string()))?.ino();
         let pins = self.cgroup_pins();
         if let Some(pins) = &pins {
-            std::fs::create_dir_all(pins).map_err(|e| err(e.to_string()))?;
+            super::bpffs::private_dir(pins).map_err(|e| err(e.to_string()))?;
             self.detach_cgroup_except(Some(ino));
         }
         for (name, hook) in programs::SOCK_HOOKS {

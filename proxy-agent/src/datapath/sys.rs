@@ -34,14 +34,26 @@ struct ObjGetAttr {
     file_flags: u32,
 }
 
+/// `BPF_F_RDONLY`: a descriptor the holder can read the map through, not write.
+const BPF_F_RDONLY: u32 = 1 << 3;
+
 /// Opens the object (map, program, link) pinned at `path`.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, 0)
+}
+
+/// Opens the map pinned at `path` for reading only (inspection).
+pub fn obj_get_read_only(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_flags(path, BPF_F_RDONLY)
+}
+
+fn obj_get_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let name = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjGetAttr {
         pathname: name.as_ptr() as u64,
         bpf_fd: 0,
-        file_flags: 0,
+        file_flags,
     };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     let fd = i32::try_from(fd).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

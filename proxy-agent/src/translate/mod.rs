@@ -128,6 +128,20 @@ impl NodeContext {
             addresses,
         }
     }
+
+    /// Where this node's NodePorts listen: its addresses inside `cidrs`
+    /// (`--nodeport-addresses`; empty: all of them), or every address
+    /// (`0.0.0.0`) while its Node object is unknown.
+    pub fn nodeport_addresses(&self, cidrs: &[Cidr]) -> Vec<Ipv4Addr> {
+        if self.addresses.is_empty() {
+            return vec![Ipv4Addr::UNSPECIFIED];
+        }
+        self.addresses
+            .iter()
+            .copied()
+            .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*a)))
+            .collect()
+    }
 }
 
 /// Result of translation: the desired state and every object problem found.

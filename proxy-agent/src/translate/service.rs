@@ -140,17 +140,7 @@ impl<'a> ServiceView<'a> {
             Vec::new()
         };
         let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
-        let node_addresses = if node.addresses.is_empty() {
-            vec![Ipv4Addr::UNSPECIFIED]
-        } else if opts.nodeport_cidrs.is_empty() {
-            node.addresses.clone()
-        } else {
-            node.addresses
-                .iter()
-                .copied()
-                .filter(|a| opts.nodeport_cidrs.iter().any(|c| c.contains(*a)))
-                .collect()
-        };
+        let node_addresses = node.nodeport_addresses(&opts.nodeport_cidrs);
         let policies = Policies {
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),

@@ -176,8 +176,10 @@ fn datapath_at(total: u32) -> Result<Scale> {
     let client = sa([10, 244, 1, 2], 40000);
     let syn = Frame::tcp_syn(client, vip).build();
     let established = data_segment(client, vip, 0x61);
-    // Create the flow the established/reply rows use.
+    // Create the flow the established/reply rows use, handshake completed
+    // (the first data segment moves it from CT_NEW to CONNTRACK).
     dp.test_run(programs::TC_POD_INGRESS, &syn, 1)?;
+    dp.test_run(programs::TC_POD_INGRESS, &established, 1)?;
     let chosen =
         proxy_tests::packet::dst_of(&dp.test_run(programs::TC_POD_INGRESS, &syn, 1)?.frame);
     let reply = data_segment(chosen, client, 0x62);
@@ -511,8 +513,10 @@ fn xdp_rows(
     let syn = Frame::tcp_syn(client, np).build();
     let ack = data_segment(client, np, 0x61);
     let query = Frame::udp(client, np_udp, &[0x63; 64]).build();
-    // The flows the established and reply rows use.
+    // The flows the established and reply rows use (the TCP one past its
+    // handshake).
     dp.test_run_on(programs::XDP_EXT, &syn, 1, ext0)?;
+    dp.test_run_on(programs::XDP_EXT, &ack, 1, ext0)?;
     let out = dp.test_run_on(programs::XDP_EXT, &query, 1, ext0)?.frame;
     let snat = SocketAddrV4::new(
         Ipv4Addr::new(out[26], out[27], out[28], out[29]),
