@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ifaces", &[]),
     ("host", &[]),
     ("sockdiag", &[]),
+    ("kube_proxy", &[]),
     // The flow.
     ("store", &[]),
     ("kube_source", &["store"]),

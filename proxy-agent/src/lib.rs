@@ -18,6 +18,7 @@ pub mod healthcheck;
 pub mod host;
 pub mod ifaces;
 pub mod inspect;
+pub mod kube_proxy;
 pub mod kube_source;
 pub mod maglev;
 pub mod manifests;

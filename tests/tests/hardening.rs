@@ -176,3 +176,108 @@ fn pins_are_private_and_inspection_only_reads() {
     );
     agent.stop();
 }
+
+#[test]
+fn moving_off_kube_proxy_removes_its_rules_and_nothing_else() {
+    let (cluster, dir) = one_web();
+    let node = &cluster.node;
+    let bench = proxy_tests::cluster::binary("bench").unwrap();
+    let agent_bin = proxy_tests::cluster::agent_binary().unwrap();
+    let dump = |kind: &str| {
+        let rules =
+            proxy_tests::netns::sh(bench.to_str().unwrap(), &["--dump-rules", kind, "20"]).unwrap();
+        let path = dir.join(format!("kube-proxy.{kind}"));
+        std::fs::write(&path, rules).unwrap();
+        path
+    };
+    let (ipt, nft) = (dump("iptables"), dump("nft"));
+    // kube-proxy's rules as it left them, and some that are not its own.
+    let load_kube_proxy = || {
+        node.exec(
+            "iptables-nft-restore",
+            &["--noflush", ipt.to_str().unwrap()],
+        )
+        .unwrap();
+        node.exec("nft", &["-f", nft.to_str().unwrap()]).unwrap();
+    };
+    load_kube_proxy();
+    for rule in [
+        vec!["-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"],
+        vec!["-N", "KUBE-FIREWALL"],
+        vec!["-A", "INPUT", "-j", "KUBE-FIREWALL"],
+    ] {
+        node.exec("iptables-nft", &rule).unwrap();
+    }
+    node.exec("nft", &["add", "table", "inet", "mine"]).unwrap();
+    // Rules and tables, without iptables-save's timestamped comments.
+    let state = || {
+        let rules: String = node
+            .exec("iptables-nft-save", &[])
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        (rules, node.exec("nft", &["list", "tables"]).unwrap())
+    };
+    let (before, tables_before) = state();
+    assert!(before.contains(":KUBE-SERVICES") && tables_before.contains("kube-proxy"));
+    let migrate = |extra: &[&str]| {
+        let root = cluster.pin_root();
+        let mut args = vec!["migrate-from-kube-proxy", "--bpffs", root.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        node.exec(agent_bin.to_str().unwrap(), &args)
+    };
+
+    // Not before the agent serves the Services: no window without them.
+    let refused = migrate(&[]).unwrap_err().to_string();
+    assert!(refused.contains("start the agent first"), "{refused}");
+    let mut agent = synced_agent(&cluster, &dir);
+
+    let dry = migrate(&["--dry-run"]).unwrap();
+    assert!(
+        dry.contains("would remove") && dry.contains("KUBE-SERVICES"),
+        "{dry}"
+    );
+    assert!(
+        state() == (before.clone(), tables_before.clone()),
+        "a dry run changed something"
+    );
+
+    let done = migrate(&[]).unwrap();
+    assert!(done.contains("removed"), "{done}");
+    let (after, tables_after) = state();
+    let kube_proxy_left: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("KUBE-") && !l.contains("KUBE-FIREWALL"))
+        .collect();
+    assert!(
+        kube_proxy_left.is_empty(),
+        "left behind: {kube_proxy_left:?}"
+    );
+    for kept in [
+        "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
+        ":KUBE-FIREWALL",
+        "-A INPUT -j KUBE-FIREWALL",
+    ] {
+        assert!(
+            after.contains(kept),
+            "{kept:?} is not kube-proxy's and stays:\n{after}"
+        );
+    }
+    assert!(!tables_after.contains("kube-proxy"), "{tables_after}");
+    assert!(tables_after.contains("table inet mine"), "{tables_after}");
+    assert_eq!(migrate(&[]).unwrap().trim(), "no kube-proxy rules found");
+
+    // Going back: the agent uninstalled, kube-proxy's rules load again.
+    agent.stop();
+    node.exec(
+        agent_bin.to_str().unwrap(),
+        &["uninstall", "--bpffs", cluster.pin_root().to_str().unwrap()],
+    )
+    .unwrap();
+    load_kube_proxy();
+    let (again, tables_again) = state();
+    assert!(again.contains(":KUBE-SERVICES"), "{again}");
+    assert!(tables_again.contains("kube-proxy"), "{tables_again}");
+}

@@ -5,6 +5,7 @@ mod ct;
 mod diagnose;
 mod explain;
 mod maglev;
+mod migrate;
 mod plan;
 mod run;
 mod service;
@@ -52,6 +53,9 @@ enum Command {
     /// Detach every program and remove the pinned maps and links: the node
     /// stops translating Services (run after stopping the agent).
     Uninstall(uninstall::UninstallArgs),
+    /// Once the agent serves this node's Services, remove kube-proxy's
+    /// iptables chains (and the jumps to them) and its nftables tables.
+    MigrateFromKubeProxy(migrate::MigrateArgs),
 }
 
 impl Cli {
@@ -66,6 +70,7 @@ impl Cli {
             Command::Explain(args) => explain::explain(args),
             Command::Diagnose(args) => diagnose::diagnose(args),
             Command::Uninstall(args) => uninstall::uninstall(&args.bpffs),
+            Command::MigrateFromKubeProxy(args) => migrate::migrate(args),
         }
     }
 }

@@ -1,0 +1,226 @@
+//! Moving off kube-proxy: which of a node's iptables rules and nftables
+//! tables are kube-proxy's, and the commands that remove exactly those.
+//! Planning is pure (from `iptables-save` and `nft list tables` output);
+//! `proxy-agent migrate-from-kube-proxy` runs the plan.
+//!
+//! kube-proxy's iptables state is its chains (`KUBE-*` in the `nat`,
+//! `filter` and `mangle` tables) and the rules in other chains that jump to
+//! them. kubelet keeps two `KUBE-` chains of its own, `KUBE-FIREWALL`
+//! (drops martian traffic to 127.0.0.0/8) and `KUBE-KUBELET-CANARY`: those
+//! stay. Its nftables state is the `kube-proxy` table of each family.
+
+use std::collections::BTreeSet;
+
+/// Tables kube-proxy writes chains into.
+const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
+
+/// kubelet's own `KUBE-` chains, left alone.
+const KUBELET_CHAINS: [&str; 2] = ["KUBE-FIREWALL", "KUBE-KUBELET-CANARY"];
+
+/// Whether `chain` is one of kube-proxy's.
+pub fn is_kube_proxy_chain(chain: &str) -> bool {
+    chain.starts_with("KUBE-") && !KUBELET_CHAINS.contains(&chain)
+}
+
+/// What to remove from one iptables table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TablePlan {
+    pub table: String,
+    /// Rules of other chains that jump to kube-proxy's, as `iptables-save`
+    /// prints them (`-A CHAIN ...`).
+    pub jumps: Vec<String>,
+    /// kube-proxy's chains, flushed then deleted.
+    pub chains: Vec<String>,
+}
+
+impl TablePlan {
+    /// Input for `iptables-restore --noflush`: delete the jumps, flush the
+    /// chains (rules between them go), delete the chains.
+    pub fn restore_script(&self) -> String {
+        let mut out = format!("*{}\n", self.table);
+        for rule in &self.jumps {
+            out.push_str("-D");
+            out.push_str(rule.strip_prefix("-A").unwrap_or(rule));
+            out.push('\n');
+        }
+        for chain in &self.chains {
+            out.push_str(&format!("-F {chain}\n"));
+        }
+        for chain in &self.chains {
+            out.push_str(&format!("-X {chain}\n"));
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+}
+
+/// The chain a rule jumps or goes to (`-j`/`--jump`/`-g`/`--goto`).
+fn target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    while let Some(w) = words.next() {
+        if matches!(w, "-j" | "--jump" | "-g" | "--goto") {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// kube-proxy's part of an `iptables-save` dump: one plan per table that
+/// holds any of it.
+pub fn plan_iptables(save: &str) -> Vec<TablePlan> {
+    let mut plans: Vec<TablePlan> = Vec::new();
+    let mut current: Option<TablePlan> = None;
+    let mut rules: Vec<String> = Vec::new();
+    let finish = |plan: Option<TablePlan>, rules: &mut Vec<String>, plans: &mut Vec<TablePlan>| {
+        let Some(mut plan) = plan else { return };
+        let ours: BTreeSet<&str> = plan.chains.iter().map(String::as_str).collect();
+        let jumps: Vec<String> = rules
+            .iter()
+            .filter(|r| {
+                let chain = r.split_whitespace().nth(1).unwrap_or_default();
+                !ours.contains(chain) && target(r).is_some_and(|t| ours.contains(t))
+            })
+            .cloned()
+            .collect();
+        plan.jumps = jumps;
+        rules.clear();
+        if !plan.chains.is_empty() {
+            plans.push(plan);
+        }
+    };
+    for line in save.lines().map(str::trim) {
+        if let Some(table) = line.strip_prefix('*') {
+            finish(current.take(), &mut rules, &mut plans);
+            current = TABLES.contains(&table).then(|| TablePlan {
+                table: table.to_owned(),
+                ..TablePlan::default()
+            });
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or_default();
+            if let Some(plan) = &mut current
+                && is_kube_proxy_chain(chain)
+            {
+                plan.chains.push(chain.to_owned());
+            }
+        } else if line.starts_with("-A ") {
+            rules.push(line.to_owned());
+        } else if line == "COMMIT" {
+            finish(current.take(), &mut rules, &mut plans);
+        }
+    }
+    finish(current.take(), &mut rules, &mut plans);
+    plans
+}
+
+/// kube-proxy's nftables tables in `nft list tables` output, as the
+/// `family name` pairs `nft delete table` takes.
+pub fn plan_nft(tables: &str) -> Vec<String> {
+    tables
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next(), w.next()) {
+                (Some("table"), Some(family), Some("kube-proxy")) => {
+                    Some(format!("{family} kube-proxy"))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "\
+# Generated by iptables-save
+*mangle
+:PREROUTING ACCEPT [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-SERVICES - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ABC - [0:0]
+:KUBE-SEP-XYZ - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -s 10.0.0.0/8 -j MASQUERADE
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j KUBE-SVC-ABC
+-A KUBE-SVC-ABC -j KUBE-SEP-XYZ
+-A KUBE-SEP-XYZ -p tcp -m tcp -j DNAT --to-destination 10.244.1.2:443
+COMMIT
+*raw
+:KUBE-SOMETHING - [0:0]
+COMMIT
+";
+
+    #[test]
+    fn only_kube_proxys_chains_and_the_jumps_to_them() {
+        let plans = plan_iptables(SAVE);
+        assert_eq!(
+            plans,
+            vec![
+                TablePlan {
+                    table: "mangle".into(),
+                    jumps: vec![],
+                    chains: vec!["KUBE-PROXY-CANARY".into()],
+                },
+                TablePlan {
+                    table: "filter".into(),
+                    jumps: vec![
+                        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD".into(),
+                        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".into(),
+                    ],
+                    chains: vec!["KUBE-FORWARD".into(), "KUBE-SERVICES".into()],
+                },
+                TablePlan {
+                    table: "nat".into(),
+                    jumps: vec![
+                        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES".into(),
+                    ],
+                    chains: vec![
+                        "KUBE-SERVICES".into(),
+                        "KUBE-SVC-ABC".into(),
+                        "KUBE-SEP-XYZ".into()
+                    ],
+                },
+            ]
+        );
+        assert_eq!(
+            plans[2].restore_script(),
+            "*nat\n-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -F KUBE-SERVICES\n-F KUBE-SVC-ABC\n-F KUBE-SEP-XYZ\n\
+             -X KUBE-SERVICES\n-X KUBE-SVC-ABC\n-X KUBE-SEP-XYZ\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn nothing_of_kube_proxys_nothing_to_do() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+        assert_eq!(plan_iptables(save), vec![]);
+        assert_eq!(plan_iptables(""), vec![]);
+    }
+
+    #[test]
+    fn nft_tables_of_kube_proxy_only() {
+        let list = "table ip filter\ntable ip kube-proxy\ntable ip6 kube-proxy\ntable inet kube-proxy-not\n";
+        assert_eq!(plan_nft(list), vec!["ip kube-proxy", "ip6 kube-proxy"]);
+    }
+}
