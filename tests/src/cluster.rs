@@ -366,6 +366,19 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 }
 
 /// The agent running in a node namespace, its log captured.
+/// The agent's log filter: `PXT_AGENT_LOG`, else `info`.
+fn log_filter() -> String {
+    std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// The agent arguments that make it read a manifest directory.
+fn manifests_source(manifests: &Path) -> [String; 2] {
+    [
+        "--manifests".to_owned(),
+        manifests.to_string_lossy().into_owned(),
+    ]
+}
+
 pub struct Agent {
     pub process: KillOnDrop,
     log: Arc<Mutex<String>>,
@@ -374,8 +387,7 @@ pub struct Agent {
 impl Agent {
     /// Starts `proxy-agent run` in `node` and waits until it reports running.
     pub fn start(node: &Netns, manifests: &Path, pin_root: &Path, extra: &[&str]) -> Result<Self> {
-        let filter = std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into());
-        Self::start_with_log(node, manifests, pin_root, extra, &filter)
+        Self::start_with_log(node, manifests, pin_root, extra, &log_filter())
     }
 
     /// As `start`, with a `RUST_LOG` filter for the agent.
@@ -386,11 +398,13 @@ impl Agent {
         extra: &[&str],
         log_filter: &str,
     ) -> Result<Self> {
-        let source = [
-            "--manifests".to_owned(),
-            manifests.to_string_lossy().into_owned(),
-        ];
-        Self::spawn(node, &source, pin_root, extra, log_filter)
+        Self::spawn(
+            node,
+            &manifests_source(manifests),
+            pin_root,
+            extra,
+            log_filter,
+        )
     }
 
     /// Starts the agent watching the Kubernetes API described by `kubeconfig`,
@@ -408,8 +422,19 @@ impl Agent {
             "--node-name".to_owned(),
             node_name.to_owned(),
         ];
-        let filter = std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into());
-        Self::spawn(node, &source, pin_root, extra, &filter)
+        Self::spawn(node, &source, pin_root, extra, &log_filter())
+    }
+
+    /// As `start`, running the agent binary at `bin` (another build).
+    pub fn start_binary(
+        bin: &Path,
+        node: &Netns,
+        manifests: &Path,
+        pin_root: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let source = manifests_source(manifests);
+        Self::spawn_binary(bin, node, &source, pin_root, extra, &log_filter())
     }
 
     fn spawn(
@@ -419,7 +444,17 @@ impl Agent {
         extra: &[&str],
         log_filter: &str,
     ) -> Result<Self> {
-        let bin = agent_binary()?;
+        Self::spawn_binary(&agent_binary()?, node, source, pin_root, extra, log_filter)
+    }
+
+    fn spawn_binary(
+        bin: &Path,
+        node: &Netns,
+        source: &[String],
+        pin_root: &Path,
+        extra: &[&str],
+        log_filter: &str,
+    ) -> Result<Self> {
         // Small maps unless the caller sizes them: tests run many agents at once.
         let sizes: Vec<&str> = [
             ("--max-backends", "4096"),
@@ -444,7 +479,7 @@ impl Agent {
         };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.name])
-            .arg(&bin)
+            .arg(bin)
             .arg("run")
             .args(source)
             .args(["--pod-iface", "veth*", "--bpffs"])

@@ -11,5 +11,6 @@ pub mod fake_api;
 pub mod fixture;
 pub mod flood;
 pub mod netns;
+pub mod old_layout;
 pub mod packet;
 pub mod twonode;

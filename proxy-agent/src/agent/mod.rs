@@ -188,6 +188,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             }
         });
     }
+    // An older layout's state is carried over before anything reads the maps.
+    let migration = dp
+        .migrate_start()
+        .context("carrying an older pin layout over")?;
     let maps = dp.read_programmed().context("reading pinned maps")?;
     if let Some(dir) = dp.layout_dir() {
         tracing::info!(
@@ -225,6 +229,13 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         last_source_error: None,
     };
     agent.sync_interfaces();
+    if let Some(m) = migration {
+        // The links run our programs now: what the old ones recorded
+        // meanwhile comes over too, then the old layout goes.
+        if let Err(e) = agent.dp.migrate_finish(m) {
+            tracing::error!("finishing the layout migration: {e}");
+        }
+    }
 
     // Sources.
     let mut dir_events = None;

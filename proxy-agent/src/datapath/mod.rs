@@ -12,6 +12,7 @@ mod bench;
 pub mod bpffs;
 mod conntrack;
 mod links;
+mod migrate;
 mod read;
 mod sock;
 mod sys;
@@ -36,6 +37,7 @@ pub use self::{
         enable_run_stats, program_run_stats,
     },
     conntrack::ConntrackHandle,
+    migrate::{Migration, carried},
     read::{
         PinnedView, open_pinned, read_pinned, read_pinned_conntrack, read_pinned_counters,
         read_pinned_node, read_pinned_service_counters, read_pinned_sock_peers,

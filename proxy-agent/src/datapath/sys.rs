@@ -82,3 +82,88 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The `map_elem` member of `union bpf_attr` (lookup, update, next key).
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+/// Copies every entry of map `from` into map `to` as raw bytes (the two
+/// must have the same key and value layouts), each with update `flags`
+/// (`BPF_ANY`, `BPF_NOEXIST`, ...). `value_len` is what one lookup returns
+/// (for per-CPU maps, the value rounded up to 8 bytes times the possible
+/// CPUs). Returns (copied, refused): entries the destination did not take
+/// (already there under `BPF_NOEXIST`, full, out of its range) are counted,
+/// not errors.
+pub fn copy_map(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    key_len: usize,
+    value_len: usize,
+    flags: u64,
+) -> io::Result<(usize, usize)> {
+    let fd = |f: BorrowedFd<'_>| u32::try_from(f.as_raw_fd()).unwrap_or(u32::MAX);
+    let (mut key, mut next) = (vec![0u8; key_len], vec![0u8; key_len]);
+    let mut value = vec![0u8; value_len];
+    let (mut copied, mut refused) = (0, 0);
+    let mut first = true;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: fd(from),
+            _pad: 0,
+            // A null key asks for the first one.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            value_or_next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        first = false;
+        key.copy_from_slice(&next);
+        let mut attr = MapElemAttr {
+            map_fd: fd(from),
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => {}
+            // Gone since: an LRU evicted it, or the datapath removed it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        }
+        let mut attr = MapElemAttr {
+            map_fd: fd(to),
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_ptr() as u64,
+            flags,
+        };
+        match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+            Ok(_) => copied += 1,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EEXIST | libc::E2BIG | libc::ENOMEM | libc::ENOSPC)
+                ) =>
+            {
+                refused += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((copied, refused))
+}
