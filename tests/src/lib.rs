@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod fake_api;
 pub mod fixture;
 pub mod flood;
+pub mod fuzz;
+pub mod model;
 pub mod netns;
 pub mod old_layout;
 pub mod packet;

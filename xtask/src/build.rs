@@ -191,3 +191,26 @@ pub fn bench(args: &[String]) -> Result<()> {
         .arg(out)
         .args(args))
 }
+
+/// Differential fuzzing of the datapath against the reference model:
+/// `packets` generated frames from `seed`, release build.
+pub fn fuzz(packets: u64, seed: u64) -> Result<()> {
+    setup::run()?;
+    if !setup::is_root() {
+        bail!("fuzzing runs BPF programs: run it as root");
+    }
+    ebpf()?;
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "proxy-tests",
+            "--test",
+            "fuzz",
+            "--",
+            "--nocapture",
+        ])
+        .env("PXT_FUZZ_PACKETS", packets.to_string())
+        .env("PXT_FUZZ_SEED", seed.to_string()))
+}

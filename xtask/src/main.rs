@@ -44,6 +44,17 @@ enum Command {
     Demo,
     /// `cargo fmt --check` and `cargo clippy -D warnings` on every crate.
     Lint,
+    /// Differential fuzzing: generated and mutated frames through the
+    /// east-west programs and the reference model; every verdict and byte
+    /// must agree.
+    Fuzz {
+        /// Frames to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed of the generator (the same seed gives the same frames).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Run every benchmark side by side and write BENCHMARKS.md.
     Bench {
         /// Arguments for the bench itself, after `--` (`-- --help` lists
@@ -66,6 +77,7 @@ fn main() -> ExitCode {
         Command::Demo => build::demo(),
         Command::Lint => build::lint(),
         Command::Bench { args } => build::bench(&args),
+        Command::Fuzz { packets, seed } => build::fuzz(packets, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
