@@ -16,7 +16,7 @@ use proxy_common::maps::programs;
 
 use crate::{
     fixture,
-    model::{Model, Prediction, Service},
+    model::{Hook, Model, Prediction, Service},
     packet::{self, Frame, L4},
 };
 
@@ -67,21 +67,25 @@ pub fn services() -> Vec<Service> {
             frontend: sa(VIP, 80),
             proto: 6,
             backend: Some(WEB_BACKEND),
+            external: false,
         },
         Service {
             frontend: sa(VIP, 53),
             proto: 17,
             backend: Some(DNS_BACKEND),
+            external: false,
         },
         Service {
             frontend: sa(EMPTY_VIP, 80),
             proto: 6,
             backend: None,
+            external: false,
         },
         Service {
             frontend: sa(EMPTY_VIP, 53),
             proto: 17,
             backend: None,
+            external: false,
         },
     ]
 }
@@ -122,8 +126,21 @@ pub struct Input {
 
 /// A TCP or UDP frame `src` → `dst` with random flags, payload, options.
 fn l4_frame(rng: &mut Rng, src: SocketAddrV4, dst: SocketAddrV4, tcp: bool) -> Vec<u8> {
+    l4_frame_with(rng, src, dst, tcp, None)
+}
+
+/// As [`l4_frame`], with these IP options if given.
+fn l4_frame_with(
+    rng: &mut Rng,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    tcp: bool,
+    options: Option<Vec<u8>>,
+) -> Vec<u8> {
     let payload: Vec<u8> = (0..rng.below(90)).map(|_| rng.next_u64() as u8).collect();
-    let ip_options = if rng.chance(10) {
+    let ip_options = if let Some(o) = options {
+        o
+    } else if rng.chance(10) {
         let words = 1 + rng.below(4);
         let mut o: Vec<u8> = (0..words * 4).map(|_| rng.next_u64() as u8).collect();
         if rng.chance(50) {
@@ -198,14 +215,33 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
 /// starting (half-open) throughout a long run.
 const WINDOW: u64 = 500;
 
+/// A client for the `n`-th input: one of `ips` on a port of the window.
+fn window_client(rng: &mut Rng, n: u64, ips: [[u8; 4]; 2]) -> SocketAddrV4 {
+    let first = 1024 + ((n / WINDOW) * 6 % 60_000) as u16;
+    sa(ips[rng.below(2)], first + rng.below(6) as u16)
+}
+
+/// A frame that is not IPv4 TCP/UDP (another ethertype, another protocol)
+/// or noise, from a frame `client` → `dst`.
+fn not_ours(rng: &mut Rng, client: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut f = l4_frame(rng, client, dst, true);
+    match rng.below(3) {
+        0 => f[12..14].copy_from_slice(&rng.pick(&[[0x08u8, 0x06], [0x86, 0xdd], [0x81, 0x00]])),
+        1 => f[23] = rng.pick(&[1u8, 47, 58]),
+        _ => {
+            let len = 14 + rng.below(100);
+            f = (0..len).map(|_| rng.next_u64() as u8).collect();
+            if rng.chance(70) {
+                f[12..14].copy_from_slice(&[0x08, 0x00]);
+            }
+        }
+    }
+    f
+}
+
 /// The `n`-th input.
 pub fn generate(rng: &mut Rng, n: u64) -> Input {
-    let first = 1024 + ((n / WINDOW) * 6 % 60_000) as u16;
-    let clients: Vec<SocketAddrV4> = [[10, 244, 1, 2], [10, 244, 1, 3]]
-        .iter()
-        .flat_map(|ip| (first..first + 6).map(move |p| sa(*ip, p)))
-        .collect();
-    let client = rng.pick(&clients);
+    let client = window_client(rng, n, [[10, 244, 1, 2], [10, 244, 1, 3]]);
     let (program, mut frame) = match rng.below(100) {
         // A pod's packet to a frontend, or near one.
         0..=44 => {
@@ -244,24 +280,115 @@ pub fn generate(rng: &mut Rng, n: u64) -> Input {
         // Not IPv4 TCP/UDP at all, or noise.
         _ => {
             let program = rng.pick(&[programs::TC_POD_INGRESS, programs::TC_POD_EGRESS]);
-            let mut f = l4_frame(rng, client, sa(VIP, 80), true);
-            match rng.below(3) {
-                0 => f[12..14].copy_from_slice(&rng.pick(&[
-                    [0x08u8, 0x06],
-                    [0x86, 0xdd],
-                    [0x81, 0x00],
-                ])),
-                1 => f[23] = rng.pick(&[1u8, 47, 58]),
-                _ => {
-                    let len = 14 + rng.below(100);
-                    f = (0..len).map(|_| rng.next_u64() as u8).collect();
-                    if rng.chance(70) {
-                        f[12..14].copy_from_slice(&[0x08, 0x00]);
-                    }
-                }
-            }
-            (program, f)
+            (program, not_ours(rng, client, sa(VIP, 80)))
         }
+    };
+    if rng.chance(30) {
+        mutate(rng, &mut frame);
+    }
+    Input { program, frame }
+}
+
+const NODE1: [u8; 4] = fixture::NODE1;
+const NODE2: [u8; 4] = fixture::NODE2;
+const LOCAL_BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 5), 8080);
+
+/// The external frontends: NodePorts on node1 whose backend is on node1
+/// (TCP and UDP), and one without endpoints.
+pub fn external_services() -> Vec<Service> {
+    let np = |port, proto, backend| Service {
+        frontend: sa(NODE1, port),
+        proto,
+        backend,
+        external: true,
+    };
+    vec![
+        np(30_090, 6, Some(LOCAL_BACKEND)),
+        np(30_090, 17, Some(LOCAL_BACKEND)),
+        np(30_092, 6, None),
+    ]
+}
+
+/// Loads a datapath for the external path: [`external_services`] and this
+/// node (`CONFIG`) serving external traffic at node1's address.
+pub fn external_datapath() -> Result<Datapath> {
+    let mut dp = fixture::load_sized(proxy_agent::datapath::MapSizes {
+        conntrack: 262_144,
+        ct_new: 131_072,
+        ..fixture::SIZES
+    })?;
+    let np = |name: &str, vip: u8, port, protocol, backends: &[SocketAddrV4]| {
+        fixture::node_port(
+            name,
+            sa([10, 96, 0, vip], 80),
+            sa(NODE1, port),
+            protocol,
+            backends,
+            backends,
+        )
+    };
+    fixture::program(
+        &mut dp,
+        vec![
+            np("local", 3, 30_090, Protocol::Tcp, &[LOCAL_BACKEND]),
+            np("local-udp", 3, 30_090, Protocol::Udp, &[LOCAL_BACKEND]),
+            np("empty", 5, 30_092, Protocol::Tcp, &[]),
+        ],
+    )?;
+    let mut config = proxy_common::NodeConfig {
+        flags: proxy_common::NODE_F_EXTERNAL,
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        ..proxy_common::NodeConfig::default()
+    };
+    config.set_snat_addr(Some(NODE1.into()));
+    config.set_nodeport_addr(Some(NODE1.into()));
+    dp.set_config(&config)?;
+    Ok(dp)
+}
+
+/// A DSR option naming `addr:port`.
+fn dsr_option(addr: [u8; 4], port: u16) -> Vec<u8> {
+    let mut o = vec![proxy_common::DSR_OPT_TYPE, proxy_common::DSR_OPT_LEN];
+    o.extend_from_slice(&port.to_be_bytes());
+    o.extend_from_slice(&addr);
+    o
+}
+
+/// The `n`-th input for the external path (from outside clients).
+pub fn generate_external(rng: &mut Rng, n: u64) -> Input {
+    let client = window_client(rng, n, [[192, 168, 50, 100], [192, 168, 50, 101]]);
+    let program = if rng.chance(70) {
+        programs::XDP_EXT
+    } else {
+        programs::TC_EXT_INGRESS
+    };
+    let mut frame = match rng.below(100) {
+        0..=49 => {
+            let (dst, tcp) = rng.pick(&[
+                (sa(NODE1, 30_090), true),
+                (sa(NODE1, 30_090), false),
+                (sa(NODE1, 30_092), true),
+                (sa(NODE1, 30_091), true),
+                (sa(NODE1, 22), true),
+                (sa([10, 96, 0, 3], 80), true),
+                (sa(NODE2, 30_090), true),
+            ]);
+            l4_frame(rng, client, dst, tcp)
+        }
+        // DSR options: from another node's NodePort, or forged.
+        50..=84 => {
+            let addr = rng.pick(&[NODE2, NODE1, [203, 0, 113, 7], [10, 96, 0, 3]]);
+            let port = rng.pick(&[30_090u16, 30_092, 30_080, 80, 443]);
+            let dst = rng.pick(&[
+                LOCAL_BACKEND,
+                sa([10, 1, 1, 5], 9999),
+                sa([10, 1, 1, 6], 8080),
+            ]);
+            let tcp = rng.chance(70);
+            l4_frame_with(rng, client, dst, tcp, Some(dsr_option(addr, port)))
+        }
+        _ => not_ours(rng, client, sa(NODE1, 30_090)),
     };
     if rng.chance(30) {
         mutate(rng, &mut frame);
@@ -285,13 +412,18 @@ pub struct Report {
     pub outcomes: BTreeMap<&'static str, u64>,
 }
 
-fn outcome(input: &[u8], p: &Prediction) -> &'static str {
-    if p.is_untouched(input) {
-        "untouched"
-    } else if p.verdict == crate::model::REDIRECT {
-        "rejected"
+/// What the model predicted for a frame; `drop` is the program's drop verdict.
+fn outcome(input: &[u8], p: &Prediction, drop: i32) -> &'static str {
+    if p.frame != input {
+        if p.verdict == crate::model::REDIRECT {
+            "rejected"
+        } else {
+            "translated"
+        }
+    } else if p.verdict == drop {
+        "dropped"
     } else {
-        "translated"
+        "untouched"
     }
 }
 
@@ -304,19 +436,35 @@ fn too_short_to_run(f: &[u8]) -> bool {
     }
 }
 
+/// Which programs a run exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// `tc_pod_ingress` and `tc_pod_egress` ([`datapath`]).
+    EastWest,
+    /// `xdp_ext` and `tc_ext_ingress` ([`external_datapath`]).
+    External,
+}
+
 /// Runs `packets` generated frames from `seed` through `dp` (fresh, from
-/// [`datapath`]) and the model.
-pub fn run(dp: &mut Datapath, seed: u64, packets: u64) -> Result<Report> {
+/// [`datapath`] or [`external_datapath`] for `world`) and the model.
+pub fn run(dp: &mut Datapath, world: World, seed: u64, packets: u64) -> Result<Report> {
     let mut rng = Rng::new(seed);
-    let mut model = Model::new(services());
+    let mut model = match world {
+        World::EastWest => Model::new(services()),
+        World::External => Model::with_node(external_services(), NODE1.into()),
+    };
     let mut report = Report::default();
     for i in 0..packets {
-        let input = generate(&mut rng, i);
+        let input = match world {
+            World::EastWest => generate(&mut rng, i),
+            World::External => generate_external(&mut rng, i),
+        };
         report.packets += 1;
-        let want = if input.program == programs::TC_POD_INGRESS {
-            model.pod_ingress(&input.frame)
-        } else {
-            model.pod_egress(&input.frame)
+        let want = match input.program {
+            programs::TC_POD_INGRESS => model.pod_ingress(&input.frame),
+            programs::TC_POD_EGRESS => model.pod_egress(&input.frame),
+            programs::XDP_EXT => model.external(&input.frame, Hook::Xdp),
+            _ => model.external(&input.frame, Hook::Tc),
         };
         let got = match dp.test_run(input.program, &input.frame, 1) {
             Ok(got) => got,
@@ -331,15 +479,20 @@ pub fn run(dp: &mut Datapath, seed: u64, packets: u64) -> Result<Report> {
                     .with_context(|| format!("packet {i} (seed {seed}): {:02x?}", input.frame));
             }
         };
+        let drop = if input.program == programs::XDP_EXT {
+            1
+        } else {
+            2
+        };
         *report
             .outcomes
-            .entry(outcome(&input.frame, &want))
+            .entry(outcome(&input.frame, &want, drop))
             .or_default() += 1;
         if got.verdict == want.verdict && got.frame == want.frame {
             continue;
         }
         report.mismatches += 1;
-        if want.is_untouched(&input.frame) {
+        if want.frame == input.frame && got.frame != input.frame {
             report.foreign_modified += 1;
         }
         if report.examples.len() < 5 {

@@ -8,11 +8,17 @@
 //! reverse NAT with the kernel's incremental checksum updates, and rejects
 //! for Services without endpoints.
 //!
-//! Scope: ClusterIP Services with at most one backend (so selection is
-//! determined), clients that are not backends (no hairpin), no external
-//! traffic configured on the node, fewer flows than the tables hold (no
-//! eviction). ICMP errors quoting tracked flows are not modelled: the
-//! fuzzer does not generate them.
+//! The external path (`xdp_ext`, and `tc_ext_ingress` running the same
+//! code) is modelled for NodePorts whose backends are on this node: DNAT
+//! and up the stack, drops for NodePorts without endpoints, and the DSR
+//! option's check (learned and passed on untouched, or dropped).
+//!
+//! Scope: Services with at most one backend (so selection is determined),
+//! clients that are not backends (no hairpin), for the pod programs no
+//! external traffic configured on the node, for the external path no
+//! backend on another node (no FIB, no SNAT), fewer flows than the tables
+//! hold (no eviction). ICMP errors quoting tracked flows are not modelled:
+//! the fuzzer does not generate them.
 
 use std::{
     collections::HashMap,
@@ -32,13 +38,40 @@ const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 const FIN: u8 = 0x01;
 
-/// A ClusterIP Service port of the model.
+/// A Service port's frontend in the model.
 #[derive(Clone, Copy, Debug)]
 pub struct Service {
     pub frontend: SocketAddrV4,
     pub proto: u8,
-    /// Its one backend; `None`: no endpoints (rejected).
+    /// Its one backend; `None`: no endpoints (rejected, or dropped from
+    /// outside).
     pub backend: Option<SocketAddrV4>,
+    /// A NodePort on this node's address (its backend is local), served
+    /// on the external path; else a ClusterIP.
+    pub external: bool,
+}
+
+/// Which program runs the external path: verdict numbers differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    const fn pass(self) -> i32 {
+        match self {
+            Hook::Xdp => 2,
+            Hook::Tc => NEXT,
+        }
+    }
+
+    const fn drop(self) -> i32 {
+        match self {
+            Hook::Xdp => 1,
+            Hook::Tc => 2,
+        }
+    }
 }
 
 /// What a program does with a frame.
@@ -186,6 +219,21 @@ fn rewrite(f: &mut [u8], p: &Parsed, dst: bool, to: SocketAddrV4) {
     }
 }
 
+/// The service address:port a DSR option right after a 20-byte IPv4 header
+/// names (type 0x9a, length 8: port, then address).
+fn dsr_option(f: &[u8], p: &Parsed) -> Option<(Ipv4Addr, u16)> {
+    if p.l4_off < ETH_LEN + 20 + 8 {
+        return None;
+    }
+    let o = f.get(ETH_LEN + 20..ETH_LEN + 28)?;
+    (o[0] == proxy_common::DSR_OPT_TYPE && o[1] == proxy_common::DSR_OPT_LEN).then(|| {
+        (
+            Ipv4Addr::new(o[4], o[5], o[6], o[7]),
+            u16::from_be_bytes([o[2], o[3]]),
+        )
+    })
+}
+
 /// The furthest TCP state a packet shows (0 none, 1 SYN sent, 2
 /// established, 3 closing, 4 closed), never going back.
 fn next_state(state: u8, p: &Parsed) -> u8 {
@@ -218,6 +266,8 @@ struct Flow {
 pub struct Model {
     services: Vec<Service>,
     flows: HashMap<(SocketAddrV4, SocketAddrV4, u8), Flow>,
+    /// The address this node's NodePorts are keyed at (`CONFIG`).
+    node: Option<Ipv4Addr>,
 }
 
 impl Model {
@@ -225,6 +275,95 @@ impl Model {
         Self {
             services,
             flows: HashMap::new(),
+            node: None,
+        }
+    }
+
+    /// As `new`, for a node serving external traffic at `node`.
+    pub fn with_node(services: Vec<Service>, node: Ipv4Addr) -> Self {
+        Self {
+            node: Some(node),
+            ..Self::new(services)
+        }
+    }
+
+    fn service(&self, frontend: SocketAddrV4, proto: u8, external: bool) -> Option<Service> {
+        self.services
+            .iter()
+            .find(|s| s.frontend == frontend && s.proto == proto && s.external == external)
+            .copied()
+    }
+
+    /// A client's packet to a frontend: the backend of its flow (followed,
+    /// or recorded anew), `None` when the Service has no endpoints.
+    fn track(&mut self, p: &Parsed, svc: &Service) -> Option<SocketAddrV4> {
+        let key = (p.src, p.dst, p.proto);
+        let tracked = self.flows.get(&key).copied();
+        if let Some(flow) = tracked
+            && (!p.syn_only() || flow.state < 3)
+        {
+            let completes = flow.half_open && p.flags & (SYN | RST | ACK) == ACK;
+            let entry = self.flows.entry(key).or_insert(flow);
+            entry.state = next_state(entry.state, p);
+            if completes {
+                entry.half_open = false;
+            }
+            return Some(flow.backend);
+        }
+        let backend = svc.backend?;
+        let in_main = tracked.is_some_and(|t| !t.half_open);
+        self.flows.insert(
+            key,
+            Flow {
+                backend,
+                state: next_state(0, p),
+                half_open: p.syn_only() && !in_main,
+            },
+        );
+        Some(backend)
+    }
+
+    /// `xdp_ext` / `tc_ext_ingress`: what arrives on an external interface.
+    pub fn external(&mut self, f: &[u8], hook: Hook) -> Prediction {
+        let pass = Prediction {
+            verdict: hook.pass(),
+            frame: f.to_vec(),
+        };
+        let drop = Prediction {
+            verdict: hook.drop(),
+            frame: f.to_vec(),
+        };
+        let Some(p) = parse(f) else {
+            return pass;
+        };
+        if let Some(svc) = self.service(p.dst, p.proto, true) {
+            return match self.track(&p, &svc) {
+                Some(backend) => {
+                    let mut out = f.to_vec();
+                    rewrite(&mut out, &p, true, backend);
+                    Prediction {
+                        verdict: hook.pass(),
+                        frame: out,
+                    }
+                }
+                None => drop,
+            };
+        }
+        // No SNAT flows in this model: what is addressed to the node goes
+        // on to the DSR option check.
+        let Some((addr, port)) = dsr_option(f, &p) else {
+            return pass;
+        };
+        let named = self
+            .service(SocketAddrV4::new(addr, port), p.proto, true)
+            .or_else(|| {
+                self.node
+                    .and_then(|n| self.service(SocketAddrV4::new(n, port), p.proto, true))
+            });
+        if named.is_some_and(|s| s.backend == Some(p.dst)) {
+            pass
+        } else {
+            drop
         }
     }
 
@@ -238,50 +377,17 @@ impl Model {
         let Some(p) = parse(f) else {
             return Prediction::untouched(f);
         };
-        let Some(svc) = self
-            .services
-            .iter()
-            .find(|s| s.frontend == p.dst && s.proto == p.proto)
-            .copied()
-        else {
+        let Some(svc) = self.service(p.dst, p.proto, false) else {
             // No node-wide external traffic, no ClusterIP range: nothing
             // else is looked up.
             return Prediction::untouched(f);
         };
-        let key = (p.src, p.dst, p.proto);
-        let tracked = self.flows.get(&key).copied();
-        if let Some(flow) = tracked {
-            let continues = !p.syn_only() || flow.state < 3;
-            if continues {
-                let completes = flow.half_open && p.flags & (SYN | RST | ACK) == ACK;
-                let entry = self.flows.entry(key).or_insert(flow);
-                entry.state = next_state(entry.state, &p);
-                if completes {
-                    entry.half_open = false;
-                }
-                let mut out = f.to_vec();
-                rewrite(&mut out, &p, true, flow.backend);
-                return Prediction {
-                    verdict: NEXT,
-                    frame: out,
-                };
-            }
-        }
-        let Some(backend) = svc.backend else {
+        let Some(backend) = self.track(&p, &svc) else {
             return Prediction {
                 verdict: REDIRECT,
                 frame: crate::packet::icmp_port_unreachable(f, *svc.frontend.ip()),
             };
         };
-        let in_main = tracked.is_some_and(|t| !t.half_open);
-        self.flows.insert(
-            key,
-            Flow {
-                backend,
-                state: next_state(0, &p),
-                half_open: p.syn_only() && !in_main,
-            },
-        );
         let mut out = f.to_vec();
         rewrite(&mut out, &p, true, backend);
         Prediction {

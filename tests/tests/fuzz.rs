@@ -1,13 +1,18 @@
-//! Differential fuzzing of the east-west programs against the reference
-//! model (`proxy_tests::model`): a fixed-seed slice in the test command;
-//! `cargo xtask fuzz --packets N --seed S` runs any size (through this test,
-//! with `PXT_FUZZ_PACKETS` / `PXT_FUZZ_SEED`).
+//! Differential fuzzing of the datapath against the reference model
+//! (`proxy_tests::model`): the east-west programs and the external path,
+//! each a fixed-seed slice in the test command; `cargo xtask fuzz --packets
+//! N --seed S` runs any size (through these tests, with `PXT_FUZZ_PACKETS` /
+//! `PXT_FUZZ_SEED`).
 //!
 //! Needs root (BPF). Runs in CI, which is root.
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration test: a failed unwrap is a test failure"
+)]
 
-use proxy_tests::fuzz;
+use proxy_tests::fuzz::{self, World};
 
-/// The slice the test command runs.
+/// The slice the test command runs, per world.
 const DEFAULT_PACKETS: u64 = 30_000;
 const DEFAULT_SEED: u64 = 1;
 
@@ -18,18 +23,22 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[test]
+/// Runs one world and checks the report; `outcomes` must each be common.
 #[expect(
     clippy::print_stdout,
     reason = "the fuzz run's summary is its report (cargo xtask fuzz shows it)"
 )]
-fn the_datapath_agrees_with_the_model_on_every_packet() {
+fn agrees(world: World, outcomes: &[&str]) {
     let packets = env_u64("PXT_FUZZ_PACKETS", DEFAULT_PACKETS);
     let seed = env_u64("PXT_FUZZ_SEED", DEFAULT_SEED);
-    let mut dp = fuzz::datapath().unwrap();
-    let report = fuzz::run(&mut dp, seed, packets).unwrap();
+    let mut dp = match world {
+        World::EastWest => fuzz::datapath(),
+        World::External => fuzz::external_datapath(),
+    }
+    .unwrap();
+    let report = fuzz::run(&mut dp, world, seed, packets).unwrap();
     println!(
-        "fuzz: seed {seed}, {} packets ({} too short for BPF_PROG_TEST_RUN), {} mismatches, {} packets that are not a Service's modified; model outcomes {:?}",
+        "fuzz {world:?}: seed {seed}, {} packets ({} too short for BPF_PROG_TEST_RUN), {} mismatches, {} packets the model leaves alone modified; model outcomes {:?}",
         report.packets,
         report.unrunnable,
         report.mismatches,
@@ -45,11 +54,21 @@ fn the_datapath_agrees_with_the_model_on_every_packet() {
         report.examples.join("\n")
     );
     // The slice exercises every outcome, or it proves little.
-    for outcome in ["untouched", "translated", "rejected"] {
+    for outcome in outcomes {
         assert!(
             report.outcomes.get(outcome).copied().unwrap_or(0) > packets / 50,
             "too few {outcome} packets: {:?}",
             report.outcomes
         );
     }
+}
+
+#[test]
+fn the_east_west_programs_agree_with_the_model_on_every_packet() {
+    agrees(World::EastWest, &["untouched", "translated", "rejected"]);
+}
+
+#[test]
+fn the_external_path_agrees_with_the_model_on_every_packet() {
+    agrees(World::External, &["untouched", "translated", "dropped"]);
 }
