@@ -80,6 +80,19 @@ impl Engine {
             .find(|a| !a.is_unspecified())
     }
 
+    /// Service ports with a Local traffic policy and no endpoint on this
+    /// node while they have endpoints elsewhere (kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total`): (internal, external).
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for p in self.desired.values().filter(|p| p.has_endpoints) {
+            counts.0 += usize::from(p.internal_backends.is_empty());
+            let external = p.frontends.iter().any(|f| !f.kind.is_internal());
+            counts.1 += usize::from(external && p.external_backends.is_empty());
+        }
+        counts
+    }
+
     /// The whole desired state, sorted.
     pub fn desired(&self) -> DesiredState {
         DesiredState {

@@ -370,3 +370,241 @@ fn unreachable_api_server_leaves_the_datapath_serving() {
     .unwrap();
     agent.stop();
 }
+
+/// kube-proxy's metrics as kube-proxy defines them (`pkg/proxy/metrics`,
+/// v1.33+, where most gained `ip_family`): name, type, label names (without
+/// `le`).
+const KUBE_PROXY_METRICS: &[(&str, &str, &[&str])] = &[
+    (
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "histogram",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "histogram",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+        "histogram",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_network_programming_duration_seconds",
+        "histogram",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "gauge",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "gauge",
+        &["ip_family"],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "counter",
+        &[],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "gauge",
+        &[],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "counter",
+        &[],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "gauge",
+        &[],
+    ),
+    (
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "gauge",
+        &["ip_family", "traffic_policy"],
+    ),
+    (
+        "kubeproxy_conntrack_reconciler_deleted_entries_total",
+        "counter",
+        &["ip_family"],
+    ),
+    ("kubeproxy_proxy_healthz_total", "counter", &["code"]),
+    ("kubeproxy_proxy_livez_total", "counter", &["code"]),
+];
+
+/// A scrape's families: type, and per sample (name with suffix, label
+/// names without `le`, `le`, value).
+type Sample = (String, Vec<String>, Option<String>, f64);
+
+fn scrape(s: &Setup) -> (std::collections::BTreeMap<String, String>, Vec<Sample>) {
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+    let (code, text) = http_get(&s.cluster.node, metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let mut types = std::collections::BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            types.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (head, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = head.split_once('{').unwrap_or((head, "}"));
+        let mut names = Vec::new();
+        let mut le = None;
+        for pair in labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair.split_once('=').unwrap();
+            if k == "le" {
+                le = Some(v.trim_matches('"').to_owned());
+            } else {
+                names.push(k.to_owned());
+            }
+        }
+        samples.push((name.to_owned(), names, le, value.parse().unwrap()));
+    }
+    (types, samples)
+}
+
+fn value(samples: &[Sample], name: &str, le: Option<&str>) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, _, l, _)| n == name && l.as_deref() == le)
+        .map(|(_, _, _, v)| v)
+        .sum()
+}
+
+#[test]
+fn kube_proxys_metrics_and_health_answer_as_kube_proxys() {
+    let s = setup();
+    let mut agent = spawn_agent(&s);
+    eventually(Duration::from_secs(10), "ready", || Ok(readyz(&s) == 200)).unwrap();
+
+    // An EndpointSlice change the endpoints controller began 3 s ago.
+    let began =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(3);
+    let slice = slice_yaml("web-1", "web", &[1, 2]).replacen(
+        "labels:",
+        &format!(
+            "annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{}\"}}, labels:",
+            began.strftime("%Y-%m-%dT%H:%M:%SZ")
+        ),
+        1,
+    );
+    s.api.apply_yaml(&slice).unwrap();
+    let programming = "kubeproxy_network_programming_duration_seconds";
+    eventually(Duration::from_secs(10), "the change programmed", || {
+        Ok(value(&scrape(&s).1, &format!("{programming}_count"), None) >= 1.0)
+    })
+    .unwrap();
+    let (status, body) = http_get(&s.cluster.node, HEALTH, "/healthz").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["nodeEligible"], true, "{body}");
+    assert!(
+        json["lastUpdated"].is_string() && json["currentTime"].is_string(),
+        "{body}"
+    );
+
+    // The node is being drained away: /healthz says so, /livez does not care.
+    s.api
+        .apply_yaml(&node_yaml().replace(
+            "status:",
+            "spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}\nstatus:",
+        ))
+        .unwrap();
+    eventually(Duration::from_secs(10), "/healthz 503", || {
+        Ok(http_get(&s.cluster.node, HEALTH, "/healthz")?.0 == 503)
+    })
+    .unwrap();
+    let (_, body) = http_get(&s.cluster.node, HEALTH, "/healthz").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["nodeEligible"], false, "{body}");
+    let (status, body) = http_get(&s.cluster.node, HEALTH, "/livez").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(json.get("nodeEligible").is_none(), "{body}");
+
+    let (types, samples) = scrape(&s);
+    for (name, kind, labels) in KUBE_PROXY_METRICS {
+        assert_eq!(
+            types.get(*name).map(String::as_str),
+            Some(*kind),
+            "{name}'s type"
+        );
+        let of_family: Vec<&Sample> = samples
+            .iter()
+            .filter(|(n, ..)| {
+                n == name
+                    || (*kind == "histogram"
+                        && [
+                            format!("{name}_bucket"),
+                            format!("{name}_sum"),
+                            format!("{name}_count"),
+                        ]
+                        .contains(n))
+            })
+            .collect();
+        assert!(!of_family.is_empty(), "{name} has samples");
+        for (n, names, ..) in of_family {
+            assert_eq!(names, labels, "{n}'s labels");
+        }
+    }
+    // kube-proxy's buckets: syncs 1 ms doubling to 16.384 s; network
+    // programming 0, 0.25, 0.5, 1..59, 60..115 by 5, 120..300 by 30.
+    let les = |name: &str| -> Vec<String> {
+        samples
+            .iter()
+            .filter(|(n, ..)| *n == format!("{name}_bucket"))
+            .filter_map(|(_, _, le, _)| le.clone())
+            .collect()
+    };
+    let sync_les = les("kubeproxy_sync_proxy_rules_duration_seconds");
+    assert_eq!(sync_les.len(), 16, "{sync_les:?}");
+    assert_eq!(
+        (sync_les[0].as_str(), sync_les[14].as_str()),
+        ("0.001", "16.384")
+    );
+    let prog_les = les(programming);
+    assert_eq!(prog_les.len(), 3 + 59 + 12 + 7 + 1, "{prog_les:?}");
+    assert_eq!(&prog_les[..4], ["0", "0.25", "0.5", "1"]);
+    assert_eq!(prog_les[prog_les.len() - 2], "300");
+    // The latency counts from the trigger time, not from when the agent saw it.
+    let sum = value(&samples, &format!("{programming}_sum"), None);
+    assert!((3.0..60.0).contains(&sum), "programming latency sum {sum}");
+    let changes = value(
+        &samples,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        None,
+    );
+    assert!(changes >= 1.0, "endpoint changes {changes}");
+    // Two 200s and at least one 503 from /healthz so far.
+    let text = http_get(
+        &s.cluster.node,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249),
+        "/metrics",
+    )
+    .unwrap()
+    .1;
+    for code in ["200", "503"] {
+        assert!(
+            text.contains(&format!("kubeproxy_proxy_healthz_total{{code=\"{code}\"}}")),
+            "healthz {code} counted"
+        );
+    }
+    assert!(text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 1"));
+    agent.stop();
+}

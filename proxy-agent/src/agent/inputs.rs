@@ -11,8 +11,32 @@ use crate::{
     ifaces,
     kube_source::{self, Event, Kind},
     manifests,
-    store::Dirty,
+    metrics::ChangeKind,
+    store::{Dirty, Object},
 };
+
+/// The EndpointSlice annotation kube-proxy measures network programming
+/// latency from (the endpoints controller sets it to when the change began).
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// kube-proxy's change counters: a Service or EndpointSlice event, with
+/// the slice's trigger time in unix seconds.
+fn change_of(o: &Object) -> Option<(ChangeKind, Option<f64>)> {
+    match o {
+        Object::Service(_) => Some((ChangeKind::Service, None)),
+        Object::Slice(s) => {
+            let trigger = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME))
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .map(|t| t.as_nanosecond() as f64 / 1e9);
+            Some((ChangeKind::EndpointSlice, trigger))
+        }
+        Object::Node(_) => None,
+    }
+}
 
 impl Agent {
     /// Attaches to matching interfaces that are new, forgets vanished ones.
@@ -87,6 +111,10 @@ impl Agent {
                 self.health.source(None);
                 self.log_errors(&errors);
                 let dirty = self.engine.store.sync_from(fresh);
+                if !dirty.is_empty() {
+                    self.health.queued();
+                }
+                self.update_node_eligibility();
                 if self.synced {
                     self.store_changed(dirty);
                 } else {
@@ -111,6 +139,7 @@ impl Agent {
         for e in events {
             self.watch_event(e, &mut dirty);
         }
+        self.update_node_eligibility();
         if !self.synced {
             if Kind::ALL.iter().all(|k| self.listed.contains(k)) {
                 self.full_sync();
@@ -120,8 +149,30 @@ impl Agent {
         }
     }
 
+    /// Whether this node may take traffic (its Node object, when known):
+    /// not being deleted, not tainted `ToBeDeletedByClusterAutoscaler`.
+    pub(super) fn update_node_eligibility(&self) {
+        let Some(node) = self.engine.store.nodes.get(&self.cfg.node_name) else {
+            return;
+        };
+        let node = &node.object;
+        let deleting = node.metadata.deletion_timestamp.is_some();
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+        self.health.node_eligible(!deleting && !tainted);
+    }
+
     /// Applies one watch event to the store.
     fn watch_event(&mut self, event: Event, dirty: &mut Dirty) {
+        if let Event::Apply(o) | Event::Delete(o) = &event
+            && let Some((kind, trigger)) = change_of(o)
+        {
+            self.metrics.record_change(kind, trigger);
+            self.health.queued();
+        }
         let store = &mut self.engine.store;
         match event {
             Event::Apply(o) => dirty.merge(store.upsert(o, Some(API.to_owned()))),

@@ -138,10 +138,13 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
         );
     }
     let health = Health::new();
+    // kube-proxy's health timeout is twice its sync period.
+    health.set_timeout(cfg.resync * 2);
+    let metrics = Metrics::new(cfg.load.pin_root.clone());
     if let Some(addr) = cfg.healthz {
-        let h = Arc::clone(&health);
+        let (m, h) = (Arc::clone(&metrics), Arc::clone(&health));
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, h, None).await {
+            if let Err(e) = health::serve(addr, h, m, false).await {
                 tracing::error!(%addr, "health endpoint: {e}");
             }
         });
@@ -176,14 +179,10 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
             } => early_events.push(event),
         }
     };
-    let metrics = Metrics::new(dp.layout_dir().map(|d| {
-        d.parent()
-            .map_or_else(|| d.to_path_buf(), std::path::Path::to_path_buf)
-    }));
     if let Some(addr) = cfg.metrics {
         let (m, h) = (Arc::clone(&metrics), Arc::clone(&health));
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, h, Some(m)).await {
+            if let Err(e) = health::serve(addr, h, m, true).await {
                 tracing::error!(%addr, "metrics endpoint: {e}");
             }
         });

@@ -57,11 +57,13 @@ impl Agent {
             batch.refused.len(),
             self.fill(),
         );
+        let (internal, external) = self.engine.no_local_endpoints();
+        self.metrics.record_no_local_endpoints(internal, external);
         if ok && (!batch.left.is_empty() || !batch.gone.is_empty()) {
             let mut departed = batch.left_addrs;
             departed.extend(&batch.gone);
             super::sockets::forget(&self.dp, self.socket_lb, departed);
-            conntrack::gc::forget_flows(&self.dp, batch.left, batch.gone);
+            conntrack::gc::forget_flows(&self.dp, &self.metrics, batch.left, batch.gone);
         }
         let maps = self.reconciler.maps();
         let (blocks, _) = self.reconciler.selection_usage();

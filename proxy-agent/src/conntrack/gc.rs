@@ -76,7 +76,13 @@ impl Collector {
 /// should see a reset instead of a hang), and UDP flows whose backend
 /// left their Service (`left`: svc id, backend id; UDP has no connection
 /// to end, so clients' next datagrams pick a live backend).
-pub fn forget_flows(dp: &Datapath, left: BTreeSet<(u32, u32)>, gone: BTreeSet<SocketAddrV4>) {
+pub fn forget_flows(
+    dp: &Datapath,
+    metrics: &Arc<Metrics>,
+    left: BTreeSet<(u32, u32)>,
+    gone: BTreeSet<SocketAddrV4>,
+) {
+    let metrics = Arc::clone(metrics);
     let ct = match dp.conntrack_handle() {
         Ok(ct) => ct,
         Err(e) => {
@@ -90,11 +96,14 @@ pub fn forget_flows(dp: &Datapath, left: BTreeSet<(u32, u32)>, gone: BTreeSet<So
             .and_then(|e| ct.remove(&e, &departed(&e, &gone, &left)));
         match result {
             Ok(0) => {}
-            Ok(n) => tracing::info!(
-                entries = n,
-                gone_backends = gone.len(),
-                "ended flows of departed backends"
-            ),
+            Ok(n) => {
+                metrics.record_conntrack_deleted(n);
+                tracing::info!(
+                    entries = n,
+                    gone_backends = gone.len(),
+                    "ended flows of departed backends"
+                );
+            }
             Err(e) => tracing::warn!("cleaning conntrack: {e}"),
         }
     });
