@@ -269,13 +269,25 @@ fn moving_off_kube_proxy_removes_its_rules_and_nothing_else() {
     assert!(tables_after.contains("table inet mine"), "{tables_after}");
     assert_eq!(migrate(&[]).unwrap().trim(), "no kube-proxy rules found");
 
-    // Going back: the agent uninstalled, kube-proxy's rules load again.
+    // Going back: the agent removed (`run --cleanup`, as kube-proxy's flag),
+    // kube-proxy's rules load again.
     agent.stop();
-    node.exec(
-        agent_bin.to_str().unwrap(),
-        &["uninstall", "--bpffs", cluster.pin_root().to_str().unwrap()],
-    )
-    .unwrap();
+    let removed = node
+        .exec(
+            agent_bin.to_str().unwrap(),
+            &[
+                "run",
+                "--cleanup",
+                "--bpffs",
+                cluster.pin_root().to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(removed.contains("detached"), "{removed}");
+    let layout = cluster
+        .pin_root()
+        .join(format!("v{}", proxy_common::PIN_LAYOUT_VERSION));
+    assert!(!layout.exists(), "nothing of the agent's is left");
     load_kube_proxy();
     let (again, tables_again) = state();
     assert!(again.contains(":KUBE-SERVICES"), "{again}");

@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// Address for Prometheus /metrics (and /healthz, /readyz), or 'off'.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
+    /// As kube-proxy's: remove everything this agent installed under
+    /// --bpffs (programs detached, maps released) and exit.
+    #[arg(long)]
+    cleanup: bool,
 }
 
 /// Parses `FIRST-LAST`.
@@ -129,6 +133,9 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        return super::uninstall::uninstall(&args.bpffs);
+    }
     let opts = args.node.translate_options()?;
     let bind = |flag: &str, value: &str| -> anyhow::Result<Option<std::net::SocketAddr>> {
         match value {
