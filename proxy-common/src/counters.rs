@@ -98,9 +98,10 @@ counters! {
     /// The DSR option does not fit (IPv4 options already present, or the
     /// packet would exceed the MTU): dropped.
     DsrNoRoom = 21, "dsr_no_room", Dropped;
-    /// An external packet to a Service without endpoints: dropped (the XDP
-    /// path does not build ICMP rejects).
-    NoEndpointsExternal = 22, "no_endpoints_external", Dropped;
+    /// A packet to an external frontend (NodePort, LoadBalancer IP,
+    /// externalIP) whose Service has no endpoints at all: answered with an
+    /// ICMP port unreachable, sent back out of its interface.
+    NoEndpointsExternal = 22, "no_endpoints_external", Handled;
     /// Growing the packet for the DSR option failed.
     AdjustFailed = 23, "adjust_failed", Failed;
     /// XDP left an external packet untouched for TC: the next hop's MAC is

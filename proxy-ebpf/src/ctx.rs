@@ -14,13 +14,14 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_MARK_MANGLED_0,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        bpf_adj_room_mode::{BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_NET},
         bpf_redir_neigh,
         tcx_action_base::{TCX_DROP, TCX_NEXT},
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::generated::{
-        bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_xdp_adjust_head,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -59,6 +60,11 @@ pub trait Ctx: EbpfContext {
     /// Inserts `len` bytes right after a 20-byte IPv4 header; the Ethernet
     /// and IPv4 headers keep their content (the caller fixes the IPv4 fields).
     fn grow_l3(&self, len: u32) -> Result<(), ()>;
+    /// Inserts `len` bytes right after the Ethernet header, which keeps its
+    /// content.
+    fn grow_mac(&self, len: u32) -> Result<(), ()>;
+    /// Cuts the packet to its first `len` bytes.
+    fn truncate(&self, len: u32) -> Result<(), ()>;
     /// Start of the linear data.
     fn data(&self) -> usize;
     /// End of the linear data.
@@ -126,6 +132,18 @@ impl Ctx for TcContext {
         if rc == 0 { Ok(()) } else { Err(()) }
     }
     #[inline(always)]
+    fn grow_mac(&self, len: u32) -> Result<(), ()> {
+        // SAFETY: this program's own context; the kernel validates the request.
+        let rc = unsafe { bpf_skb_adjust_room(self.skb.skb, len as i32, BPF_ADJ_ROOM_MAC, 0) };
+        if rc == 0 { Ok(()) } else { Err(()) }
+    }
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Result<(), ()> {
+        // SAFETY: this program's own context; the kernel validates the length.
+        let rc = unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) };
+        if rc == 0 { Ok(()) } else { Err(()) }
+    }
+    #[inline(always)]
     fn data(&self) -> usize {
         // SAFETY: reading this program's own context.
         unsafe { core::ptr::read_volatile(&raw const (*self.skb.skb).data) as usize }
@@ -151,6 +169,29 @@ impl Ctx for TcContext {
     fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Result<(), ()> {
         TcContext::l4_csum_replace(self, off, from, to, flags).map_err(|_| ())
     }
+}
+
+/// Inserts `len` bytes after the first `N` of an XDP frame: the head grows
+/// by `len` and those `N` bytes move to the new front.
+#[inline(always)]
+fn grow_after<const N: usize>(ctx: &XdpContext, len: u32) -> Result<(), ()> {
+    let start = XdpContext::data(ctx);
+    if start + N > XdpContext::data_end(ctx) {
+        return Err(());
+    }
+    // SAFETY: bounds-checked above; copied before the head moves.
+    let headers = unsafe { *(start as *const [u8; N]) };
+    // SAFETY: this program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(len as i32)) } != 0 {
+        return Err(());
+    }
+    let start = XdpContext::data(ctx);
+    if start + N > XdpContext::data_end(ctx) {
+        return Err(());
+    }
+    // SAFETY: bounds-checked against the new data_end.
+    unsafe { *(start as *mut [u8; N]) = headers };
+    Ok(())
 }
 
 /// Applies the change of one 16- or 32-bit value from `from` to `to` (raw,
@@ -213,24 +254,21 @@ impl Ctx for XdpContext {
     }
     #[inline(always)]
     fn grow_l3(&self, len: u32) -> Result<(), ()> {
-        const HDRS: usize = ETH_LEN + IP_LEN;
-        let start = XdpContext::data(self);
-        if start + HDRS > XdpContext::data_end(self) {
-            return Err(());
+        grow_after::<{ ETH_LEN + IP_LEN }>(self, len)
+    }
+    #[inline(always)]
+    fn grow_mac(&self, len: u32) -> Result<(), ()> {
+        grow_after::<ETH_LEN>(self, len)
+    }
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Result<(), ()> {
+        let delta = len as i32 - Ctx::len(self) as i32;
+        // SAFETY: this program's own context; the kernel validates the delta.
+        if unsafe { bpf_xdp_adjust_tail(self.as_ptr().cast(), delta) } == 0 {
+            Ok(())
+        } else {
+            Err(())
         }
-        // SAFETY: bounds-checked above; copied before the head moves.
-        let headers = unsafe { *(start as *const [u8; HDRS]) };
-        // SAFETY: this program's own context.
-        if unsafe { bpf_xdp_adjust_head(self.as_ptr().cast(), -(len as i32)) } != 0 {
-            return Err(());
-        }
-        let start = XdpContext::data(self);
-        if start + HDRS > XdpContext::data_end(self) {
-            return Err(());
-        }
-        // SAFETY: bounds-checked against the new data_end.
-        unsafe { *(start as *mut [u8; HDRS]) = headers };
-        Ok(())
     }
     #[inline(always)]
     fn data(&self) -> usize {

@@ -5,7 +5,8 @@
 //!
 //! - A packet to an external frontend follows its flow or selects a backend
 //!   from the frontend's table (only local endpoints under
-//!   `externalTrafficPolicy: Local`), is DNATed, and then:
+//!   `externalTrafficPolicy: Local`; a Service without any endpoint is
+//!   answered with an ICMP port unreachable), is DNATed, and then:
 //!   - local backend: goes up the stack, already translated; the backend's
 //!     replies are translated back in `tc_pod_ingress`;
 //!   - remote backend, DSR (`SVC_F_DSR`): keeps the client's address, carries
@@ -38,7 +39,7 @@ use crate::{
     maps::CONFIG,
     nat::{self, Side},
     parse::{self, Packet},
-    select,
+    reject, select,
     stats::{self, SvcEvent},
     verdict::Done,
 };
@@ -161,8 +162,10 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
         }
     }
     let Some(choice) = select::select(svc.svc_id, &pkt.tuple(), now)? else {
+        // As for ClusterIPs (and kube-proxy's REJECT): the client fails fast.
         stats::service(svc.svc_id, pkt.l3_len, SvcEvent::Rejected);
-        return Err(Counter::NoEndpointsExternal);
+        reject::reject(ctx, pkt)?;
+        return Ok(Done::bounce(Counter::NoEndpointsExternal));
     };
     let (backend_id, backend) = (choice.backend_id, choice.backend);
     let mut v = CtValue {

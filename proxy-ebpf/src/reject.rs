@@ -17,16 +17,11 @@
 //! ICMP checksum holds whether the skb is partial or not. Receivers match the
 //! quote by addresses and ports; its checksum field carries no meaning.
 
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::generated::{bpf_skb_adjust_room, bpf_skb_change_tail},
-    programs::TcContext,
-};
 use proxy_common::{Counter, proto};
 
 use crate::{
     csum::{MAX_SAMPLE_WORDS, add_packet_words, add_words, fixed_point, fold},
+    ctx::Ctx,
     hdr::{ETH_LEN, ICMP_DEST_UNREACH, ICMP_LEN, ICMP_PORT_UNREACH, IP_LEN},
     parse::{Packet, ptr_at},
 };
@@ -38,7 +33,7 @@ const QUOTE_OFF: usize = ETH_LEN + IP_LEN + ICMP_LEN;
 /// Rewrites the packet into an ICMP port unreachable, to be sent back out of
 /// the interface it came in on (`Done::bounce`).
 #[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
+pub fn reject(ctx: &impl Ctx, pkt: &Packet) -> Result<(), Counter> {
     let macs = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::RejectFailed)?;
     let tos = ptr_at::<u8>(ctx, ETH_LEN + 1).ok_or(Counter::RejectFailed)?;
     // SAFETY: bounds-checked; copied before the resize invalidates the pointers.
@@ -51,16 +46,10 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     } else {
         MAX_SAMPLE_WORDS * 2
     };
-    let skb = ctx.as_ptr().cast();
-    // SAFETY: `skb` is this program's context.
-    unsafe {
-        if bpf_skb_change_tail(skb, (ETH_LEN + quote) as u32, 0) != 0 {
-            return Err(Counter::RejectFailed);
-        }
-        if bpf_skb_adjust_room(skb, (IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0) != 0 {
-            return Err(Counter::RejectFailed);
-        }
-    }
+    ctx.truncate((ETH_LEN + quote) as u32)
+        .map_err(|()| Counter::RejectFailed)?;
+    ctx.grow_mac((IP_LEN + ICMP_LEN) as u32)
+        .map_err(|()| Counter::RejectFailed)?;
 
     let start = ctx.data();
     let end = ctx.data_end();
@@ -126,7 +115,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
 /// completion (see the module docs).
 #[inline(always)]
 fn balance_quoted_l4_csum(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     pkt: &Packet,
     ihl: usize,
     quote: usize,

@@ -415,7 +415,7 @@ pub struct Report {
 /// What the model predicted for a frame; `drop` is the program's drop verdict.
 fn outcome(input: &[u8], p: &Prediction, drop: i32) -> &'static str {
     if p.frame != input {
-        if p.verdict == crate::model::REDIRECT {
+        if p.verdict == crate::model::REDIRECT || p.verdict == Hook::Xdp.bounce() {
             "rejected"
         } else {
             "translated"

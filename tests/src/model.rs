@@ -10,8 +10,8 @@
 //!
 //! The external path (`xdp_ext`, and `tc_ext_ingress` running the same
 //! code) is modelled for NodePorts whose backends are on this node: DNAT
-//! and up the stack, drops for NodePorts without endpoints, and the DSR
-//! option's check (learned and passed on untouched, or dropped).
+//! and up the stack, ICMP rejects for NodePorts without endpoints, and the
+//! DSR option's check (learned and passed on untouched, or dropped).
 //!
 //! Scope: Services with at most one backend (so selection is determined),
 //! clients that are not backends (no hairpin), for the pod programs no
@@ -70,6 +70,14 @@ impl Hook {
         match self {
             Hook::Xdp => 1,
             Hook::Tc => 2,
+        }
+    }
+
+    /// Back out of the interface it came in on (`XDP_TX`, a redirect).
+    pub const fn bounce(self) -> i32 {
+        match self {
+            Hook::Xdp => 3,
+            Hook::Tc => REDIRECT,
         }
     }
 }
@@ -346,7 +354,11 @@ impl Model {
                         frame: out,
                     }
                 }
-                None => drop,
+                // No endpoints at all: refused, as ClusterIPs are.
+                None => Prediction {
+                    verdict: hook.bounce(),
+                    frame: crate::packet::icmp_port_unreachable(f, *svc.frontend.ip()),
+                },
             };
         }
         // No SNAT flows in this model: what is addressed to the node goes

@@ -70,5 +70,8 @@ fn the_east_west_programs_agree_with_the_model_on_every_packet() {
 
 #[test]
 fn the_external_path_agrees_with_the_model_on_every_packet() {
-    agrees(World::External, &["untouched", "translated", "dropped"]);
+    agrees(
+        World::External,
+        &["untouched", "translated", "dropped", "rejected"],
+    );
 }

@@ -17,7 +17,8 @@ use std::{
 use proxy_common::{Counter, DSR_OPT_LEN, DSR_OPT_TYPE};
 use proxy_tests::{
     cluster::{
-        Agent, Answer, LongLived, NameServer, http_get, manifest_dir, tcp_requests, udp_requests,
+        Agent, Answer, LongLived, NameServer, http_get, manifest_dir, tcp_connect_error,
+        tcp_requests, udp_connected_error, udp_requests,
     },
     flood,
     packet::{Frame, L4},
@@ -29,6 +30,7 @@ const NP_WEB: u16 = 30080;
 const NP_LB: u16 = 30081;
 const NP_LOCAL: u16 = 30082;
 const HC_PORT: u16 = 32000;
+const NP_NONE: u16 = 30099;
 const LOCAL_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 11);
 const RANGED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 12);
 const FENCED_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 13);
@@ -44,6 +46,10 @@ fn manifests(backend: Ipv4Addr) -> String {
             node_ip(n)
         ));
     }
+    // A NodePort whose Service has no endpoints at all.
+    out.push_str(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: none, namespace: demo}}\nspec:\n  clusterIP: 10.96.0.19\n  type: NodePort\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: {PORT}, nodePort: {NP_NONE}}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: {PORT}, nodePort: {NP_NONE}}}\n---\n"
+    ));
     for (name, cluster_ip, spec) in [
         (
             "web",
@@ -423,5 +429,24 @@ fn a_syn_flood_from_outside_evicts_no_established_flow() {
         &answered(&tcp, np1, "after the flood"),
         CLIENT_IP,
         "tcp dsr",
+    );
+}
+
+#[test]
+fn a_nodeport_without_endpoints_is_refused_at_once() {
+    let s = setup("dsr");
+    let np = SocketAddrV4::new(node_ip(1), NP_NONE);
+    let (kind, took) = tcp_connect_error(&s.net.client, np).unwrap();
+    assert_eq!(kind, Some(std::io::ErrorKind::ConnectionRefused), "TCP");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "TCP refused in {took:?}"
+    );
+    let udp = udp_connected_error(&s.net.client, np).unwrap();
+    assert_eq!(udp, Some(std::io::ErrorKind::ConnectionRefused), "UDP");
+    let n1 = counters(&s, 0);
+    assert!(
+        n1.get(&Counter::NoEndpointsExternal).copied().unwrap_or(0) >= 2,
+        "{n1:?}"
     );
 }

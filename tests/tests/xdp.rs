@@ -102,6 +102,7 @@ fn xdp_nodeport_paths() {
         let np_local = sa(NODE1, 30090);
         let np_no_local = sa(NODE1, 30091);
         let np_empty = sa(NODE1, 30092);
+        let np_empty_udp = sa(NODE1, 30093);
         let mut no_local = fixture::node_port(
             "no-local",
             sa([10, 96, 0, 4], 80),
@@ -145,6 +146,14 @@ fn xdp_nodeport_paths() {
                     sa([10, 96, 0, 5], 80),
                     np_empty,
                     Protocol::Tcp,
+                    &[],
+                    &[],
+                ),
+                fixture::node_port(
+                    "empty-udp",
+                    sa([10, 96, 0, 6], 53),
+                    np_empty_udp,
+                    Protocol::Udp,
                     &[],
                     &[],
                 ),
@@ -238,6 +247,8 @@ fn xdp_nodeport_paths() {
             },
             ..from_client(local, c5, SYN)
         };
+        let to_empty = from_client(sa(CLIENT, 40007), np_empty, SYN).build();
+        let to_empty_udp = from_client(sa(CLIENT, 40011), np_empty_udp, UDP).build();
         let mut truncated = syn.build();
         truncated.truncate(14 + 12);
 
@@ -417,11 +428,22 @@ fn xdp_nodeport_paths() {
                 counter: Some(Counter::NoLocalEndpoints),
             },
             Case {
-                name: "a nodeport without endpoints: dropped and counted",
+                name: "a nodeport without endpoints: tcp answered with ICMP port unreachable, back out",
                 program: XDP,
-                input: from_client(sa(CLIENT, 40007), np_empty, SYN).build(),
-                out: Out::Untouched,
-                verdict: XDP_DROP,
+                input: to_empty.clone(),
+                out: Out::Frame(packet::icmp_port_unreachable(&to_empty, *np_empty.ip())),
+                verdict: XDP_TX,
+                counter: Some(Counter::NoEndpointsExternal),
+            },
+            Case {
+                name: "a udp nodeport without endpoints: answered with ICMP too",
+                program: XDP,
+                input: to_empty_udp.clone(),
+                out: Out::Frame(packet::icmp_port_unreachable(
+                    &to_empty_udp,
+                    *np_empty_udp.ip(),
+                )),
+                verdict: XDP_TX,
                 counter: Some(Counter::NoEndpointsExternal),
             },
             Case {
