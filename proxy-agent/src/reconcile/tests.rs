@@ -216,6 +216,35 @@ fn both_policies_local_give_inside_clients_a_cluster_table() {
 }
 
 #[test]
+fn an_address_both_load_balancer_ip_and_external_ip_is_not_restricted() {
+    let shared = Ipv4Addr::new(192, 168, 60, 9);
+    let mut p = node_port(false);
+    // The load balancer IP last: the rule holds whatever the order.
+    for kind in [FrontendKind::ExternalIP, FrontendKind::LoadBalancer] {
+        p.frontends.push(Frontend {
+            kind,
+            address: shared,
+            port: 80,
+        });
+    }
+    p.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let mut r = Reconciler::new(Programmed::default(), CAP);
+    let maps = apply(Programmed::default(), &r.full(&state(vec![p])).ops);
+    for scope in [scope::EXTERNAL, scope::INTERNAL] {
+        let key = ServiceKey::new(
+            SocketAddrV4::new(shared, 80),
+            proxy_common::proto::TCP,
+            scope,
+        );
+        assert_eq!(
+            maps.services[&key].flags & SVC_F_SOURCE_RANGES,
+            0,
+            "kube-proxy's externalIP rule matches first: no source check"
+        );
+    }
+}
+
+#[test]
 fn source_ranges_restrict_load_balancer_frontends_only() {
     let lb_key = ServiceKey::new(
         SocketAddrV4::new(Ipv4Addr::new(192, 168, 60, 1), 80),

@@ -54,9 +54,20 @@ pub fn units(plan: &ServicePlan, mode: NodePortMode) -> Vec<Unit<'_>> {
     } else {
         0
     };
-    // kube-proxy applies loadBalancerSourceRanges to LoadBalancer IPs only.
+    // kube-proxy applies loadBalancerSourceRanges to LoadBalancer IPs only;
+    // an address that is also an externalIP of the port is not restricted:
+    // kube-proxy's iptables rules match the externalIP (which has no
+    // firewall) before the load balancer IP, so its sources are never
+    // checked.
     let ranges: BTreeSet<Cidr> = plan.source_ranges.iter().copied().collect();
-    let restricted = |f: &Frontend| f.kind == FrontendKind::LoadBalancer && !ranges.is_empty();
+    let also_external_ip = |f: &Frontend| {
+        plan.frontends.iter().any(|o| {
+            o.kind == FrontendKind::ExternalIP && o.address == f.address && o.port == f.port
+        })
+    };
+    let restricted = |f: &Frontend| {
+        f.kind == FrontendKind::LoadBalancer && !ranges.is_empty() && !also_external_ip(f)
+    };
     let outside = || {
         plan.frontends
             .iter()

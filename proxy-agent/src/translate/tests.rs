@@ -538,7 +538,7 @@ metadata: {{name: lb, namespace: ns}}
 spec:
   type: LoadBalancer
   clusterIP: 10.96.0.10
-  externalIPs: [198.51.100.7, "2001:db8::7", not-an-ip]
+  externalIPs: [198.51.100.7, "2001:db8::7", not-an-ip, 198.51.100.2]
   ports: [{{name: p, port: 80, nodePort: 30080}}]
 status:
   loadBalancer:
@@ -565,6 +565,9 @@ status:
             "NodePort 203.0.113.10:30080",
             "LoadBalancer 198.51.100.1:80",
             "LoadBalancer 198.51.100.2:80",
+            // Both an ingress IP and an externalIP: listed with both kinds,
+            // as kube-proxy's service info keeps both lists.
+            "ExternalIP 198.51.100.2:80",
             "ExternalIP 198.51.100.7:80",
         ]
     );
