@@ -105,7 +105,33 @@ pub const CT_F_HAIRPIN: u8 = 32;
 /// least-connections.
 pub const CT_F_COUNT_ON_PROMOTE: u8 = 64;
 
-pod!(CtKey, CtValue);
+/// Key of the `FRAGMENTS` map: an IPv4 datagram in fragments, by its
+/// source, destination, protocol and IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address, network byte order.
+    pub saddr_be: u32,
+    /// Destination address, network byte order.
+    pub daddr_be: u32,
+    /// IP identification, network byte order.
+    pub id_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
+/// Value of the `FRAGMENTS` map: the ports the datagram's first fragment
+/// carried (the later ones carry none), network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+pod!(CtKey, CtValue, FragKey, FragValue);
 
 #[cfg(feature = "user")]
 mod user {

@@ -50,7 +50,7 @@ pub use stats::*;
 pub use wire::*;
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 8;
+pub const PIN_LAYOUT_VERSION: u32 = 9;
 
 /// Marks shared types as plain old data for aya (userspace map access).
 macro_rules! pod {
@@ -93,13 +93,15 @@ mod tests {
             size_of::<SockKey>(),
             size_of::<SockValue>(),
             size_of::<SockPeer>(),
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
             maps::PINNED.len(),
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 8);
+        assert_eq!(PIN_LAYOUT_VERSION, 9);
         assert_eq!(
             fingerprint,
             [
-                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 16
+                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 12, 4, 17
             ]
         );
     }

@@ -23,6 +23,11 @@ pub const CONNTRACK: &str = "CONNTRACK";
 /// packet moves the flow to `CONNTRACK`, so a flood of SYNs evicts only
 /// other half-open flows, never an established one. Written by the datapath.
 pub const CT_NEW: &str = "CT_NEW";
+/// LRU hash: [`crate::FragKey`] → [`crate::FragValue`]: the ports of a
+/// fragmented UDP datagram, from its first fragment, so its later
+/// fragments (which carry none) take the same translation. Written by the
+/// datapath.
+pub const FRAGMENTS: &str = "FRAGMENTS";
 /// Per-CPU array: [`crate::Counter`] → `u64`. Written by the datapath.
 pub const STATS: &str = "STATS";
 /// Per-CPU array: svc id → [`crate::SvcCounters`]. Written by the datapath.
@@ -69,6 +74,7 @@ pub const PINNED: &[&str] = &[
     BACKENDS,
     CONNTRACK,
     CT_NEW,
+    FRAGMENTS,
     STATS,
     SVC_STATS,
     CONFIG,
@@ -108,6 +114,8 @@ pub const DEFAULT_SELECTION_BLOCKS: u32 = 524_288;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Default capacity of `CONNTRACK` (two entries per flow).
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
+/// Default capacity of `FRAGMENTS` (fragmented datagrams in flight).
+pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
 /// Default capacity of `CT_NEW` (two entries per half-open flow): handshakes
 /// last a round trip, so this holds tens of thousands of new connections per
 /// second with room to spare; a SYN flood only churns this table.

@@ -168,6 +168,10 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         return Ok(Done::pass(counter));
     }
     let Some(choice) = select::select(svc_id, &pkt.tuple(), now)? else {
+        if !pkt.l4 {
+            // Its first fragment was refused already.
+            return Err(Counter::Fragment);
+        }
         debug!(ctx, "svc {} has no endpoints: rejecting", svc_id);
         stats::service(svc_id, pkt.l3_len, SvcEvent::Rejected);
         reject::reject(ctx, pkt)?;

@@ -162,6 +162,10 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
         }
     }
     let Some(choice) = select::select(svc.svc_id, &pkt.tuple(), now)? else {
+        if !pkt.l4 {
+            // Its first fragment was refused already.
+            return Err(Counter::Fragment);
+        }
         // As for ClusterIPs (and kube-proxy's REJECT): the client fails fast.
         stats::service(svc.svc_id, pkt.l3_len, SvcEvent::Rejected);
         reject::reject(ctx, pkt)?;

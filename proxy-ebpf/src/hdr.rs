@@ -20,6 +20,8 @@ pub const IP_SADDR_OFF: usize = ETH_LEN + 12;
 pub const IP_DADDR_OFF: usize = ETH_LEN + 16;
 /// "More fragments" flag and fragment offset bits of the IPv4 `frags` field.
 pub const IP_FRAG_MASK: u16 = 0x3fff;
+/// IPv4 fragment offset bits: non-zero in every fragment but the first.
+pub const IP_FRAG_OFFSET_MASK: u16 = 0x1fff;
 
 /// Length of the ICMP header (type, code, checksum, 4 bytes of rest).
 pub const ICMP_LEN: usize = Icmpv4Hdr::LEN;

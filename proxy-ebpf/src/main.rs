@@ -32,6 +32,7 @@ mod dsr;
 mod east_west;
 mod external;
 mod fib;
+mod frag;
 mod hdr;
 mod icmp;
 mod lookup;

@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, NodeConfig,
-    SelBlock, ServiceKey, ServiceValue, SockKey, SockPeer, SockValue, SourceRange, SvcCounters,
-    SvcName,
+    AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, FragKey, FragValue,
+    NodeConfig, SelBlock, ServiceKey, ServiceValue, SockKey, SockPeer, SockValue, SourceRange,
+    SvcCounters, SvcName,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -42,6 +42,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, 524_288> = LruHashMap::new();
 /// half-open flows. Written by the datapath.
 #[btf_map]
 pub static CT_NEW: LruHashMap<CtKey, CtValue, 65_536> = LruHashMap::new();
+
+/// (source, destination, protocol, IP id) → the ports of a fragmented UDP
+/// datagram's first fragment, for its later fragments. Written by the datapath.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue, 8_192> = LruHashMap::new();
 
 /// Global per-CPU counters indexed by `proxy_common::Counter`. Written by the datapath.
 #[btf_map]

@@ -39,13 +39,21 @@ pub fn rewrite(
         Side::Src => (IP_SADDR_OFF, pkt.sport_off(), pkt.saddr_be, pkt.sport_be),
     };
     let addr = ptr_at::<[u8; 4]>(ctx, addr_off).ok_or(Counter::CsumFailed)?;
-    let port = ptr_at::<[u8; 2]>(ctx, port_off).ok_or(Counter::CsumFailed)?;
-    // SAFETY: both pointers are bounds-checked against data_end; the verifier
-    // made the skb writable for direct packet access.
-    unsafe {
-        *addr = addr_be.to_ne_bytes();
-        *port = port_be.to_ne_bytes();
+    // SAFETY: bounds-checked against data_end; the verifier made the skb
+    // writable for direct packet access.
+    unsafe { *addr = addr_be.to_ne_bytes() };
+    if !pkt.l4 {
+        // A later fragment: no ports, no L4 checksum (the first fragment's
+        // update covers the datagram); only the IPv4 header changes.
+        if old_addr != addr_be {
+            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(addr_be), 4)
+                .map_err(|()| Counter::CsumFailed)?;
+        }
+        return Ok(());
     }
+    let port = ptr_at::<[u8; 2]>(ctx, port_off).ok_or(Counter::CsumFailed)?;
+    // SAFETY: as above.
+    unsafe { *port = port_be.to_ne_bytes() };
 
     let mangled0 = if pkt.proto == proto::UDP {
         u64::from(BPF_F_MARK_MANGLED_0)

@@ -2,16 +2,27 @@
 //!
 //! `Ok(None)` means "not a packet we could ever translate" (not IPv4, not
 //! TCP/UDP): it goes on untouched. `Err(counter)` means the packet looked like
-//! IPv4 TCP/UDP but is malformed, truncated or a fragment: it also goes on
-//! untouched (the kernel drops what is really broken), and the reason is
-//! counted. Nothing in here writes to the packet.
+//! IPv4 TCP/UDP but is malformed or truncated, or is a fragment we cannot
+//! place: it also goes on untouched (the kernel drops what is really
+//! broken), and the reason is counted. Nothing in here writes to the packet.
+//!
+//! Fragmented UDP (Cilium's approach): the first fragment carries the UDP
+//! header; its ports are remembered by (source, destination, protocol, IP
+//! id) in `FRAGMENTS`, and a later fragment (no UDP header) is parsed with
+//! them, so it finds the same flow and takes the same address translation
+//! (`Packet::l4` false: no ports or L4 checksum to rewrite; the first
+//! fragment's incremental L4 checksum update covers the whole datagram).
+//! A later fragment seen before its first, and fragmented TCP, go on
+//! untouched (`fragment`).
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{Counter, proto};
 
 use crate::{
     ctx::Ctx,
-    hdr::{ETH_LEN, ETH_P_IP_BE, IP_FRAG_MASK, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN},
+    hdr::{
+        ETH_LEN, ETH_P_IP_BE, IP_FRAG_MASK, IP_FRAG_OFFSET_MASK, TCP_ACK, TCP_FLAGS_OFF, TCP_SYN,
+    },
 };
 
 /// The fields of an IPv4 TCP/UDP packet the datapath works with.
@@ -31,6 +42,9 @@ pub struct Packet {
     pub tcp_syn_only: bool,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The L4 header is in this packet (false for a later fragment, whose
+    /// ports come from its first fragment).
+    pub l4: bool,
 }
 
 /// The addresses, ports and protocol of a flow as its client sends it (raw
@@ -117,12 +131,13 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
     ensure_linear(ctx, ETH_LEN + Ipv4Hdr::LEN, Counter::MalformedIp)?;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(Counter::MalformedIp)?;
     // SAFETY: `ip` is bounds-checked against data_end.
-    let (vihl, proto, tot_len, frags) = unsafe {
+    let (vihl, proto, tot_len, frags, id_be) = unsafe {
         (
             (*ip).vihl,
             (*ip).proto,
             u16::from_be_bytes((*ip).tot_len) as usize,
             u16::from_be_bytes((*ip).frags),
+            u16::from_ne_bytes((*ip).id),
         )
     };
     let l4_min = match proto {
@@ -137,24 +152,21 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
     if tot_len < ihl || tot_len + ETH_LEN > ctx.len() as usize {
         return Err(Counter::MalformedIp);
     }
-    if frags & IP_FRAG_MASK != 0 {
+    let fragment = frags & IP_FRAG_MASK != 0;
+    if fragment && proto != proto::UDP {
         return Err(Counter::Fragment);
+    }
+    let l4_off = ETH_LEN + ihl;
+    if frags & IP_FRAG_OFFSET_MASK != 0 {
+        return later_fragment(ctx, proto, id_be, l4_off, tot_len);
     }
     if tot_len < ihl + l4_min {
         return Err(Counter::MalformedL4);
     }
-    let l4_off = ETH_LEN + ihl;
     ensure_linear(ctx, l4_off + l4_min, Counter::MalformedL4)?;
 
     // Pointers from before a pull are stale: read everything again.
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(Counter::MalformedIp)?;
-    // SAFETY: bounds-checked above.
-    let (saddr_be, daddr_be) = unsafe {
-        (
-            u32::from_ne_bytes((*ip).src_addr),
-            u32::from_ne_bytes((*ip).dst_addr),
-        )
-    };
+    let (saddr_be, daddr_be) = addresses(ctx)?;
     let l4_len = tot_len - ihl;
     let (sport_be, dport_be, tcp_flags) = if proto == proto::TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, l4_off).ok_or(Counter::MalformedL4)?;
@@ -181,20 +193,71 @@ pub fn parse(ctx: &impl Ctx) -> Result<Option<Packet>, Counter> {
                 u16::from_be_bytes((*udp).len) as usize,
             )
         };
-        if len < UdpHdr::LEN || len > l4_len {
+        // A first fragment holds part of the datagram its length covers.
+        if len < UdpHdr::LEN || (!fragment && len > l4_len) {
             return Err(Counter::MalformedL4);
         }
         (sport, dport, 0)
     };
+    if fragment {
+        crate::frag::remember(saddr_be, daddr_be, id_be, proto, sport_be, dport_be);
+    }
     Ok(Some(Packet {
-        saddr_be,
-        daddr_be,
         sport_be,
         dport_be,
+        tcp_syn_only: tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        tcp_flags,
+        l4: true,
+        ..l3(saddr_be, daddr_be, proto, l4_off, tot_len)
+    }))
+}
+
+/// The IPv4 part of a packet (no ports, no TCP flags, no L4 header yet).
+#[inline(always)]
+fn l3(saddr_be: u32, daddr_be: u32, proto: u8, l4_off: usize, tot_len: usize) -> Packet {
+    Packet {
+        saddr_be,
+        daddr_be,
+        sport_be: 0,
+        dport_be: 0,
         proto,
         l4_off,
         l3_len: tot_len as u32,
-        tcp_syn_only: tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-        tcp_flags,
+        tcp_syn_only: false,
+        tcp_flags: 0,
+        l4: false,
+    }
+}
+
+/// The IPv4 source and destination (raw network order).
+#[inline(always)]
+fn addresses(ctx: &impl Ctx) -> Result<(u32, u32), Counter> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(Counter::MalformedIp)?;
+    // SAFETY: bounds-checked against data_end.
+    Ok(unsafe {
+        (
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    })
+}
+
+/// A later fragment of a UDP datagram (no UDP header): parsed with the
+/// ports its first fragment carried, if that one was seen.
+#[inline(always)]
+fn later_fragment(
+    ctx: &impl Ctx,
+    proto: u8,
+    id_be: u16,
+    l4_off: usize,
+    tot_len: usize,
+) -> Result<Option<Packet>, Counter> {
+    let (saddr_be, daddr_be) = addresses(ctx)?;
+    let (sport_be, dport_be) =
+        crate::frag::ports(saddr_be, daddr_be, id_be, proto).ok_or(Counter::Fragment)?;
+    Ok(Some(Packet {
+        sport_be,
+        dport_be,
+        ..l3(saddr_be, daddr_be, proto, l4_off, tot_len)
     }))
 }

@@ -142,12 +142,18 @@ impl NameServer {
         });
         let udp_name = name.to_owned();
         let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf) {
                 if peer.port() == 0 {
                     break; // woken by shutdown
                 }
-                let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer);
+                let mut answer = format!("{udp_name} {peer}\n").into_bytes();
+                // A "big:" request is echoed after the answer line: a reply as
+                // large as the request (fragmented like it).
+                if buf[..n].starts_with(BIG) {
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                let _ = udp.send_to(&answer, peer);
             }
         });
         Ok(Self {
@@ -155,6 +161,36 @@ impl NameServer {
             threads: vec![tcp_thread, udp_thread],
         })
     }
+}
+
+/// The prefix of a UDP request the name server echoes whole.
+const BIG: &[u8] = b"big:";
+
+/// Sends one UDP datagram of `size` bytes from `ns` to `target` (larger
+/// than the MTU: it leaves in fragments) and returns the answering backend
+/// and the size of the echo, as large (the reply is fragmented too).
+pub fn udp_big(ns: &Netns, target: SocketAddrV4, size: usize) -> Result<(String, usize)> {
+    ns.run(move || {
+        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut request = BIG.to_vec();
+        request.resize(size, b'x');
+        s.send_to(&request, target)?;
+        let mut buf = vec![0u8; 65_536];
+        let (n, from) = s.recv_from(&mut buf)?;
+        if from != SocketAddr::V4(target) {
+            bail!("answer from {from}, not {target}");
+        }
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let (line, echo) = text.split_once('\n').context("no answer line")?;
+        Ok((
+            line.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            echo.len(),
+        ))
+    })
 }
 
 /// Greets, then echoes lines prefixed with the server's name.

@@ -111,7 +111,12 @@ struct Parsed {
     proto: u8,
     l4_off: usize,
     flags: u8,
+    /// The L4 header is in this frame (not a later fragment).
+    l4: bool,
 }
+
+/// A fragmented datagram: source, destination, IP id (raw), protocol.
+type FragKey = (Ipv4Addr, Ipv4Addr, [u8; 2], u8);
 
 impl Parsed {
     fn syn_only(&self) -> bool {
@@ -120,8 +125,10 @@ impl Parsed {
 }
 
 /// Parses as the datapath does: `None` for anything it leaves alone
-/// (not IPv4 TCP/UDP, or malformed, truncated, a fragment).
-fn parse(f: &[u8]) -> Option<Parsed> {
+/// (not IPv4 TCP/UDP, or malformed, truncated, a TCP fragment, a later
+/// UDP fragment whose first one was not seen). A first UDP fragment's
+/// ports are remembered in `frags` for the later ones.
+fn parse(f: &[u8], frags: &mut HashMap<FragKey, (u16, u16)>) -> Option<Parsed> {
     if f.len() < ETH_LEN || f[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -140,13 +147,28 @@ fn parse(f: &[u8]) -> Option<Parsed> {
     if tot_len < ihl || tot_len + ETH_LEN > f.len() {
         return None;
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+    let frag_bits = u16::from_be_bytes([ip[6], ip[7]]);
+    let fragment = frag_bits & 0x3fff != 0;
+    if fragment && proto != UDP {
         return None;
+    }
+    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    let key = (addr(12), addr(16), [ip[4], ip[5]], proto);
+    let l4_off = ETH_LEN + ihl;
+    if frag_bits & 0x1fff != 0 {
+        let (sport, dport) = frags.get(&key).copied()?;
+        return Some(Parsed {
+            src: SocketAddrV4::new(key.0, sport),
+            dst: SocketAddrV4::new(key.1, dport),
+            proto,
+            l4_off,
+            flags: 0,
+            l4: false,
+        });
     }
     if tot_len < ihl + l4_min {
         return None;
     }
-    let l4_off = ETH_LEN + ihl;
     let l4 = f.get(l4_off..l4_off + l4_min)?;
     let l4_len = tot_len - ihl;
     let flags = if proto == TCP {
@@ -157,19 +179,22 @@ fn parse(f: &[u8]) -> Option<Parsed> {
         l4[13]
     } else {
         let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-        if len < 8 || len > l4_len {
+        if len < 8 || (!fragment && len > l4_len) {
             return None;
         }
         0
     };
-    let addr = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
     let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    if fragment {
+        frags.insert(key, (port(0), port(2)));
+    }
     Some(Parsed {
-        src: SocketAddrV4::new(addr(12), port(0)),
-        dst: SocketAddrV4::new(addr(16), port(2)),
+        src: SocketAddrV4::new(key.0, port(0)),
+        dst: SocketAddrV4::new(key.1, port(2)),
         proto,
         l4_off,
         flags,
+        l4: true,
     })
 }
 
@@ -213,11 +238,18 @@ fn rewrite(f: &mut [u8], p: &Parsed, dst: bool, to: SocketAddrV4) {
         (ETH_LEN + 12, p.l4_off, p.src)
     };
     f[addr_off..addr_off + 4].copy_from_slice(&to.ip().octets());
+    let raw_addr = |a: SocketAddrV4| u32::from_ne_bytes(a.ip().octets());
+    if !p.l4 {
+        // A later fragment: the IPv4 header alone.
+        if old.ip() != to.ip() {
+            replace_at(f, ETH_LEN + 10, raw_addr(old), raw_addr(to), false);
+        }
+        return;
+    }
     f[port_off..port_off + 2].copy_from_slice(&to.port().to_be_bytes());
     let csum_off = p.l4_off + if p.proto == TCP { 16 } else { 6 };
     let mangled0 = p.proto == UDP;
     let raw_port = |a: SocketAddrV4| u32::from(u16::from_ne_bytes(a.port().to_be_bytes()));
-    let raw_addr = |a: SocketAddrV4| u32::from_ne_bytes(a.ip().octets());
     if old.port() != to.port() {
         replace_at(f, csum_off, raw_port(old), raw_port(to), mangled0);
     }
@@ -276,6 +308,8 @@ pub struct Model {
     flows: HashMap<(SocketAddrV4, SocketAddrV4, u8), Flow>,
     /// The address this node's NodePorts are keyed at (`CONFIG`).
     node: Option<Ipv4Addr>,
+    /// First fragments' ports (`FRAGMENTS`).
+    frags: HashMap<FragKey, (u16, u16)>,
 }
 
 impl Model {
@@ -284,6 +318,7 @@ impl Model {
             services,
             flows: HashMap::new(),
             node: None,
+            frags: HashMap::new(),
         }
     }
 
@@ -341,7 +376,7 @@ impl Model {
             verdict: hook.drop(),
             frame: f.to_vec(),
         };
-        let Some(p) = parse(f) else {
+        let Some(p) = parse(f, &mut self.frags) else {
             return pass;
         };
         if let Some(svc) = self.service(p.dst, p.proto, true) {
@@ -354,6 +389,8 @@ impl Model {
                         frame: out,
                     }
                 }
+                // A later fragment: its first was refused.
+                None if !p.l4 => pass,
                 // No endpoints at all: refused, as ClusterIPs are.
                 None => Prediction {
                     verdict: hook.bounce(),
@@ -386,7 +423,7 @@ impl Model {
 
     /// `tc_pod_ingress`: what a pod sends.
     pub fn pod_ingress(&mut self, f: &[u8]) -> Prediction {
-        let Some(p) = parse(f) else {
+        let Some(p) = parse(f, &mut self.frags) else {
             return Prediction::untouched(f);
         };
         let Some(svc) = self.service(p.dst, p.proto, false) else {
@@ -395,6 +432,9 @@ impl Model {
             return Prediction::untouched(f);
         };
         let Some(backend) = self.track(&p, &svc) else {
+            if !p.l4 {
+                return Prediction::untouched(f);
+            }
             return Prediction {
                 verdict: REDIRECT,
                 frame: crate::packet::icmp_port_unreachable(f, *svc.frontend.ip()),
@@ -410,7 +450,7 @@ impl Model {
 
     /// `tc_pod_egress`: what is delivered to a pod.
     pub fn pod_egress(&mut self, f: &[u8]) -> Prediction {
-        let Some(p) = parse(f) else {
+        let Some(p) = parse(f, &mut self.frags) else {
             return Prediction::untouched(f);
         };
         // The flow whose backend answers this client.
@@ -445,7 +485,7 @@ mod tests {
         let backend = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080);
         let f = crate::packet::Frame::tcp_syn(src, vip);
         let mut out = f.build();
-        let p = parse(&out).unwrap();
+        let p = parse(&out, &mut HashMap::new()).unwrap();
         rewrite(&mut out, &p, true, backend);
         crate::packet::verify_checksums(&out).unwrap();
         assert_eq!(out, f.with_endpoints(src, backend).build());

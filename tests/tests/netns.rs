@@ -429,3 +429,33 @@ fn kernel_side_logs_reach_the_agent_log() {
         .unwrap();
     agent.stop();
 }
+
+#[test]
+fn a_fragmented_udp_datagram_crosses_a_cluster_ip_both_ways() {
+    let w = web(3);
+    let client = &w.cluster.pod("client").unwrap().ns;
+    let vip = SocketAddrV4::new(VIP, 53);
+    // 3000 bytes over 1500-byte veths: three fragments each way, the later
+    // ones without a UDP header.
+    for _ in 0..5 {
+        let (backend, echoed) = proxy_tests::cluster::udp_big(client, vip, 3000).unwrap();
+        assert!(backend.starts_with("backend-"), "{backend}");
+        assert_eq!(echoed, 3000, "the whole datagram arrived and came back");
+    }
+    let counters: std::collections::BTreeMap<_, _> =
+        proxy_agent::datapath::read_pinned_counters(&w.cluster.pin_root())
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(
+        counters.get(&proxy_common::Counter::Fragment).copied(),
+        Some(0),
+        "every fragment found its first"
+    );
+    // Five first fragments opened flows; the ten later ones followed them.
+    let established = counters
+        .get(&proxy_common::Counter::Established)
+        .copied()
+        .unwrap_or(0);
+    assert!(established >= 10, "{counters:?}");
+}

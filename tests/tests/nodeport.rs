@@ -450,3 +450,14 @@ fn a_nodeport_without_endpoints_is_refused_at_once() {
         "{n1:?}"
     );
 }
+
+#[test]
+fn a_fragmented_udp_datagram_crosses_a_nodeport_both_ways() {
+    let s = setup("snat");
+    let np1 = SocketAddrV4::new(node_ip(1), NP_WEB);
+    for _ in 0..3 {
+        let (backend, echoed) = proxy_tests::cluster::udp_big(&s.net.client, np1, 3000).unwrap();
+        assert_eq!(backend, "backend");
+        assert_eq!(echoed, 3000, "the whole datagram arrived and came back");
+    }
+}

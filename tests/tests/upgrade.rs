@@ -1,7 +1,7 @@
 //! Upgrading across a pin layout change: the previous release's agent
 //! (layout 7, built from this repository's history) serves two nodes, long
 //! lived connections run through a ClusterIP and a SNATed NodePort, and
-//! node1's agent is replaced by this build (layout 8), which carries the
+//! node1's agent is replaced by this build (a later layout), which carries the
 //! maps over and swaps its programs into the pinned links.
 //!
 //! Needs root (namespaces, BPF) and the layout-7 commit in the clone's
@@ -124,7 +124,8 @@ fn an_upgrade_across_a_layout_change_keeps_every_connection() {
         .unwrap();
     ping_all(&mut conns, "after");
     assert!(!pins.join("v7").exists(), "the old layout's pins are gone");
-    assert!(pins.join("v8/links").read_dir().unwrap().count() > 0);
+    let layout = format!("v{}/links", proxy_common::PIN_LAYOUT_VERSION);
+    assert!(pins.join(layout).read_dir().unwrap().count() > 0);
 
     // The flows live in the new maps, and new connections work.
     let flows = proxy_agent::datapath::read_pinned_conntrack(&pins).unwrap();

@@ -44,13 +44,13 @@ const FLOW_STATE: [&str; 5] = [
     maps::SOCK_PEER,
 ];
 
-/// Older layouts this agent carries over, oldest first: for each, the maps
-/// copied as they are (same key and value layout in both). Layout 7 → 8
-/// added `CT_NEW` and gave `CONFIG` a field in its padding (zero until the
-/// agent writes `CONFIG`, which it does at its first sync); everything
-/// else is unchanged.
-pub fn carried(version: u32) -> Option<&'static [&'static str]> {
-    const V7: &[&str] = &[
+/// What each older layout this agent carries over copies as it is (same
+/// key and value layout in both): layout 7 → 9 every map but the ones
+/// added since (`CT_NEW` in 8, `FRAGMENTS` in 9); `CONFIG` gained a field
+/// in its padding in 8 (zero until the agent writes `CONFIG`, which it
+/// does at its first sync). `None`: a layout this agent cannot carry over.
+pub fn carried(version: u32) -> Option<Vec<&'static str>> {
+    const SINCE_7: &[&str] = &[
         maps::SERVICES,
         maps::SELECTION,
         maps::SVC_TABLE,
@@ -68,7 +68,8 @@ pub fn carried(version: u32) -> Option<&'static [&'static str]> {
         maps::SOCK_PEER,
     ];
     match version {
-        7 => Some(V7),
+        7 => Some(SINCE_7.to_vec()),
+        8 => Some([SINCE_7, &[maps::CT_NEW]].concat()),
         _ => None,
     }
 }
@@ -161,7 +162,7 @@ impl Datapath {
         let Some(names) = carried(from) else {
             tracing::warn!(
                 old = %dir.display(),
-                "pins of layout {from} found; this agent carries over layout 7 only: its flows are not kept (the old pins stay until removed)"
+                "pins of layout {from} found; this agent carries over layouts 7 and 8 only: its flows are not kept (the old pins stay until removed)"
             );
             return Ok(None);
         };
