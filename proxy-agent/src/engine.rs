@@ -47,6 +47,22 @@ pub struct Engine {
     /// Problems reported so far, by the Service they belong to (errors not tied
     /// to one Service, such as frontend conflicts, under the empty key).
     reported: BTreeMap<Key, Vec<ObjectError>>,
+    /// Service ports with a Local policy and no endpoint here (internal,
+    /// external), kept in step with each change.
+    no_local: BTreeMap<ServicePortName, (bool, bool)>,
+}
+
+/// Whether a plan has endpoints, but none here for its internal and its
+/// external traffic (a Local traffic policy).
+fn no_local_of(p: &ServicePlan) -> (bool, bool) {
+    if !p.has_endpoints {
+        return (false, false);
+    }
+    let external = p.frontends.iter().any(|f| !f.kind.is_internal());
+    (
+        p.internal_backends.is_empty(),
+        external && p.external_backends.is_empty(),
+    )
 }
 
 fn ports_of(desired: &BTreeMap<ServicePortName, ServicePlan>, key: &Key) -> Vec<ServicePortName> {
@@ -84,13 +100,9 @@ impl Engine {
     /// node while they have endpoints elsewhere (kube-proxy's
     /// `sync_proxy_rules_no_local_endpoints_total`): (internal, external).
     pub fn no_local_endpoints(&self) -> (usize, usize) {
-        let mut counts = (0, 0);
-        for p in self.desired.values().filter(|p| p.has_endpoints) {
-            counts.0 += usize::from(p.internal_backends.is_empty());
-            let external = p.frontends.iter().any(|f| !f.kind.is_internal());
-            counts.1 += usize::from(external && p.external_backends.is_empty());
-        }
-        counts
+        self.no_local.values().fold((0, 0), |(i, e), (li, le)| {
+            (i + usize::from(*li), e + usize::from(*le))
+        })
     }
 
     /// The whole desired state, sorted.
@@ -153,6 +165,10 @@ impl Engine {
         for id in names {
             let now = self.desired.get(&id);
             if now != before.get(&id) {
+                match now.map(no_local_of) {
+                    Some(n) if n != (false, false) => self.no_local.insert(id.clone(), n),
+                    _ => self.no_local.remove(&id),
+                };
                 changes.insert(id, now.cloned());
             }
         }
@@ -354,6 +370,19 @@ mod tests {
             let update = engine.update(&dirty);
             let full = translate(&fresh, &opts);
             assert_eq!(engine.desired(), full.desired, "state {i}");
+            let no_local = full
+                .desired
+                .services
+                .iter()
+                .map(no_local_of)
+                .fold((0, 0), |(i, e), (li, le)| {
+                    (i + usize::from(li), e + usize::from(le))
+                });
+            assert_eq!(
+                engine.no_local_endpoints(),
+                no_local,
+                "state {i}: no local endpoints"
+            );
             // The changes turn the previous state into the new one.
             let mut replay: BTreeMap<ServicePortName, ServicePlan> = before
                 .services
@@ -405,6 +434,12 @@ mod tests {
                 slice("a-1", "b", &["10.0.0.1"]),
             ]),
             s(&[service("c", "10.96.0.1"), slice("c-1", "c", &["10.0.0.9"])]),
+            // internalTrafficPolicy Local, no endpoint on this node.
+            s(&[
+                service("c", "10.96.0.1")
+                    .replace("spec: {", "spec: {internalTrafficPolicy: Local, "),
+                slice("c-1", "c", &["10.0.0.9"]),
+            ]),
             String::new(),
         ]);
     }

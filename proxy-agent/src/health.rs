@@ -34,7 +34,6 @@ pub struct Health {
     synced: AtomicBool,
     apply_ok: AtomicBool,
     source_ok: AtomicBool,
-    last_sync_unix: AtomicU64,
     source_detail: Mutex<String>,
     /// kube-proxy's health: the oldest change not yet synced, the last
     /// successful sync, whether this node may take traffic, the timeout.
@@ -86,12 +85,9 @@ impl Health {
     pub fn synced(&self, ok: bool) {
         self.synced.store(true, Ordering::Relaxed);
         self.apply_ok.store(ok, Ordering::Relaxed);
-        let now = SystemTime::now();
-        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.last_sync_unix.store(secs, Ordering::Relaxed);
         if ok {
             *lock(&self.oldest_queued) = None;
-            *lock(&self.last_updated) = Some(now);
+            *lock(&self.last_updated) = Some(SystemTime::now());
         }
     }
 

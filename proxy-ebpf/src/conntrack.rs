@@ -157,6 +157,17 @@ impl Tracked {
         self.table == Table::New && pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
     }
 
+    /// The path counter of client packet `pkt` of this flow: the packet
+    /// that completes the handshake, or any other of an established flow.
+    #[inline(always)]
+    pub fn path(&self, pkt: &Packet) -> Counter {
+        if self.completes(pkt) {
+            Counter::HandshakeDone
+        } else {
+            Counter::Established
+        }
+    }
+
     /// Client packet `pkt` of this flow was seen: the entry is refreshed,
     /// or, when the packet completes the handshake, the flow moves to
     /// `CONNTRACK` (REPLY entry first, as in [`create`]) and starts
@@ -334,7 +345,14 @@ impl NewFlow<'_> {
             let (rkey, rval) = reply_of(&key, fwd);
             self.table.insert(&rkey, &rval, 0)?;
         }
-        self.table.insert(&key, fwd, 0)?;
+        self.insert_forward(&key, fwd)
+    }
+
+    /// Inserts the FORWARD entry (its REPLY entry is in place) and counts
+    /// the flow for least-connections when asked.
+    #[inline(always)]
+    fn insert_forward(&self, key: &CtKey, fwd: &CtValue) -> Result<(), Counter> {
+        self.table.insert(key, fwd, 0)?;
         if fwd.flags & CT_F_COUNTED != 0 {
             crate::select::count_open(self.backend_id);
         }
@@ -445,10 +463,7 @@ pub fn create_snat(
         i += 1;
     }
     let (port_be, fwd) = found.ok_or(Counter::SnatPortsExhausted)?;
-    f.table.insert(&key, &fwd, 0)?;
-    if fwd.flags & CT_F_COUNTED != 0 {
-        crate::select::count_open(f.backend_id);
-    }
+    f.insert_forward(&key, &fwd)?;
     Ok(port_be)
 }
 

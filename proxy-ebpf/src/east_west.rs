@@ -149,11 +149,7 @@ fn dnat(ctx: &TcContext, pkt: &Packet, svc_id: u32) -> Result<Done, Counter> {
         && t.value().svc_id == svc_id
         && conntrack::continues(&t.value(), pkt)
     {
-        let counter = if t.completes(pkt) {
-            Counter::HandshakeDone
-        } else {
-            Counter::Established
-        };
+        let counter = t.path(pkt);
         let v = t.follow(pkt, now)?;
         stats::service(svc_id, pkt.l3_len, SvcEvent::Packet);
         if v.flags & CT_F_HAIRPIN != 0 {

@@ -145,18 +145,13 @@ fn frontend(ctx: &impl Ctx, pkt: &Packet, svc: &ServiceValue) -> Result<Done, Co
     if let Some(t) = tracked {
         let v = t.value();
         if v.svc_id == svc.svc_id && conntrack::continues(&v, pkt) {
-            let counter = if t.completes(pkt) {
-                Counter::HandshakeDone
-            } else {
-                Counter::Established
-            };
             return send(
                 ctx,
                 pkt,
                 &v,
                 t.completes(pkt),
                 SvcEvent::Packet,
-                counter,
+                t.path(pkt),
                 || t.follow(pkt, now).map(|v| v.peer_port_be),
             );
         }

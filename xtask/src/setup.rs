@@ -26,9 +26,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "checksum offload switches in tests"),
     (
         "iptables",
-        "kube-proxy's iptables rules in the benchmarks (both backends)",
+        "kube-proxy's iptables rules in the benchmarks and the migration test (both backends)",
     ),
-    ("nftables", "kube-proxy's nftables rules in the benchmarks"),
+    (
+        "nftables",
+        "kube-proxy's nftables rules in the benchmarks and the migration test",
+    ),
+    (
+        "git",
+        "the upgrade test builds the previous layout's agent from history",
+    ),
     ("tcpdump", "packet captures"),
     ("curl", "HTTP checks"),
     ("socat", "ad-hoc TCP/UDP endpoints"),

@@ -73,10 +73,9 @@ struct LinkUpdateAttr {
 /// Makes `link` run `program` from now on (`BPF_LINK_UPDATE`): no moment
 /// without a program.
 pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
-    let fd = |f: BorrowedFd<'_>| u32::try_from(f.as_raw_fd()).unwrap_or(u32::MAX);
     let mut attr = LinkUpdateAttr {
-        link_fd: fd(link),
-        new_prog_fd: fd(program),
+        link_fd: raw(link),
+        new_prog_fd: raw(program),
         flags: 0,
         old_prog_fd: 0,
     };
@@ -111,49 +110,27 @@ pub fn copy_map(
     value_len: usize,
     flags: u64,
 ) -> io::Result<(usize, usize)> {
-    let fd = |f: BorrowedFd<'_>| u32::try_from(f.as_raw_fd()).unwrap_or(u32::MAX);
     let (mut key, mut next) = (vec![0u8; key_len], vec![0u8; key_len]);
     let mut value = vec![0u8; value_len];
     let (mut copied, mut refused) = (0, 0);
-    let mut first = true;
+    // A null key asks for the first one.
+    let mut at = 0;
     loop {
-        let mut attr = MapElemAttr {
-            map_fd: fd(from),
-            _pad: 0,
-            // A null key asks for the first one.
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            value_or_next_key: next.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(_) => {}
+        match map_elem(BPF_MAP_GET_NEXT_KEY, from, at, next.as_mut_ptr() as u64, 0) {
+            Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
         }
-        first = false;
         key.copy_from_slice(&next);
-        let mut attr = MapElemAttr {
-            map_fd: fd(from),
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value_or_next_key: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(_) => {}
+        at = key.as_ptr() as u64;
+        match map_elem(BPF_MAP_LOOKUP_ELEM, from, at, value.as_mut_ptr() as u64, 0) {
+            Ok(()) => {}
             // Gone since: an LRU evicted it, or the datapath removed it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         }
-        let mut attr = MapElemAttr {
-            map_fd: fd(to),
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value_or_next_key: value.as_ptr() as u64,
-            flags,
-        };
-        match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
-            Ok(_) => copied += 1,
+        match map_elem(BPF_MAP_UPDATE_ELEM, to, at, value.as_ptr() as u64, flags) {
+            Ok(()) => copied += 1,
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -166,4 +143,28 @@ pub fn copy_map(
         }
     }
     Ok((copied, refused))
+}
+
+/// One element command (`cmd`) on `map`: `key` and `value_or_next_key`
+/// are user addresses of buffers of the map's sizes (0: none).
+fn map_elem(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: raw(map),
+        _pad: 0,
+        key,
+        value_or_next_key,
+        flags,
+    };
+    bpf(cmd, &mut attr).map(|_| ())
+}
+
+/// A descriptor as `union bpf_attr` holds it.
+fn raw(fd: BorrowedFd<'_>) -> u32 {
+    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
 }
