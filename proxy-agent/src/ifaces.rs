@@ -1,14 +1,9 @@
 //! Network interfaces: listing, matching `--pod-iface` globs, and noticing
 //! when interfaces come and go (rtnetlink link notifications).
 
-use std::{
-    collections::BTreeSet,
-    ffi::CStr,
-    io,
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
-};
+use std::{collections::BTreeSet, ffi::CStr, io};
 
-use tokio::io::unix::AsyncFd;
+use crate::netlink::{RTMGRP_LINK, Subscription};
 
 /// Interface name patterns (shell globs, as `veth*`).
 #[derive(Clone, Debug, Default)]
@@ -97,77 +92,23 @@ pub fn matching(matcher: &IfaceMatcher) -> io::Result<BTreeSet<(u32, String)>> {
         .collect())
 }
 
-/// A NETLINK_ROUTE socket subscribed to link notifications: it becomes readable
-/// whenever an interface is added, removed or changed.
+/// A subscription to link notifications: it wakes whenever an interface
+/// is added, removed or changed.
 pub struct LinkWatcher {
-    fd: AsyncFd<OwnedFd>,
+    sub: Subscription,
 }
-
-const RTMGRP_LINK: u32 = 1;
 
 impl LinkWatcher {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call.
-        let raw: RawFd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: zeroed sockaddr_nl is valid; we set family and groups.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = RTMGRP_LINK;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
-        Ok(Self { fd })
+        Ok(Self {
+            sub: Subscription::new(RTMGRP_LINK)?,
+        })
     }
 
-    /// Waits for at least one link notification, then drains the socket.
+    /// Waits for link notifications (a lost batch counts: a full rescan
+    /// follows anyway).
     pub async fn changed(&mut self) -> io::Result<()> {
-        let mut guard = self.fd.readable_mut().await?;
-        let mut buf = [0u8; 8192];
-        loop {
-            // SAFETY: reading into our own buffer.
-            let n = unsafe {
-                libc::recv(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        guard.clear_ready();
-                        return Ok(());
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    // ENOBUFS: we missed notifications; a full rescan follows anyway.
-                    _ if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                    _ => return Err(e),
-                }
-            }
-        }
+        self.sub.drain(|_| {}).await
     }
 }
 

@@ -1,4 +1,5 @@
-//! The `CONNTRACK` and `CT_NEW` maps: flows, one entry per direction.
+//! The `CONNTRACK` and `CT_NEW` maps: flows, one entry per direction, or
+//! (a half-open flow in `CT_NEW`) one entry for both.
 
 use crate::pod;
 
@@ -8,6 +9,14 @@ pub mod ct_dir {
     pub const FORWARD: u8 = 0;
     /// Backend → client, as the backend sent it (before reverse NAT).
     pub const REPLY: u8 = 1;
+    /// `CT_NEW` only: a half-open flow in one entry keyed by its client's
+    /// address and port alone (`daddr_be`, `dport_be` zero), so the SYN
+    /// records it with one insert and both the backend's SYN-ACK (addressed
+    /// to the client) and the client's next packet find it. The value holds
+    /// the backend in `nat_*` and the frontend in `peer_*`. A client port
+    /// with two half-open flows at once (to different frontends) keeps the
+    /// second one in FORWARD and REPLY entries.
+    pub const CLIENT: u8 = 2;
 }
 
 /// TCP connection states of a conntrack entry (`CtValue::state`), each seen
@@ -150,6 +159,19 @@ mod user {
                 dport_be: port_be(dst.port()),
                 proto,
                 dir,
+                _pad: 0,
+            }
+        }
+
+        /// The key of a half-open flow of `client` ([`ct_dir::CLIENT`]).
+        pub const fn client(client: SocketAddrV4, proto: u8) -> Self {
+            Self {
+                saddr_be: ip_be(*client.ip()),
+                daddr_be: 0,
+                sport_be: port_be(client.port()),
+                dport_be: 0,
+                proto,
+                dir: super::ct_dir::CLIENT,
                 _pad: 0,
             }
         }

@@ -35,6 +35,11 @@ macro_rules! counters {
             /// adding one does not change the pinned layout.
             pub const CAPACITY: usize = 64;
 
+            /// The counter with index `index`, if there is one.
+            pub const fn from_index(index: u32) -> Option<Counter> {
+                match index { $($value => Some(Counter::$variant),)* _ => None }
+            }
+
             /// Stable snake_case name, used in metrics and CLI output.
             pub const fn name(self) -> &'static str {
                 match self { $(Counter::$variant => $name,)* }
@@ -137,6 +142,9 @@ counters! {
     /// The client's packet that completes a TCP handshake: the flow moved
     /// from `CT_NEW` to `CONNTRACK`, the packet translated as established.
     HandshakeDone = 34, "handshake_done", Handled;
+    /// A part of the datapath verified apart from its caller returned a
+    /// result the caller does not know: a bug, dropped and logged.
+    Internal = 35, "internal_error", Failed;
 }
 
 // Every counter has a slot in `STATS`.
@@ -150,9 +158,11 @@ mod tests {
     fn indices_are_dense_and_names_unique() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{c:?} out of order");
+            assert_eq!(Counter::from_index(i as u32), Some(*c));
             for other in &Counter::ALL[i + 1..] {
                 assert_ne!(c.name(), other.name());
             }
         }
+        assert_eq!(Counter::from_index(Counter::COUNT as u32), None);
     }
 }

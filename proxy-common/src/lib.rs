@@ -30,6 +30,7 @@ pub mod maps;
 pub mod names;
 #[cfg(feature = "user")]
 mod net;
+pub mod route;
 pub mod selection;
 pub mod service;
 pub mod sock;
@@ -43,6 +44,7 @@ pub use config::*;
 pub use conntrack::*;
 pub use counters::{Counter, Verdict};
 pub use names::*;
+pub use route::*;
 pub use selection::*;
 pub use service::*;
 pub use sock::*;
@@ -50,7 +52,7 @@ pub use stats::*;
 pub use wire::*;
 
 /// Version of the pinned map layout; pins live under `<bpffs root>/v<N>/`.
-pub const PIN_LAYOUT_VERSION: u32 = 9;
+pub const PIN_LAYOUT_VERSION: u32 = 10;
 
 /// Marks shared types as plain old data for aya (userspace map access).
 macro_rules! pod {
@@ -95,13 +97,14 @@ mod tests {
             size_of::<SockPeer>(),
             size_of::<FragKey>(),
             size_of::<FragValue>(),
+            size_of::<NextHop>(),
             maps::PINNED.len(),
         ];
-        assert_eq!(PIN_LAYOUT_VERSION, 9);
+        assert_eq!(PIN_LAYOUT_VERSION, 10);
         assert_eq!(
             fingerprint,
             [
-                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 12, 4, 17
+                8, 7, 8, 8, 64, 16, 13, 40, 24, 32, 32, 16, 8, 64, 16, 16, 24, 12, 4, 28, 21
             ]
         );
     }

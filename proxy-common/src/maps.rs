@@ -19,7 +19,8 @@ pub const BACKENDS: &str = "BACKENDS";
 /// flows and TCP flows picked up mid-stream. Written by the datapath.
 pub const CONNTRACK: &str = "CONNTRACK";
 /// LRU hash: [`crate::CtKey`] → [`crate::CtValue`]: TCP flows opened by a
-/// SYN whose client has not completed the handshake. The client's next
+/// SYN whose client has not completed the handshake, most in one entry
+/// keyed by the client ([`crate::ct_dir::CLIENT`]). The client's next
 /// packet moves the flow to `CONNTRACK`, so a flood of SYNs evicts only
 /// other half-open flows, never an established one. Written by the datapath.
 pub const CT_NEW: &str = "CT_NEW";
@@ -62,6 +63,14 @@ pub const SOCK_NAT: &str = "SOCK_NAT";
 /// alone: connect4 adds, sock_release removes when the socket goes.
 pub const SOCK_PEER: &str = "SOCK_PEER";
 
+/// Array: backend id → [`crate::NextHop`]: the route packets to that
+/// backend take, remembered by the datapath. Written by the datapath.
+pub const ROUTES: &str = "ROUTES";
+/// Array of one `u32`: the generation `ROUTES` entries must carry to be
+/// used. Written by the agent, bumped on every route, neighbour, address or
+/// link change (0: remembering routes is off).
+pub const ROUTE_GEN: &str = "ROUTE_GEN";
+
 /// Hash: svc id → [`crate::SvcName`]. Written by the agent; never read by
 /// the datapath (it names svc ids for inspection tools).
 pub const SVC_NAMES: &str = "SVC_NAMES";
@@ -85,6 +94,10 @@ pub const PINNED: &[&str] = &[
     SVC_NAMES,
     SOCK_NAT,
     SOCK_PEER,
+    ROUTES,
+    ROUTE_GEN,
+    SLOW_TC,
+    SLOW_XDP,
 ];
 
 /// Default capacity of `SOCK_NAT` (two entries per unconnected UDP socket
@@ -116,10 +129,26 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 /// Default capacity of `FRAGMENTS` (fragmented datagrams in flight).
 pub const DEFAULT_FRAG_ENTRIES: u32 = 8_192;
-/// Default capacity of `CT_NEW` (two entries per half-open flow): handshakes
+/// Default capacity of `CT_NEW` (one entry per half-open flow, two for a
+/// SNAT or hairpin flow): handshakes
 /// last a round trip, so this holds tens of thousands of new connections per
 /// second with room to spare; a SYN flood only churns this table.
 pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
+
+/// Slots of the slow programs in `SLOW_TC` and `SLOW_XDP` (program
+/// arrays: what a tail call hands a packet that is no established flow's).
+pub mod slow {
+    /// An external frontend's: `tc_ext_slow` in `SLOW_TC`, `xdp_ext_slow`
+    /// in `SLOW_XDP`.
+    pub const EXT: u32 = 0;
+    /// A pod's packet to a frontend: `tc_pod_slow` in `SLOW_TC`.
+    pub const POD: u32 = 1;
+}
+
+/// Program arrays of the slow programs (TC, XDP). Written by the agent.
+pub const SLOW_TC: &str = "SLOW_TC";
+/// See [`SLOW_TC`].
+pub const SLOW_XDP: &str = "SLOW_XDP";
 
 /// Program names in the object file.
 pub mod programs {
@@ -132,6 +161,13 @@ pub mod programs {
     pub const XDP_EXT: &str = "xdp_ext";
     /// XDP that passes everything, for the peer of a veth running `xdp_ext`.
     pub const XDP_PASS: &str = "xdp_pass";
+    /// The slow paths (tail-called, never attached): a pod's packet to a
+    /// frontend that is no established flow's.
+    pub const TC_POD_SLOW: &str = "tc_pod_slow";
+    /// `tc_ext_ingress`'s slow path.
+    pub const TC_EXT_SLOW: &str = "tc_ext_slow";
+    /// `xdp_ext`'s slow path.
+    pub const XDP_EXT_SLOW: &str = "xdp_ext_slow";
     /// TC ingress on external interfaces: the same as `xdp_ext`, for what XDP
     /// leaves to it (unresolved next hops) or where XDP cannot attach.
     pub const TC_EXT_INGRESS: &str = "tc_ext_ingress";
@@ -145,6 +181,23 @@ pub mod programs {
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     /// cgroup sock_release: a closed socket's entry leaves `SOCK_PEER`.
     pub const SOCK_RELEASE: &str = "sock_release";
+
+    /// Every program the agent loads (the benchmark wrapper aside).
+    pub const ALL: [&str; 13] = [
+        TC_POD_INGRESS,
+        TC_POD_EGRESS,
+        TC_POD_SLOW,
+        TC_EXT_INGRESS,
+        TC_EXT_SLOW,
+        XDP_EXT,
+        XDP_EXT_SLOW,
+        XDP_PASS,
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+        SOCK_RELEASE,
+    ];
 
     /// The socket hooks, with the attach point each goes to (for link names).
     pub const SOCK_HOOKS: [(&str, &str); 5] = [

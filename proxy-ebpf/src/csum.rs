@@ -90,6 +90,10 @@ pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
 /// Sums up to `max_words` 16-bit words of packet data in `[start, end)` from `start`,
 /// stopping at `len` bytes; an odd last byte is padded with zero as RFC 1071 says.
 #[inline(always)]
+#[expect(
+    clippy::int_plus_one,
+    reason = "`p + 1 <= end` keeps the one-byte bound the verifier needs (see the odd byte)"
+)]
 pub fn add_packet_words(mut sum: u32, start: usize, end: usize, len: usize) -> u32 {
     // Bounded loop: the verifier sees at most MAX_SAMPLE_WORDS iterations.
     let mut i = 0usize;
@@ -99,10 +103,13 @@ pub fn add_packet_words(mut sum: u32, start: usize, end: usize, len: usize) -> u
             break;
         }
         if start + off + 2 > end || off + 2 > len {
-            if start + off < end {
-                // SAFETY: one byte at start+off is inside the packet.
-                let b = unsafe { *((start + off) as *const u8) };
-                sum += u32::from(u16::from_ne_bytes([b, 0]));
+            // An odd last byte, read as the second of the pair ending with
+            // it (a one-byte read bounded as `p < end` gives the verifier
+            // no range when `p`'s offset is variable).
+            if off > 0 && start + off + 1 <= end {
+                // SAFETY: the two bytes at start+off-1 are inside the packet.
+                let w = unsafe { *((start + off - 1) as *const [u8; 2]) };
+                sum += u32::from(u16::from_ne_bytes([w[1], 0]));
             }
             break;
         }

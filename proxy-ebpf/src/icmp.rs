@@ -46,6 +46,26 @@ pub struct IcmpError {
     pub proto: u8,
 }
 
+/// Whether the packet is IPv4 ICMP addressed to `addr_be` (not 0): a
+/// candidate for [`parse`], checked cheaply on the fast path.
+#[inline(always)]
+pub fn to_addr(ctx: &impl Ctx, addr_be: u32) -> bool {
+    let (Some(eth_type), Some(proto), Some(daddr)) = (
+        ptr_at::<[u8; 2]>(ctx, ETH_LEN - 2),
+        ptr_at::<u8>(ctx, ETH_LEN + 9),
+        ptr_at::<[u8; 4]>(ctx, IP_DADDR_OFF),
+    ) else {
+        return false;
+    };
+    // SAFETY: all bounds-checked against data_end.
+    unsafe {
+        addr_be != 0
+            && *eth_type == [0x08, 0x00]
+            && *proto == proto::ICMP
+            && u32::from_ne_bytes(*daddr) == addr_be
+    }
+}
+
 /// Parses an ICMP error quoting TCP/UDP; `None` for anything else.
 #[inline(always)]
 pub fn parse(ctx: &impl Ctx) -> Option<IcmpError> {

@@ -33,6 +33,7 @@ mod east_west;
 mod external;
 mod fib;
 mod frag;
+mod global;
 mod hdr;
 mod icmp;
 mod lookup;
@@ -76,6 +77,26 @@ pub fn xdp_ext(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_ext_ingress(ctx: TcContext) -> i32 {
     finish(&ctx, external::handle(&ctx))
+}
+
+/// The slow paths, programs of their own reached by a tail call (a frame
+/// and a verification of their own): a packet to a frontend that is no
+/// established flow's (new flows, handshakes). Never attached.
+#[classifier]
+pub fn tc_pod_slow(ctx: TcContext) -> i32 {
+    finish(&ctx, east_west::slow_path(&ctx))
+}
+
+/// `tc_ext_ingress`'s slow path.
+#[classifier]
+pub fn tc_ext_slow(ctx: TcContext) -> i32 {
+    finish(&ctx, external::slow_path(&ctx))
+}
+
+/// `xdp_ext`'s slow path.
+#[xdp]
+pub fn xdp_ext_slow(ctx: XdpContext) -> u32 {
+    finish(&ctx, external::slow_path(&ctx))
 }
 
 /// Socket-level load balancing (`sock.rs`): a connect to a frontend goes to

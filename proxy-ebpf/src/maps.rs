@@ -5,13 +5,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendConns, Counter, CtKey, CtValue, FragKey, FragValue,
-    NodeConfig, SelBlock, ServiceKey, ServiceValue, SockKey, SockPeer, SockValue, SourceRange,
-    SvcCounters, SvcName,
+    NextHop, NodeConfig, SelBlock, ServiceKey, ServiceValue, SockKey, SockPeer, SockValue,
+    SourceRange, SvcCounters, SvcName,
 };
 
 /// Frontend (address, port, protocol, scope) → service port. Written by the agent.
@@ -101,3 +101,42 @@ pub static SOCK_NAT: LruHashMap<SockKey, SockValue, 131_072> = LruHashMap::new()
 /// sock_release removes).
 #[btf_map]
 pub static SOCK_PEER: HashMap<u64, SockPeer, 131_072> = HashMap::new();
+
+/// Backend id → the route packets to that backend take (FIB result), valid
+/// while its generation equals `ROUTE_GEN[0]`. Written by the datapath.
+#[btf_map]
+pub static ROUTES: Array<NextHop, 262_144> = Array::new();
+
+/// The generation `ROUTES` entries must carry (0: none is used). Written by
+/// the agent, bumped on every route, neighbour, address or link change.
+#[btf_map]
+pub static ROUTE_GEN: Array<u32, 1> = Array::new();
+
+/// Scratch, one per CPU: the request of a FIB lookup (`fib::lookup`),
+/// kept off the stack. Written and read by the datapath within one helper
+/// call; not pinned.
+#[btf_map]
+pub static FIB_REQUEST: PerCpuArray<[u64; 8], 1> = PerCpuArray::new();
+
+/// The TC slow programs, by `proxy_common::maps::slow` slot (`tc_ext_slow`,
+/// `tc_pod_slow`): what a tail call hands a packet that is no established
+/// flow's. Written by the agent at load.
+#[btf_map]
+pub static SLOW_TC: ProgramArray<2> = ProgramArray::new();
+
+/// The XDP slow program (`xdp_ext_slow`, slot `slow::EXT`). Written by the
+/// agent at load.
+#[btf_map]
+pub static SLOW_XDP: ProgramArray<2> = ProgramArray::new();
+
+/// Scratch, one per CPU: the conntrack entries recording a flow builds
+/// (`conntrack::CtWork`), kept off the stack. Written and read by the
+/// datapath within one run; not pinned.
+#[btf_map]
+pub static CT_WORK: PerCpuArray<crate::conntrack::CtWork, 1> = PerCpuArray::new();
+
+/// Scratch, one per CPU: what the slow programs' steps hand each other
+/// (`global::SlowWork`), kept off the stack. Written and read by the
+/// datapath within one run; not pinned.
+#[btf_map]
+pub static SLOW_WORK: PerCpuArray<crate::global::SlowWork, 1> = PerCpuArray::new();

@@ -58,7 +58,19 @@ pub struct Tuple {
     pub proto: u8,
 }
 
+/// Bounds every offset derived from `Packet::l4_off` (at most 14 + 60 =
+/// 74) for the verifier, which may know nothing of a value read back from
+/// memory: a `Packet` handed to a function verified apart lives on the
+/// stack as plain bytes.
+const L4_OFF_MASK: usize = 0x7f;
+
 impl Packet {
+    /// Offset of the L4 header from the start of the frame, bounded.
+    #[inline(always)]
+    pub fn l4_start(&self) -> usize {
+        self.l4_off & L4_OFF_MASK
+    }
+
     /// The packet's tuple.
     #[inline(always)]
     pub fn tuple(&self) -> Tuple {
@@ -75,22 +87,22 @@ impl Packet {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == proto::TCP {
-            self.l4_off + 16
+            self.l4_start() + 16
         } else {
-            self.l4_off + 6
+            self.l4_start() + 6
         }
     }
 
     /// Offset of the source port.
     #[inline(always)]
     pub fn sport_off(&self) -> usize {
-        self.l4_off
+        self.l4_start()
     }
 
     /// Offset of the destination port.
     #[inline(always)]
     pub fn dport_off(&self) -> usize {
-        self.l4_off + 2
+        self.l4_start() + 2
     }
 }
 

@@ -20,8 +20,8 @@
 use proxy_common::{Counter, proto};
 
 use crate::{
-    csum::{MAX_SAMPLE_WORDS, add_packet_words, add_words, fixed_point, fold},
-    ctx::Ctx,
+    csum::{MAX_SAMPLE_WORDS, add_words, fixed_point, fold},
+    global::Globals,
     hdr::{ETH_LEN, ICMP_DEST_UNREACH, ICMP_LEN, ICMP_PORT_UNREACH, IP_LEN},
     parse::{Packet, ptr_at},
 };
@@ -33,12 +33,12 @@ const QUOTE_OFF: usize = ETH_LEN + IP_LEN + ICMP_LEN;
 /// Rewrites the packet into an ICMP port unreachable, to be sent back out of
 /// the interface it came in on (`Done::bounce`).
 #[inline(always)]
-pub fn reject(ctx: &impl Ctx, pkt: &Packet) -> Result<(), Counter> {
+pub fn reject<C: Globals>(ctx: &C, pkt: &Packet) -> Result<(), Counter> {
     let macs = ptr_at::<[u8; 12]>(ctx, 0).ok_or(Counter::RejectFailed)?;
     let tos = ptr_at::<u8>(ctx, ETH_LEN + 1).ok_or(Counter::RejectFailed)?;
     // SAFETY: bounds-checked; copied before the resize invalidates the pointers.
     let (macs, tos) = unsafe { (*macs, *tos) };
-    let ihl = pkt.l4_off - ETH_LEN;
+    let ihl = pkt.l4_start() - ETH_LEN;
 
     let l3_len = (ctx.len() as usize).saturating_sub(ETH_LEN);
     let quote = if l3_len < MAX_SAMPLE_WORDS * 2 {
@@ -51,10 +51,10 @@ pub fn reject(ctx: &impl Ctx, pkt: &Packet) -> Result<(), Counter> {
     ctx.grow_mac((IP_LEN + ICMP_LEN) as u32)
         .map_err(|()| Counter::RejectFailed)?;
 
-    let start = ctx.data();
-    let end = ctx.data_end();
     balance_quoted_l4_csum(ctx, pkt, ihl, quote)?;
-    let icmp_sum = add_packet_words(0, start + QUOTE_OFF, end, quote)
+    let icmp_sum = ctx
+        .sum_words(QUOTE_OFF, quote)
+        .ok_or(Counter::RejectFailed)?
         + u32::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]));
     let icmp_csum = fold(icmp_sum).to_ne_bytes();
 
@@ -114,13 +114,13 @@ pub fn reject(ctx: &impl Ctx, pkt: &Packet) -> Result<(), Counter> {
 /// Sets the quoted L4 checksum field to the fixed point of a pending checksum
 /// completion (see the module docs).
 #[inline(always)]
-fn balance_quoted_l4_csum(
-    ctx: &impl Ctx,
+fn balance_quoted_l4_csum<C: Globals>(
+    ctx: &C,
     pkt: &Packet,
     ihl: usize,
     quote: usize,
 ) -> Result<(), Counter> {
-    let field_in_l4 = pkt.l4_csum_off() - pkt.l4_off;
+    let field_in_l4 = pkt.l4_csum_off() - pkt.l4_start();
     if ihl + field_in_l4 + 2 > quote {
         return Ok(());
     }
@@ -128,7 +128,9 @@ fn balance_quoted_l4_csum(
     let field = ptr_at::<[u8; 2]>(ctx, l4 + field_in_l4).ok_or(Counter::RejectFailed)?;
     // SAFETY: bounds-checked against data_end.
     let current = u16::from_ne_bytes(unsafe { *field });
-    let with_field = add_packet_words(0, ctx.data() + l4, ctx.data_end(), quote - ihl);
+    let with_field = ctx
+        .sum_words(l4, quote - ihl)
+        .ok_or(Counter::RejectFailed)?;
     let f = fixed_point(with_field, current);
     // SAFETY: as above.
     unsafe { *field = f.to_ne_bytes() };

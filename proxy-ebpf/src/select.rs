@@ -47,7 +47,9 @@ fn random() -> u32 {
     unsafe { bpf_get_prandom_u32() }
 }
 
-/// A backend picked for a new flow.
+/// A backend picked for a new flow. Plain values only: it crosses a
+/// function verified apart (`global.rs`).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Choice {
     pub backend_id: u32,

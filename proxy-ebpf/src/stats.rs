@@ -14,6 +14,7 @@ pub fn count(counter: Counter) {
 }
 
 /// What happened to a packet of a service port.
+#[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum SvcEvent {
     /// A packet of an existing flow, either direction.

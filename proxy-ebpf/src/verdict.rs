@@ -1,6 +1,11 @@
 //! One result type for every path, and the one place it becomes a hook's
-//! action: each path returns `Result<Done, Counter>`, [`finish`] counts the
-//! packet and asks the hook ([`Ctx`]) for its return value.
+//! action: each path returns a [`Path`], [`finish`] counts the packet and
+//! asks the hook ([`Ctx`]) for its return value.
+//!
+//! A path's error is a [`Done`] too (`Leave::Reason`, from the [`Counter`]
+//! naming it): a `Result<Done, Counter>` leaves the `Done` fields undefined
+//! on its error side, and where the two sides meet the compiler may spill
+//! those undefined registers, which the verifier refuses.
 
 use aya_log_ebpf::warn;
 use proxy_common::{Counter, Verdict};
@@ -21,7 +26,13 @@ pub enum Leave {
     /// Turned around: sent back out of the interface it came in on (a
     /// reject, a hairpin).
     Bounce,
+    /// Stopped for the reason `Done::counter` names: passed on untouched
+    /// or dropped, as its verdict says.
+    Reason,
 }
+
+/// What every path returns: `Err` carries the reason (`Leave::Reason`).
+pub type Path = Result<Done, Done>;
 
 /// How a handled packet leaves the program, and the counter that names its
 /// path. A plain struct with every field always set, not an enum with
@@ -64,6 +75,16 @@ impl Done {
         }
     }
 
+    /// Stopped for `reason`.
+    #[inline(always)]
+    pub const fn reason(reason: Counter) -> Done {
+        Done {
+            leave: Leave::Reason,
+            counter: reason,
+            route: Route::NONE,
+        }
+    }
+
     /// Sent back where it came from, counted as `counter`.
     #[inline(always)]
     pub const fn bounce(counter: Counter) -> Done {
@@ -75,27 +96,34 @@ impl Done {
     }
 }
 
+impl From<Counter> for Done {
+    #[inline(always)]
+    fn from(reason: Counter) -> Done {
+        Done::reason(reason)
+    }
+}
+
 /// The hook's action for a path's result. A drop is counted by reason; one
 /// that means something failed is also logged.
 #[inline(always)]
-pub fn finish<C: Ctx>(ctx: &C, result: Result<Done, Counter>) -> C::Action {
-    match result {
-        Ok(done) => match done.leave {
-            Leave::NotOurs => C::NEXT,
-            Leave::Pass => {
-                stats::count(done.counter);
-                C::NEXT
-            }
-            Leave::Send => {
-                stats::count(done.counter);
-                ctx.send(done.route)
-            }
-            Leave::Bounce => {
-                stats::count(done.counter);
-                ctx.bounce()
-            }
-        },
-        Err(reason) => {
+pub fn finish<C: Ctx>(ctx: &C, path: Path) -> C::Action {
+    let (Ok(done) | Err(done)) = path;
+    match done.leave {
+        Leave::NotOurs => C::NEXT,
+        Leave::Pass => {
+            stats::count(done.counter);
+            C::NEXT
+        }
+        Leave::Send => {
+            stats::count(done.counter);
+            ctx.send(done.route)
+        }
+        Leave::Bounce => {
+            stats::count(done.counter);
+            ctx.bounce()
+        }
+        Leave::Reason => {
+            let reason = done.counter;
             stats::count(reason);
             match reason.verdict() {
                 Verdict::Failed => {

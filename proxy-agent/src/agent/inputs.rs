@@ -39,6 +39,14 @@ fn change_of(o: &Object) -> Option<(ChangeKind, Option<f64>)> {
 }
 
 impl Agent {
+    /// A route, address, link or neighbour changed: the routes the datapath
+    /// remembers for remote backends are looked up again.
+    pub(super) fn routes_changed(&mut self) {
+        if let Err(e) = self.dp.bump_route_generation() {
+            tracing::warn!("invalidating remembered routes: {e}");
+        }
+    }
+
     /// Attaches to matching interfaces that are new, forgets vanished ones.
     pub(super) fn sync_interfaces(&mut self) {
         let (pods, exts) = match (ifaces::matching(&self.pods), ifaces::matching(&self.exts)) {

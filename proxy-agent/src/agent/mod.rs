@@ -50,6 +50,7 @@ use crate::{
     model::{Cidr, NodePortMode, SocketLb},
     node::NodeSettings,
     reconcile::Reconciler,
+    routes::RouteWatcher,
     translate::{MaglevOptions, TranslateOptions},
 };
 
@@ -257,6 +258,7 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
     }
 
     let mut links = LinkWatcher::new().context("subscribing to link notifications")?;
+    let mut routes = RouteWatcher::new().context("subscribing to route notifications")?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -307,6 +309,17 @@ pub async fn run(cfg: RunConfig) -> Result<()> {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 agent.sync_interfaces();
+            }
+            stale = routes.changed() => {
+                match stale {
+                    Ok(false) => {}
+                    Ok(true) => agent.routes_changed(),
+                    Err(e) => {
+                        tracing::warn!("route notifications: {e}");
+                        agent.routes_changed();
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
             }
             _ = ct_gc.tick() => {
                 agent.conntrack_gc.start(&agent.dp, agent.cfg.ct_timeouts, &agent.metrics);

@@ -29,6 +29,24 @@ impl Datapath {
         Ok(all)
     }
 
+    /// Removes every entry of one conntrack table, `CONNTRACK` or `CT_NEW`
+    /// (benchmarks: a round that starts with room). Returns how many went.
+    pub fn clear_ct(&mut self, name: &'static str) -> Result<usize, DatapathError> {
+        let keys: Vec<CtKey> = self.ct_table(name)?.into_iter().map(|(k, _)| k).collect();
+        let mut m: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        Ok(keys.iter().filter(|k| m.remove(k).is_ok()).count())
+    }
+
+    /// How many entries one conntrack table holds, and its capacity.
+    pub fn ct_fill(&self, name: &'static str) -> Result<(usize, u32), DatapathError> {
+        let data = map_data(self.map(name)?).ok_or(DatapathError::MissingMap { name })?;
+        let entries = batch::read_hash::<CtKey, CtValue>(data.fd().as_fd())
+            .map_err(|source| DatapathError::Batch { name, source })?
+            .len();
+        Ok((entries, data.info().map_err(map_err(name))?.max_entries()))
+    }
+
     /// The entries of one conntrack table (`CONNTRACK` or `CT_NEW`).
     pub fn ct_table(&self, name: &'static str) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
         let m: HashMap<_, CtKey, CtValue> =

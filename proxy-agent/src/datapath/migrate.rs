@@ -45,10 +45,14 @@ const FLOW_STATE: [&str; 5] = [
 ];
 
 /// What each older layout this agent carries over copies as it is (same
-/// key and value layout in both): layout 7 → 9 every map but the ones
-/// added since (`CT_NEW` in 8, `FRAGMENTS` in 9); `CONFIG` gained a field
-/// in its padding in 8 (zero until the agent writes `CONFIG`, which it
-/// does at its first sync). `None`: a layout this agent cannot carry over.
+/// key and value layout in both): every map but the ones added since
+/// (`CT_NEW` in 8, `FRAGMENTS` in 9; in 10 `ROUTES` and `ROUTE_GEN`, a
+/// cache that starts empty, and the slow programs' arrays, which the agent
+/// fills). `CONFIG` gained a field in its padding in 8 (zero until the
+/// agent writes `CONFIG`, which it does at its first sync); in 10 `CT_NEW`
+/// gained a key form (`ct_dir::CLIENT`) beside the FORWARD and REPLY
+/// entries older layouts wrote, which keep their meaning. `None`: a layout
+/// this agent cannot carry over.
 pub fn carried(version: u32) -> Option<Vec<&'static str>> {
     const SINCE_7: &[&str] = &[
         maps::SERVICES,
@@ -70,6 +74,7 @@ pub fn carried(version: u32) -> Option<Vec<&'static str>> {
     match version {
         7 => Some(SINCE_7.to_vec()),
         8 => Some([SINCE_7, &[maps::CT_NEW]].concat()),
+        9 => Some([SINCE_7, &[maps::CT_NEW, maps::FRAGMENTS]].concat()),
         _ => None,
     }
 }

@@ -223,6 +223,7 @@ impl Datapath {
             .map_max_entries(maps::SOCK_PEER, sizes.sock_entries)
             .map_max_entries(maps::BACKEND_CONNS, sizes.backends)
             .map_max_entries(maps::BACKEND_REAPED, sizes.backends)
+            .map_max_entries(maps::ROUTES, sizes.backends)
             .override_global("AYA_LOG_LEVEL", &level, false);
         if let Some(dir) = &layout_dir {
             for name in maps::PINNED {
@@ -246,11 +247,21 @@ impl Datapath {
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        for name in [maps::programs::XDP_EXT, maps::programs::XDP_PASS] {
+        for name in [
+            maps::programs::XDP_EXT,
+            maps::programs::XDP_PASS,
+            maps::programs::XDP_EXT_SLOW,
+        ] {
             xdp(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        for name in [maps::programs::TC_POD_SLOW, maps::programs::TC_EXT_SLOW] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        link_slow_programs(&mut ebpf)?;
         let mut dp = Self {
             ebpf,
             layout_dir,
@@ -266,6 +277,9 @@ impl Datapath {
             },
         };
         dp.load_sock_programs()?;
+        // Routes remembered before this load (by an agent before us, while
+        // the network may have changed) are looked up again.
+        dp.bump_route_generation()?;
         dp.capacity = Capacity {
             frontends: dp.max_entries(maps::SERVICES)?,
             services: dp
@@ -288,6 +302,25 @@ impl Datapath {
             );
         }
         Ok(dp)
+    }
+
+    /// What the verifier did for each loaded program: (name, instructions
+    /// it processed), in `maps::programs::ALL` order. Program load time is
+    /// mostly verification, so this is what the agent's start costs.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        maps::programs::ALL
+            .iter()
+            .map(|&name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(DatapathError::MissingProgram { name })?;
+                let info = program
+                    .info()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// The kernel's max_entries of a map (the adopted one, for pinned maps).
@@ -354,6 +387,18 @@ impl Datapath {
         Ok(read::sum_service(values.iter()))
     }
 
+    /// Makes every route the datapath remembers (`ROUTES`) stale: the next
+    /// packet to each remote backend looks its route up again. Called at
+    /// load and whenever a route, address, link or neighbour changes.
+    pub fn bump_route_generation(&mut self) -> Result<(), DatapathError> {
+        let mut m: Array<_, u32> =
+            Array::try_from(self.map_mut(maps::ROUTE_GEN)?).map_err(map_err(maps::ROUTE_GEN))?;
+        let current = m.get(&0, 0).map_err(map_err(maps::ROUTE_GEN))?;
+        // 0 means "remember nothing": skipped when the counter wraps.
+        let next = current.wrapping_add(1).max(1);
+        m.set(0, next, 0).map_err(map_err(maps::ROUTE_GEN))
+    }
+
     /// This node's datapath settings.
     pub fn set_config(&mut self, config: &NodeConfig) -> Result<(), DatapathError> {
         let mut m: Array<_, NodeConfig> =
@@ -377,6 +422,32 @@ fn classifier<'a>(
         .ok_or(DatapathError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Puts the slow programs into their program arrays (`SLOW_TC`,
+/// `SLOW_XDP`), where the fast programs' tail calls find them.
+fn link_slow_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    use maps::{programs, slow};
+    for (array, slot, name) in [
+        (maps::SLOW_TC, slow::EXT, programs::TC_EXT_SLOW),
+        (maps::SLOW_TC, slow::POD, programs::TC_POD_SLOW),
+        (maps::SLOW_XDP, slow::EXT, programs::XDP_EXT_SLOW),
+    ] {
+        let fd = match ebpf.program(name) {
+            Some(aya::programs::Program::Xdp(p)) => p.fd(),
+            Some(aya::programs::Program::SchedClassifier(p)) => p.fd(),
+            _ => return Err(DatapathError::MissingProgram { name }),
+        }
+        .map_err(|source| DatapathError::Program { name, source })?
+        .try_clone()
+        .map_err(|e| DatapathError::Bench(e.to_string()))?;
+        let map = ebpf
+            .map_mut(array)
+            .ok_or(DatapathError::MissingMap { name: array })?;
+        let mut slots = aya::maps::ProgramArray::try_from(map).map_err(map_err(array))?;
+        slots.set(slot, &fd, 0).map_err(map_err(array))?;
+    }
+    Ok(())
 }
 
 /// Whether a map error means "no such entry (or object)".
