@@ -14,7 +14,7 @@ use crate::{debug, rules};
 
 /// The control plane against the fake API server: cold sync, single-slice
 /// change latency to the kernel map, agent memory.
-pub fn section(md: &mut String) -> Result<Vec<CpRun>> {
+pub fn section(md: &mut String, sizes: &[usize]) -> Result<Vec<CpRun>> {
     writeln!(md, "\n## Control plane\n")?;
     writeln!(
         md,
@@ -37,7 +37,7 @@ pub fn section(md: &mut String) -> Result<Vec<CpRun>> {
     )?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut medians = Vec::new();
-    for n in [1_000usize, 10_000] {
+    for &n in sizes {
         let mut runs = (0..CP_RUNS)
             .map(|_| control_plane_run(n))
             .collect::<Result<Vec<_>>>()?;

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::{
     control_plane::CpRun,
-    datapath::{Scale, row_metrics},
+    datapath::{self, Scale, row_metrics},
     e2e,
     programming::Programming,
     seconds, thousands,
@@ -130,6 +130,38 @@ pub fn section(
             format!("{:.2} ms", c.p99_ms),
             verdict(c.p99_ms < 10.0),
         ));
+    }
+    // Per packet: the whole 95% interval of the median must clear the goal.
+    if let Some(first) = scales.first() {
+        for (row, goal, what) in [
+            (
+                datapath::XDP_ESTABLISHED,
+                110.0,
+                "XDP established flow (DSR) at most 110 ns over the floor (Katran: 117)",
+            ),
+            (
+                datapath::NEW_FLOW_MAGLEV,
+                600.0,
+                "TC ClusterIP new flow, table has room, at most 600 ns over the floor (Katran: 643)",
+            ),
+            (
+                datapath::XDP_NEW_DSR,
+                500.0,
+                "XDP new DSR flow, table has room, at most 500 ns over the floor (Katran: 643)",
+            ),
+        ] {
+            if let Some(r) = first.row(row) {
+                let s = r.summary();
+                rows.push((
+                    what.into(),
+                    format!(
+                        "median {:.0} ns, 95% CI {:.0}–{:.0} ns ({} rounds)",
+                        s.median, s.lo, s.hi, s.n
+                    ),
+                    verdict(s.at_most(goal)),
+                ));
+            }
+        }
     }
     if let (Some(first), Some(last)) = (scales.first(), scales.last()) {
         let worst = row_metrics(first)

@@ -11,6 +11,7 @@ mod plot;
 mod programming;
 mod rules;
 mod sockets;
+mod stats;
 
 use std::{
     fmt::Write as _,
@@ -49,6 +50,9 @@ struct Args {
     /// the per-packet tables).
     #[arg(long, value_delimiter = ',', default_value = "0,1000,10000,100000")]
     datapath_scales: Vec<u32>,
+    /// Services (× 10 endpoints) of the control-plane runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    cp_sizes: Vec<usize>,
     /// Services of the end-to-end runs.
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     e2e_sizes: Vec<u32>,
@@ -172,7 +176,7 @@ fn run(args: &Args) -> Result<Report> {
         Vec::new()
     };
     let control_plane = if want(Part::ControlPlane) {
-        control_plane::section(&mut body.md)?
+        control_plane::section(&mut body.md, &args.cp_sizes)?
     } else {
         Vec::new()
     };
